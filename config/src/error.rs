@@ -1,0 +1,36 @@
+use serde::de::DeserializeOwned;
+
+/// A configuration problem, naming the key (and the line, where the parser knows it).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The text is not valid YAML for the expected shape (unknown key, wrong type, ...).
+    #[error("{message}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Parse { message: String, line: Option<u64> },
+    /// The YAML parsed but a value is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    /// Rendering a config back to YAML failed.
+    #[error("cannot render YAML: {0}")]
+    Render(String),
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: &str, message: &str) -> Self {
+        Self::Invalid {
+            key: key.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        line: e.location().map(|l| l.line()),
+        message: first_line(&e.to_string()),
+    })
+}
+
+/// serde-saphyr appends a source snippet after the first line; the first line says what is wrong.
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or(text).trim().to_owned()
+}

@@ -1,0 +1,330 @@
+//! Arrowport's configuration contract.
+//!
+//! Two documents share these types: the ingester's base file ([`Config`]) and the streams file
+//! ([`StreamsFile`]) that the Kubernetes operator renders into a ConfigMap. Keeping them in this small
+//! crate (serde only, no DuckDB) lets the operator write exactly what the ingester parses.
+
+mod bytesize;
+mod error;
+mod ident;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use bytesize::ByteSize;
+pub use error::ConfigError;
+pub use ident::{is_valid_stream_name, is_valid_table_name};
+
+/// Default DuckDB file when nothing else is configured.
+pub const DEFAULT_DB_PATH: &str = "./arrowport.duckdb";
+/// Default listen address.
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+/// Default listen port, shared by HTTP and Arrow Flight.
+pub const DEFAULT_PORT: u16 = 8888;
+/// One DuckDB row group: the largest step the loader hands DuckDB at once.
+pub const DEFAULT_CHUNK_SIZE: usize = 122_880;
+
+/// The ingester's base configuration file (`--config`, `ARROWPORT_CONFIG`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// DuckDB database file the ingester writes into (created if missing).
+    pub db_path: PathBuf,
+    /// Address to listen on.
+    pub host: String,
+    /// Port for HTTP (and, later, Arrow Flight on the same port).
+    pub port: u16,
+    /// Compression Arrowport uses for Arrow data it sends, advertised to producers.
+    pub compression: Compression,
+    /// DuckDB extensions loaded at start (must be installable offline).
+    pub duckdb_extensions: Vec<String>,
+    /// Optional separate streams file holding only the `streams:` map (what the operator renders).
+    pub streams_path: Option<PathBuf>,
+    /// Route streams without a configured entry to a table named after the stream; `false` answers 404.
+    pub auto_create: bool,
+    /// Resource limits protecting the ingester.
+    pub limits: Limits,
+    /// Per-stream routing, keyed by stream name.
+    pub streams: BTreeMap<String, StreamConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            db_path: PathBuf::from(DEFAULT_DB_PATH),
+            host: DEFAULT_HOST.to_owned(),
+            port: DEFAULT_PORT,
+            compression: Compression::default(),
+            duckdb_extensions: Vec::new(),
+            streams_path: None,
+            auto_create: true,
+            limits: Limits::default(),
+            streams: BTreeMap::new(),
+        }
+    }
+}
+
+/// Limits on what one request, and all requests together, may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted on the wire (before decompression); larger bodies get 413.
+    pub max_body_bytes: ByteSize,
+    /// Largest single Arrow IPC message (one record batch); larger messages get 413.
+    pub max_message_bytes: ByteSize,
+    /// Decoded Arrow data all in-flight requests may hold together; beyond it requests get 503.
+    pub memory_budget_bytes: ByteSize,
+    /// DuckDB connections loading data at once; further requests wait for a free one.
+    pub max_concurrent_loads: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: ByteSize::gib(64),
+            max_message_bytes: ByteSize::mib(256),
+            memory_budget_bytes: ByteSize::mib(512),
+            max_concurrent_loads: 8,
+        }
+    }
+}
+
+/// Routing and loading settings of one stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Table the stream lands in; defaults to the stream name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_table: Option<String>,
+    /// Most rows handed to DuckDB in one step (larger batches are sliced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<usize>,
+    /// Compression for Arrow data Arrowport sends for this stream; defaults to the global setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// What happens when a batch carries columns the table lacks.
+    #[serde(skip_serializing_if = "SchemaPolicy::is_default")]
+    pub schema_policy: SchemaPolicy,
+}
+
+/// What to do with a batch whose columns are not all in the target table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaPolicy {
+    /// Refuse the whole request with 422, naming the offending columns.
+    #[default]
+    Reject,
+    /// Add new columns (nullable) in the same transaction as the data; incompatible types still fail.
+    Evolve,
+}
+
+impl SchemaPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::Reject
+    }
+
+    /// The policy's name as written in config files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Reject => "reject",
+            Self::Evolve => "evolve",
+        }
+    }
+}
+
+/// Compression of Arrow IPC buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// `zstd`, `lz4` or `none`.
+    pub algorithm: CompressionAlgorithm,
+    /// zstd level (1-22); only meaningful for zstd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<i32>,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Self {
+            algorithm: CompressionAlgorithm::Zstd,
+            level: Some(3),
+        }
+    }
+}
+
+/// Arrow IPC buffer compression codecs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionAlgorithm {
+    Zstd,
+    Lz4,
+    None,
+}
+
+impl CompressionAlgorithm {
+    /// The codec's name as written in config files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Zstd => "zstd",
+            Self::Lz4 => "lz4",
+            Self::None => "none",
+        }
+    }
+}
+
+/// The streams file: only the `streams:` map. The operator renders it; the ingester hot-reloads it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsFile {
+    /// Per-stream routing, keyed by stream name.
+    #[serde(default)]
+    pub streams: BTreeMap<String, StreamConfig>,
+}
+
+impl Config {
+    /// Parses and validates a base config file's text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = error::parse_yaml(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the type system cannot: names, ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.limits.max_concurrent_loads == 0 {
+            return Err(ConfigError::invalid("limits.max_concurrent_loads", "must be at least 1"));
+        }
+        if self.limits.memory_budget_bytes.0 == 0 {
+            return Err(ConfigError::invalid("limits.memory_budget_bytes", "must be greater than 0"));
+        }
+        validate_compression("compression", &self.compression)?;
+        validate_streams(&self.streams)
+    }
+}
+
+impl StreamsFile {
+    /// Parses and validates a streams file's text. An empty document is an empty map.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let file: Self = error::parse_yaml(text)?;
+        validate_streams(&file.streams)?;
+        Ok(file)
+    }
+
+    /// Renders the file deterministically (streams sorted by name).
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        serde_saphyr::to_string(self).map_err(|e| ConfigError::Render(e.to_string()))
+    }
+}
+
+fn validate_streams(streams: &BTreeMap<String, StreamConfig>) -> Result<(), ConfigError> {
+    for (name, stream) in streams {
+        let key = format!("streams.{name}");
+        if !is_valid_stream_name(name) {
+            return Err(ConfigError::invalid(
+                &key,
+                "stream names are 1-128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'",
+            ));
+        }
+        if let Some(table) = &stream.target_table
+            && !is_valid_table_name(table)
+        {
+            return Err(ConfigError::invalid(
+                &format!("{key}.target_table"),
+                "table names are 1-128 characters of [A-Za-z0-9_], not starting with a digit",
+            ));
+        }
+        if stream.chunk_size == Some(0) {
+            return Err(ConfigError::invalid(&format!("{key}.chunk_size"), "must be at least 1"));
+        }
+        if let Some(compression) = &stream.compression {
+            validate_compression(&format!("{key}.compression"), compression)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_compression(key: &str, compression: &Compression) -> Result<(), ConfigError> {
+    match (compression.algorithm, compression.level) {
+        (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => {
+            Err(ConfigError::invalid(&format!("{key}.level"), "zstd levels run from 1 to 22"))
+        }
+        (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => Err(ConfigError::invalid(
+            &format!("{key}.level"),
+            "a level applies only to zstd",
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default_config() {
+        assert_eq!(Config::from_yaml("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = Config::from_yaml(
+            "db_path: ./warehouse.duckdb\n\
+             compression: {algorithm: zstd, level: 3}\n\
+             streams:\n  lineitem: {target_table: lineitem, chunk_size: 122880}\n  sensors:\n    target_table: sensor_readings\n    compression: {algorithm: lz4}\n    schema_policy: evolve\n",
+        )
+        .unwrap();
+        assert_eq!(config.db_path, PathBuf::from("./warehouse.duckdb"));
+        let sensors = &config.streams["sensors"];
+        assert_eq!(sensors.target_table.as_deref(), Some("sensor_readings"));
+        assert_eq!(sensors.schema_policy, SchemaPolicy::Evolve);
+        assert_eq!(sensors.compression.unwrap().algorithm, CompressionAlgorithm::Lz4);
+        assert_eq!(config.streams["lineitem"].chunk_size, Some(122_880));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::from_yaml("port: 1\nstreams:\n  a: {target_tabel: x}\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("target_tabel"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+    }
+
+    #[test]
+    fn bad_table_name_is_refused() {
+        let err = Config::from_yaml("streams:\n  a: {target_table: 'x\"; drop table t; --'}\n").unwrap_err();
+        assert!(err.to_string().contains("streams.a.target_table"), "{err}");
+    }
+
+    #[test]
+    fn level_only_for_zstd() {
+        let err = Config::from_yaml("compression: {algorithm: lz4, level: 3}\n").unwrap_err();
+        assert!(err.to_string().contains("compression.level"), "{err}");
+    }
+
+    #[test]
+    fn streams_file_round_trips_byte_for_byte() {
+        let text = "streams:\n  a:\n    target_table: t\n  b:\n    chunk_size: 10\n    schema_policy: evolve\n";
+        let file = StreamsFile::from_yaml(text).unwrap();
+        let rendered = file.to_yaml().unwrap();
+        assert_eq!(StreamsFile::from_yaml(&rendered).unwrap(), file);
+        assert_eq!(rendered, file.to_yaml().unwrap());
+    }
+
+    #[test]
+    fn empty_streams_file_is_valid() {
+        assert_eq!(StreamsFile::from_yaml("").unwrap(), StreamsFile::default());
+        assert_eq!(StreamsFile::from_yaml("streams: {}\n").unwrap(), StreamsFile::default());
+    }
+
+    #[test]
+    fn byte_sizes_accept_units() {
+        let config = Config::from_yaml("limits: {memory_budget_bytes: 64MiB, max_body_bytes: 1000}\n").unwrap();
+        assert_eq!(config.limits.memory_budget_bytes, ByteSize::mib(64));
+        assert_eq!(config.limits.max_body_bytes, ByteSize(1000));
+    }
+}
