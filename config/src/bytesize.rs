@@ -18,7 +18,9 @@ impl ByteSize {
     /// Parses `123`, `64KiB`, `512MiB`, `1GiB`, `2TiB` (binary) or `KB`/`MB`/`GB`/`TB` (decimal).
     pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let number: u64 = number.parse().ok()?;
         let factor: u64 = match unit.trim() {
@@ -41,7 +43,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
         for (unit, shift) in UNITS {
-            if self.0 >= 1 << shift && self.0 % (1 << shift) == 0 {
+            if self.0 >= 1 << shift && self.0.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
         }
@@ -66,7 +68,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         match Raw::deserialize(deserializer)? {
             Raw::Number(n) => Ok(Self(n)),
             Raw::Text(text) => Self::parse(&text).ok_or_else(|| {
-                serde::de::Error::custom(format!("invalid byte size {text:?} (use e.g. 1048576, 512MiB, 1GiB)"))
+                serde::de::Error::custom(format!(
+                    "invalid byte size {text:?} (use e.g. 1048576, 512MiB, 1GiB)"
+                ))
             }),
         }
     }

@@ -1,1 +1,123 @@
-fn main(){}
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use arrowport::settings::{self, Overrides};
+use arrowport_config::CompressionAlgorithm;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+
+/// Arrowport: land Apache Arrow streams in DuckDB.
+#[derive(Parser)]
+#[command(name = "arrowport", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ingest server (HTTP on one port).
+    Serve(ServeArgs),
+    /// Check a base config or streams file and exit non-zero on any problem.
+    Validate {
+        /// The file to check.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Base config file (YAML). Without one, defaults apply.
+    #[arg(long, env = "ARROWPORT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, env = "ARROWPORT_HOST")]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8888].
+    #[arg(long, env = "ARROWPORT_PORT")]
+    port: Option<u16>,
+    /// DuckDB database file [default: ./arrowport.duckdb].
+    #[arg(long, env = "ARROWPORT_DB")]
+    db: Option<PathBuf>,
+    /// Streams file (only a `streams:` map), as rendered by the operator.
+    #[arg(long, env = "ARROWPORT_STREAMS_PATH")]
+    streams_path: Option<PathBuf>,
+    /// Default compression for Arrow data Arrowport sends.
+    #[arg(long, env = "ARROWPORT_COMPRESSION", value_enum)]
+    compression: Option<Algorithm>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Algorithm {
+    Zstd,
+    Lz4,
+    None,
+}
+
+impl From<Algorithm> for CompressionAlgorithm {
+    fn from(algorithm: Algorithm) -> Self {
+        match algorithm {
+            Algorithm::Zstd => Self::Zstd,
+            Algorithm::Lz4 => Self::Lz4,
+            Algorithm::None => Self::None,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Validate { config } => {
+            settings::load(Some(&config), &Overrides::default())?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        db_path: args.db,
+        host: args.host,
+        port: args.port,
+        streams_path: args.streams_path,
+        compression: args.compression.map(Into::into),
+    };
+    let config = settings::load(args.config.as_deref(), &overrides)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        // Handlers first: a SIGTERM that arrives once we are listening must find them in place.
+        let shutdown = shutdown_signal()?;
+        let state = arrowport::open(&config)?;
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
+        arrowport::server::serve(listener, state, shutdown).await?;
+        tracing::info!("Stopped.");
+        Ok(())
+    })
+}
+
+/// Installs SIGINT and SIGTERM handlers; the future completes on either signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}

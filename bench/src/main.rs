@@ -1,0 +1,287 @@
+//! `arrowport-bench`: Arrowport's HTTP ingest against in-process DuckDB loading of the same data, on
+//! the same machine, in one run. Run it through `bench/run`, which builds the release binaries first.
+
+mod data;
+mod server;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arrow::array::RecordBatch;
+use arrow_ipc::CompressionType;
+use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrowport::budget::MemoryBudget;
+use arrowport::load::{Loader, Target, decoded_size};
+use arrowport_config::SchemaPolicy;
+use clap::Parser;
+
+use server::Server;
+
+/// Measures Arrowport's HTTP ingest against in-process DuckDB loading of the same batches.
+#[derive(Parser)]
+struct Args {
+    /// Rows loaded by each scenario.
+    #[arg(long, default_value_t = 2_000_000)]
+    rows: u64,
+    /// Rows per record batch (122,880 is one DuckDB row group).
+    #[arg(long, default_value_t = 122_880)]
+    batch_rows: usize,
+    /// The `arrowport` binary to start for the HTTP scenarios.
+    #[arg(long)]
+    server: PathBuf,
+    /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
+    #[arg(long, default_value_t = 1.0)]
+    upload_gib: f64,
+}
+
+struct Outcome {
+    scenario: String,
+    rows: u64,
+    bytes: u64,
+    elapsed: Duration,
+    peak_rss: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let batches: Vec<RecordBatch> = (0..args.rows)
+        .step_by(args.batch_rows)
+        .map(|start| data::batch(start, args.batch_rows.min((args.rows - start) as usize)))
+        .collect();
+    let bytes: u64 = batches.iter().map(decoded_size).sum();
+    println!(
+        "Arrowport benchmark: {} lineitem-like rows in {} batches, {:.0} MB of Arrow data, {} cores",
+        args.rows,
+        batches.len(),
+        bytes as f64 / 1e6,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+
+    let mut outcomes = vec![
+        in_process_native(&batches).await?,
+        in_process_appender(&batches)?,
+    ];
+    let plain = ipc(&batches, None);
+    let zstd = ipc(&batches, Some(CompressionType::ZSTD));
+    let lz4 = ipc(&batches, Some(CompressionType::LZ4_FRAME));
+    outcomes.push(
+        http(
+            &args,
+            "HTTP, 1 producer",
+            std::slice::from_ref(&plain),
+            args.rows,
+            bytes,
+        )
+        .await?,
+    );
+    outcomes.push(
+        http(
+            &args,
+            "HTTP, 1 producer, IPC zstd",
+            std::slice::from_ref(&zstd),
+            args.rows,
+            bytes,
+        )
+        .await?,
+    );
+    outcomes.push(
+        http(
+            &args,
+            "HTTP, 1 producer, IPC lz4",
+            std::slice::from_ref(&lz4),
+            args.rows,
+            bytes,
+        )
+        .await?,
+    );
+    let eighths: Vec<Vec<u8>> = batches
+        .chunks(batches.len().div_ceil(8))
+        .map(|part| ipc(part, None))
+        .collect();
+    outcomes.push(http(&args, "HTTP, 8 producers", &eighths, args.rows, bytes).await?);
+    if args.upload_gib > 0.0 {
+        outcomes.push(streamed_upload(&args).await?);
+    }
+    report(&outcomes);
+    Ok(())
+}
+
+/// DuckDB scanning the Arrow stream in-process: the same loader the server uses, without the network.
+async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
+    let dir = tempfile::tempdir()?;
+    let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
+    let loader = Loader::open(&dir.path().join("native.duckdb"), &[], 1, budget)?;
+    let target = Target {
+        table: "lineitem".into(),
+        chunk_size: 122_880,
+        policy: SchemaPolicy::Reject,
+    };
+    let started = Instant::now();
+    let mut session = loader.begin(target, batches[0].schema()).await?;
+    for batch in batches {
+        session.send(batch.clone()).await?;
+    }
+    let committed = session.commit().await?;
+    Ok(outcome(
+        "in-process, DuckDB Arrow scan",
+        committed.rows,
+        batches,
+        started.elapsed(),
+    ))
+}
+
+/// duckdb-rs's Appender, the other common in-process way (single-threaded in DuckDB).
+fn in_process_appender(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
+    let dir = tempfile::tempdir()?;
+    let connection = duckdb::Connection::open(dir.path().join("appender.duckdb"))?;
+    connection.execute_batch(
+        "CREATE TABLE lineitem (l_orderkey BIGINT, l_partkey BIGINT, l_suppkey BIGINT, l_linenumber INTEGER, \
+         l_quantity DECIMAL(15,2), l_extendedprice DECIMAL(15,2), l_discount DECIMAL(15,2), l_tax DECIMAL(15,2), \
+         l_returnflag VARCHAR, l_linestatus VARCHAR, l_shipdate DATE, l_commitdate DATE, l_receiptdate DATE, \
+         l_shipinstruct VARCHAR, l_shipmode VARCHAR, l_comment VARCHAR)",
+    )?;
+    let started = Instant::now();
+    let mut appender = connection.appender("lineitem")?;
+    for batch in batches {
+        appender.append_record_batch(batch.clone())?;
+    }
+    appender.flush()?;
+    drop(appender);
+    let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+    Ok(outcome(
+        "in-process, duckdb-rs Appender",
+        rows,
+        batches,
+        started.elapsed(),
+    ))
+}
+
+fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration) -> Outcome {
+    Outcome {
+        scenario: scenario.to_owned(),
+        rows,
+        bytes: batches.iter().map(decoded_size).sum(),
+        elapsed,
+        peak_rss: None,
+    }
+}
+
+/// Posts each body concurrently to a fresh server, one producer per body.
+async fn http(
+    args: &Args,
+    scenario: &str,
+    bodies: &[Vec<u8>],
+    rows: u64,
+    bytes: u64,
+) -> anyhow::Result<Outcome> {
+    let server = Server::start(&args.server)?;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let requests = bodies
+        .iter()
+        .map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body.clone())));
+    let committed: u64 = futures::future::try_join_all(requests)
+        .await?
+        .into_iter()
+        .sum();
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        committed == rows,
+        "{scenario}: the server committed {committed} rows, expected {rows}"
+    );
+    Ok(Outcome {
+        scenario: scenario.to_owned(),
+        rows,
+        bytes,
+        elapsed,
+        peak_rss: Some(server.stop()?),
+    })
+}
+
+/// One upload of `upload_gib` GiB, generated and sent batch by batch so neither side holds it whole.
+async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
+    let target_bytes = (args.upload_gib * (1u64 << 30) as f64) as u64;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let batch_rows = args.batch_rows;
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
+        let mut writer = StreamWriter::try_new(Vec::new(), &data::schema())?;
+        let (mut rows, mut sent) = (0u64, 0u64);
+        while sent < target_bytes {
+            writer.write(&data::batch(rows, batch_rows))?;
+            rows += batch_rows as u64;
+            let piece = std::mem::take(writer.get_mut());
+            sent += piece.len() as u64;
+            if tx.blocking_send(Ok(piece)).is_err() {
+                anyhow::bail!("the upload stopped early");
+            }
+        }
+        writer.finish()?;
+        let _ = tx.blocking_send(Ok(std::mem::take(writer.get_mut())));
+        Ok((rows, sent))
+    });
+    let server = Server::start(&args.server)?;
+    let body = reqwest::Body::wrap_stream(tokio_stream(rx));
+    let started = Instant::now();
+    let committed = server
+        .ingest(&reqwest::Client::new(), "upload", body)
+        .await?;
+    let elapsed = started.elapsed();
+    let (rows, sent) = producer.await.context("producer task")??;
+    anyhow::ensure!(committed == rows, "committed {committed} of {rows} rows");
+    Ok(Outcome {
+        scenario: format!(
+            "HTTP, one {:.1} GiB streamed upload",
+            sent as f64 / (1u64 << 30) as f64
+        ),
+        rows,
+        bytes: sent,
+        elapsed,
+        peak_rss: Some(server.stop()?),
+    })
+}
+
+fn tokio_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8> {
+    let options = IpcWriteOptions::default()
+        .try_with_compression(compression)
+        .expect("codec compiled in");
+    let mut writer = StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options)
+        .expect("IPC writer");
+    for batch in batches {
+        writer.write(batch).expect("in-memory write");
+    }
+    writer.into_inner().expect("in-memory finish")
+}
+
+fn report(outcomes: &[Outcome]) {
+    let baseline = outcomes[0].rows as f64 / outcomes[0].elapsed.as_secs_f64();
+    println!();
+    println!(
+        "| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server peak RSS |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for o in outcomes {
+        let seconds = o.elapsed.as_secs_f64();
+        let rate = o.rows as f64 / seconds;
+        let rss = o
+            .peak_rss
+            .map_or("-".to_owned(), |kb| format!("{} MB", kb / 1024));
+        println!(
+            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} |",
+            o.scenario,
+            o.rows,
+            seconds,
+            rate / 1e6,
+            o.bytes as f64 / 1e6 / seconds,
+            rate / baseline,
+            rss
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! The memory budget: decoded Arrow data that all in-flight requests may hold together.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// Shared byte budget. Reservations give their bytes back when dropped.
+#[derive(Clone, Debug)]
+pub struct MemoryBudget {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    capacity: u64,
+    used: AtomicU64,
+    released: Notify,
+    /// How long a request may wait for room before it is refused.
+    patience: Duration,
+}
+
+/// Bytes held against the budget until dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    pub fn new(capacity: u64, patience: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                capacity,
+                used: AtomicU64::new(0),
+                released: Notify::new(),
+                patience,
+            }),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    pub fn used(&self) -> u64 {
+        self.inner.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` now, or `None` if that would exceed the capacity.
+    pub fn try_reserve(&self, bytes: u64) -> Option<Reservation> {
+        let inner = &self.inner;
+        inner
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes)
+                    .filter(|total| *total <= inner.capacity)
+            })
+            .ok()
+            .map(|_| Reservation {
+                inner: inner.clone(),
+                bytes,
+            })
+    }
+
+    /// Takes `bytes`, waiting up to the budget's patience for other requests to give room back.
+    pub async fn reserve(&self, bytes: u64) -> Option<Reservation> {
+        let deadline = tokio::time::Instant::now() + self.inner.patience;
+        loop {
+            let released = self.inner.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(reservation) = self.try_reserve(bytes) {
+                return Some(reservation);
+            }
+            if bytes > self.inner.capacity
+                || tokio::time::timeout_at(deadline, released).await.is_err()
+            {
+                return None;
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.inner.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.inner.released.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reservations_are_bounded_and_returned() {
+        let budget = MemoryBudget::new(100, Duration::from_millis(10));
+        let a = budget.try_reserve(60).unwrap();
+        assert!(budget.try_reserve(60).is_none());
+        assert!(
+            budget.reserve(60).await.is_none(),
+            "waits only as long as its patience"
+        );
+        drop(a);
+        assert_eq!(budget.used(), 0);
+        let _b = budget.reserve(100).await.unwrap();
+        assert!(budget.reserve(101).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_room_when_it_is_released() {
+        let budget = MemoryBudget::new(100, Duration::from_secs(5));
+        let held = budget.try_reserve(100).unwrap();
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(50).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert!(waiter.await.unwrap());
+    }
+}

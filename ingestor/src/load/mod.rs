@@ -1,0 +1,418 @@
+//! The loader: streams of Arrow record batches into DuckDB tables, one transaction per session.
+//!
+//! A session's batches flow through a bounded channel into an Arrow stream that DuckDB scans as a view
+//! (`duckdb_arrow_scan`, see [`ffi`]); one `INSERT INTO table (...) SELECT ... FROM view` reads it with all
+//! of DuckDB's threads, mapping columns by name. The transaction commits only when the producer says the
+//! stream is complete; anything else (an error, a dropped session, a client gone) rolls it back.
+
+mod ffi;
+mod reader;
+mod schema;
+pub mod sql;
+mod tables;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrowport_config::SchemaPolicy;
+use duckdb::Connection;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::budget::MemoryBudget;
+use crate::error::IngestError;
+use ffi::{RawDatabase, ScanConnection};
+use reader::{ChannelReader, Feed};
+pub use schema::{Column, TablePlan, check_supported};
+use tables::{TableGuard, TableLocks};
+
+/// In-memory catalog holding the per-session Arrow views, so nothing about them reaches the database file.
+const SCRATCH: &str = "arrowport_scratch";
+/// Batches buffered between the request and DuckDB, per session.
+const CHANNEL_DEPTH: usize = 2;
+
+/// Where one session's rows go.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub table: String,
+    /// Most rows handed to DuckDB per batch; larger batches are sliced (zero-copy).
+    pub chunk_size: usize,
+    pub policy: SchemaPolicy,
+}
+
+/// What a committed session wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub rows: u64,
+    pub batches: u64,
+}
+
+/// Loads Arrow data into one DuckDB database. Cheap to clone.
+#[derive(Clone)]
+pub struct Loader {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    // Connections are declared before `db`: fields drop in order, and the database must close last.
+    admin: Mutex<Connection>,
+    idle: Mutex<Vec<Worker>>,
+    permits: Arc<Semaphore>,
+    tables: TableLocks,
+    budget: MemoryBudget,
+    catalog: String,
+    next_view: AtomicU64,
+    db: RawDatabase,
+}
+
+/// One loading slot: a SQL connection and the raw connection that registers its Arrow streams.
+struct Worker {
+    sql: Connection,
+    scan: ScanConnection,
+}
+
+impl Loader {
+    /// Opens (or creates) the database, loads `extensions`, and allows `max_concurrent` sessions at once.
+    pub fn open(
+        path: &Path,
+        extensions: &[String],
+        max_concurrent: usize,
+        budget: MemoryBudget,
+    ) -> Result<Self, IngestError> {
+        let db = RawDatabase::open(path)
+            .map_err(|e| IngestError::Database(format!("cannot open {}: {e}", path.display())))?;
+        let admin = db.connect()?;
+        for extension in extensions {
+            admin.execute_batch(&format!("LOAD {}", sql::ident(extension))).map_err(|e| {
+                IngestError::Database(format!(
+                    "cannot load DuckDB extension {extension:?} (it must be built in or installed beforehand; \
+                     Arrowport does not download extensions): {e}"
+                ))
+            })?;
+        }
+        let catalog: String = admin.query_row("SELECT current_database()", [], |row| row.get(0))?;
+        admin.execute_batch(&format!(
+            "ATTACH IF NOT EXISTS ':memory:' AS {}",
+            sql::ident(SCRATCH)
+        ))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                admin: Mutex::new(admin),
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(max_concurrent)),
+                tables: TableLocks::default(),
+                budget,
+                catalog,
+                next_view: AtomicU64::new(0),
+                db,
+            }),
+        })
+    }
+
+    /// The memory budget sessions reserve decoded batches against.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.shared.budget
+    }
+
+    /// Starts a session: waits for a free slot, checks `schema` against the target table (creating or
+    /// evolving it inside the session's transaction), then accepts batches. Schema problems are reported
+    /// here, before the caller reads any data.
+    pub async fn begin(
+        &self,
+        target: Target,
+        schema: SchemaRef,
+    ) -> Result<LoadSession, IngestError> {
+        check_supported(&schema)?;
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
+        let (feed, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let shared = self.shared.clone();
+        let chunk_size = target.chunk_size.max(1);
+        let mut handle = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            shared.run(&target, schema, rx, ready_tx)
+        });
+        if ready_rx.await.is_err() {
+            // The worker stopped before the data phase: its result carries the reason.
+            return Err(match (&mut handle).await {
+                Ok(Err(error)) => error,
+                Ok(Ok(_)) => IngestError::Database("load finished before it started".to_owned()),
+                Err(join) => IngestError::Database(format!("load task failed: {join}")),
+            });
+        }
+        Ok(LoadSession {
+            feed,
+            handle,
+            chunk_size,
+            budget: self.shared.budget.clone(),
+        })
+    }
+
+    /// Runs `CHECKPOINT`, moving the write-ahead log into the database file.
+    pub fn checkpoint(&self) -> Result<(), IngestError> {
+        let admin = self
+            .shared
+            .admin
+            .lock()
+            .expect("admin connection lock poisoned");
+        admin.execute_batch("CHECKPOINT")?;
+        Ok(())
+    }
+
+    /// Runs `f` with a connection to the database for reading (for status endpoints and tests).
+    pub fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> duckdb::Result<T>,
+    ) -> Result<T, IngestError> {
+        let admin = self
+            .shared
+            .admin
+            .lock()
+            .expect("admin connection lock poisoned");
+        Ok(f(&admin)?)
+    }
+}
+
+impl Shared {
+    /// Runs one session on a blocking thread; `ready` is sent once the table is ready for the data.
+    fn run(
+        &self,
+        target: &Target,
+        schema: SchemaRef,
+        rx: mpsc::Receiver<Feed>,
+        ready: oneshot::Sender<()>,
+    ) -> Result<Committed, IngestError> {
+        let mut worker = self.checkout()?;
+        let outcome = self.load(&mut worker, target, schema, rx, ready);
+        self.idle
+            .lock()
+            .expect("worker pool lock poisoned")
+            .push(worker);
+        outcome
+    }
+
+    fn checkout(&self) -> Result<Worker, IngestError> {
+        if let Some(worker) = self.idle.lock().expect("worker pool lock poisoned").pop() {
+            return Ok(worker);
+        }
+        Ok(Worker {
+            sql: self.db.connect()?,
+            scan: self
+                .db
+                .scan_connection(SCRATCH)
+                .map_err(IngestError::Database)?,
+        })
+    }
+
+    fn load(
+        &self,
+        worker: &mut Worker,
+        target: &Target,
+        schema: SchemaRef,
+        rx: mpsc::Receiver<Feed>,
+        ready: oneshot::Sender<()>,
+    ) -> Result<Committed, IngestError> {
+        let view = format!("ingest_{}", self.next_view.fetch_add(1, Ordering::Relaxed));
+        let batches = Arc::new(AtomicU64::new(0));
+        let reader = ChannelReader::new(schema, rx, batches.clone());
+        let stream = worker
+            .scan
+            .register(&view, Box::new(reader))
+            .map_err(IngestError::Database)?;
+        let view = sql::qualified(SCRATCH, "main", &view);
+        let outcome = self.load_view(&worker.sql, target, &view, ready);
+        // The view points at `stream`: drop the view first. Failure here only leaves an in-memory entry.
+        if let Err(error) = worker
+            .sql
+            .execute_batch(&format!("DROP VIEW IF EXISTS {view}"))
+        {
+            tracing::warn!(%view, %error, "Could not drop a scan view.");
+        }
+        drop(stream);
+        outcome.map(|rows| Committed {
+            rows,
+            batches: batches.load(Ordering::Relaxed),
+        })
+    }
+
+    fn load_view(
+        &self,
+        conn: &Connection,
+        target: &Target,
+        view: &str,
+        ready: oneshot::Sender<()>,
+    ) -> Result<u64, IngestError> {
+        let incoming = describe(conn, view)?;
+        let lock = self.tables.lock_for(&target.table);
+        // Appends share the table; creating or altering it takes it exclusively for the whole transaction.
+        let mut guard = TableGuard::shared(&lock);
+        let mut plan = schema::plan(
+            self.table_columns(conn, &target.table)?.as_deref(),
+            &incoming,
+            target.policy,
+        )?;
+        if plan.changes_table() {
+            drop(guard);
+            guard = TableGuard::exclusive(&lock);
+            plan = schema::plan(
+                self.table_columns(conn, &target.table)?.as_deref(),
+                &incoming,
+                target.policy,
+            )?;
+        }
+        let table = sql::qualified(&self.catalog, "main", &target.table);
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let outcome = (|| {
+            apply(conn, &table, &plan)?;
+            // The table is ready: the caller may start sending data.
+            let _ = ready.send(());
+            let columns = sql::ident_list(incoming.iter().map(|c| c.name.as_str()));
+            let rows = conn.execute(
+                &format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {view}"),
+                [],
+            )?;
+            conn.execute_batch("COMMIT")?;
+            Ok(rows as u64)
+        })();
+        if outcome.is_err() {
+            // Nothing of the session may stay; if COMMIT itself failed the transaction is already gone.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        drop(guard);
+        outcome
+    }
+
+    /// The table's columns, or `None` if it does not exist.
+    fn table_columns(
+        &self,
+        conn: &Connection,
+        table: &str,
+    ) -> Result<Option<Vec<Column>>, IngestError> {
+        let exists: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM duckdb_tables() \
+             WHERE database_name = ? AND schema_name = 'main' AND lower(table_name) = lower(?)",
+            [&self.catalog, table],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            return Ok(None);
+        }
+        describe(conn, &sql::qualified(&self.catalog, "main", table)).map(Some)
+    }
+}
+
+/// Column names and DuckDB types of a table or view.
+fn describe(conn: &Connection, relation: &str) -> Result<Vec<Column>, IngestError> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT column_name, column_type FROM (DESCRIBE {relation})"
+    ))?;
+    let columns = statement
+        .query_map([], |row| {
+            Ok(Column::new(
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+            ))
+        })?
+        .collect::<duckdb::Result<Vec<_>>>()?;
+    Ok(columns)
+}
+
+fn apply(conn: &Connection, table: &str, plan: &TablePlan) -> Result<(), IngestError> {
+    let definition = |c: &Column| format!("{} {}", sql::ident(&c.name), c.sql_type);
+    match plan {
+        TablePlan::Append => {}
+        TablePlan::Create(columns) => {
+            let columns: Vec<String> = columns.iter().map(definition).collect();
+            conn.execute_batch(&format!("CREATE TABLE {table} ({})", columns.join(", ")))?;
+        }
+        TablePlan::AddColumns(columns) => {
+            for column in columns {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {}",
+                    definition(column)
+                ))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An open load: batches go in with [`send`](Self::send); [`commit`](Self::commit) makes them visible.
+/// Dropping the session without committing rolls everything back.
+pub struct LoadSession {
+    feed: mpsc::Sender<Feed>,
+    handle: JoinHandle<Result<Committed, IngestError>>,
+    chunk_size: usize,
+    budget: MemoryBudget,
+}
+
+impl LoadSession {
+    /// Queues `batch` (sliced to the chunk size), waiting while DuckDB catches up. Returns its decoded size.
+    pub async fn send(&mut self, batch: RecordBatch) -> Result<u64, IngestError> {
+        let mut queued = 0;
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let len = self.chunk_size.min(batch.num_rows() - offset);
+            let piece = batch.slice(offset, len);
+            offset += len;
+            let size = decoded_size(&piece);
+            let reservation = self
+                .budget
+                .reserve(size)
+                .await
+                .ok_or(IngestError::Overloaded)?;
+            if self
+                .feed
+                .send(Feed::Batch(piece, reservation))
+                .await
+                .is_err()
+            {
+                return Err(self.failure().await);
+            }
+            queued += size;
+        }
+        Ok(queued)
+    }
+
+    /// Ends the stream and waits until its rows are committed.
+    pub async fn commit(self) -> Result<Committed, IngestError> {
+        if self.feed.send(Feed::End).await.is_err() {
+            // The worker already stopped; its result says why.
+        }
+        match self.handle.await {
+            Ok(result) => result,
+            Err(join) => Err(IngestError::Database(format!("load task failed: {join}"))),
+        }
+    }
+
+    async fn failure(&mut self) -> IngestError {
+        match (&mut self.handle).await {
+            Ok(Err(error)) => error,
+            Ok(Ok(_)) => IngestError::Database("load ended before the data did".to_owned()),
+            Err(join) => IngestError::Database(format!("load task failed: {join}")),
+        }
+    }
+}
+
+/// Bytes of Arrow memory a batch's arrays cover (their slices, not the buffers they share).
+pub fn decoded_size(batch: &RecordBatch) -> u64 {
+    batch
+        .columns()
+        .iter()
+        .map(|array| {
+            array
+                .to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| array.get_array_memory_size())
+        })
+        .sum::<usize>() as u64
+}

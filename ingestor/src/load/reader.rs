@@ -1,0 +1,72 @@
+//! The Arrow stream DuckDB pulls a session's batches from.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::array::{RecordBatch, RecordBatchReader};
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use tokio::sync::mpsc;
+
+use crate::budget::Reservation;
+
+/// What a session sends to DuckDB.
+pub enum Feed {
+    /// A batch, holding its share of the memory budget until DuckDB takes it.
+    Batch(RecordBatch, Reservation),
+    /// The stream is complete: the transaction may commit.
+    End,
+}
+
+/// Yields batches until [`Feed::End`]. A channel closed without `End` means the producer failed or went
+/// away: that is an error, so DuckDB aborts the statement and the transaction rolls back.
+pub struct ChannelReader {
+    schema: SchemaRef,
+    rx: mpsc::Receiver<Feed>,
+    finished: bool,
+    batches: Arc<AtomicU64>,
+}
+
+impl ChannelReader {
+    pub fn new(schema: SchemaRef, rx: mpsc::Receiver<Feed>, batches: Arc<AtomicU64>) -> Self {
+        Self {
+            schema,
+            rx,
+            finished: false,
+            batches,
+        }
+    }
+}
+
+impl Iterator for ChannelReader {
+    type Item = Result<RecordBatch, ArrowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished {
+            return None;
+        }
+        // Runs on DuckDB's threads or the loader's blocking thread, never on the async runtime.
+        match self.rx.blocking_recv() {
+            Some(Feed::Batch(batch, _reservation)) => {
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(batch))
+            }
+            Some(Feed::End) => {
+                self.finished = true;
+                None
+            }
+            None => {
+                self.finished = true;
+                Some(Err(ArrowError::ExternalError(
+                    "the request ended before it was complete".into(),
+                )))
+            }
+        }
+    }
+}
+
+impl RecordBatchReader for ChannelReader {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+}

@@ -1,0 +1,135 @@
+//! Prometheus metrics. Labels are fixed and low-cardinality: `stream`, `protocol`, `outcome`.
+
+use std::fmt::Write;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// How data arrived.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Http => "http",
+        }
+    }
+}
+
+impl EncodeLabelValue for Protocol {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub stream: String,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub stream: String,
+    pub protocol: Protocol,
+    /// `ok` or the error code of the JSON error body.
+    pub outcome: String,
+}
+
+type LatencyFamily = Family<StreamLabels, Histogram, fn() -> Histogram>;
+
+/// Everything `/metrics` reports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<OutcomeLabels, Counter>,
+    pub rows: Family<StreamLabels, Counter>,
+    pub batches: Family<StreamLabels, Counter>,
+    pub received_bytes: Family<StreamLabels, Counter>,
+    pub decoded_bytes: Family<StreamLabels, Counter>,
+    pub schema_mismatches: Family<StreamLabels, Counter>,
+    pub request_duration: LatencyFamily,
+    pub inflight_bytes: Gauge,
+    pub memory_budget_bytes: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("arrowport");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        let rows = Family::<StreamLabels, Counter>::default();
+        let batches = Family::<StreamLabels, Counter>::default();
+        let received_bytes = Family::<StreamLabels, Counter>::default();
+        let decoded_bytes = Family::<StreamLabels, Counter>::default();
+        let schema_mismatches = Family::<StreamLabels, Counter>::default();
+        let request_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        let inflight_bytes = Gauge::default();
+        let memory_budget_bytes = Gauge::default();
+        registry.register("requests", "Ingest requests by outcome", requests.clone());
+        registry.register("rows", "Rows committed", rows.clone());
+        registry.register("batches", "Record batches committed", batches.clone());
+        registry.register(
+            "received_bytes",
+            "Request body bytes as received on the wire",
+            received_bytes.clone(),
+        );
+        registry.register(
+            "decoded_bytes",
+            "Arrow bytes of committed batches, decoded",
+            decoded_bytes.clone(),
+        );
+        registry.register(
+            "schema_mismatches",
+            "Requests refused because their schema does not fit the table",
+            schema_mismatches.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request start to commit (or failure)",
+            request_duration.clone(),
+        );
+        registry.register(
+            "inflight_bytes",
+            "Decoded Arrow bytes held by in-flight requests",
+            inflight_bytes.clone(),
+        );
+        registry.register(
+            "memory_budget_bytes",
+            "Capacity of the in-flight memory budget",
+            memory_budget_bytes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            rows,
+            batches,
+            received_bytes,
+            decoded_bytes,
+            schema_mismatches,
+            request_duration,
+            inflight_bytes,
+            memory_budget_bytes,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}

@@ -1,0 +1,220 @@
+//! HTTP handlers: `POST /ingest/{stream}`, health, readiness and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::AppState;
+use super::body::{ContentEncoding, decoded_bytes};
+use crate::decode::{IpcDecoder, IpcFormat};
+use crate::error::IngestError;
+use crate::load::{LoadSession, Target};
+use crate::metrics::{OutcomeLabels, Protocol, StreamLabels};
+use crate::routing::Route;
+
+/// The answer to a committed ingest request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestReport {
+    pub stream: String,
+    pub table: String,
+    pub rows: u64,
+    pub batches: u64,
+    /// Body bytes as received (compressed, if it was).
+    pub bytes_received: u64,
+    /// Arrow bytes after decoding.
+    pub bytes_decoded: u64,
+    pub elapsed_ms: u64,
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let body = Json(json!({"error": {"code": self.code(), "message": self.to_string()}}));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+pub async fn ingest(
+    State(state): State<Arc<AppState>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<IngestReport>, IngestError> {
+    let started = Instant::now();
+    let wire_bytes = Arc::new(AtomicU64::new(0));
+    let outcome = ingest_body(&state, &stream, &headers, body, &wire_bytes, started).await;
+    record(
+        &state,
+        &stream,
+        &outcome,
+        wire_bytes.load(Ordering::Relaxed),
+        started,
+    );
+    outcome.map(Json)
+}
+
+async fn ingest_body(
+    state: &AppState,
+    stream: &str,
+    headers: &HeaderMap,
+    body: Body,
+    wire_bytes: &Arc<AtomicU64>,
+    started: Instant,
+) -> Result<IngestReport, IngestError> {
+    if state.is_shutting_down() {
+        return Err(IngestError::ShuttingDown);
+    }
+    let route = state.routes().resolve(stream)?;
+    let format = IpcFormat::from_content_type(header_text(headers, header::CONTENT_TYPE))?;
+    let encoding = ContentEncoding::from_header(header_text(headers, header::CONTENT_ENCODING))?;
+    let limit = state.limits.max_body_bytes.0;
+    let declared_length =
+        header_text(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > limit) {
+        return Err(IngestError::BodyTooLarge { limit });
+    }
+
+    let mut bytes = decoded_bytes(body, encoding, limit, wire_bytes.clone());
+    let mut decoder = IpcDecoder::new(format, state.limits.max_message_bytes.0);
+    let mut session: Option<LoadSession> = None;
+    let mut batches = Vec::new();
+    let mut bytes_decoded = 0;
+    while let Some(chunk) = bytes.next().await {
+        decoder.push(chunk?, &mut batches)?;
+        if session.is_none()
+            && let Some(schema) = decoder.schema()
+        {
+            session = Some(state.loader.begin(target(&route), schema).await?);
+        }
+        if let Some(session) = session.as_mut() {
+            for batch in batches.drain(..) {
+                bytes_decoded += session.send(batch).await?;
+            }
+        }
+    }
+    decoder.finish()?;
+    let committed = session.ok_or(IngestError::EmptyBody)?.commit().await?;
+    Ok(IngestReport {
+        stream: route.stream,
+        table: route.table,
+        rows: committed.rows,
+        batches: committed.batches,
+        bytes_received: wire_bytes.load(Ordering::Relaxed),
+        bytes_decoded,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn target(route: &Route) -> Target {
+    Target {
+        table: route.table.clone(),
+        chunk_size: route.chunk_size,
+        policy: route.policy,
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Counts the request in the metrics and logs it.
+fn record(
+    state: &AppState,
+    stream: &str,
+    outcome: &Result<IngestReport, IngestError>,
+    wire: u64,
+    started: Instant,
+) {
+    let metrics = &state.metrics;
+    // Names that never became a stream are not labels: that would let any client mint time series.
+    let label = match outcome {
+        Err(IngestError::InvalidStreamName(_) | IngestError::UnknownStream(_)) => "",
+        _ => stream,
+    };
+    let labels = StreamLabels {
+        stream: label.to_owned(),
+        protocol: Protocol::Http,
+    };
+    metrics.received_bytes.get_or_create(&labels).inc_by(wire);
+    metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let code = match outcome {
+        Ok(report) => {
+            metrics.rows.get_or_create(&labels).inc_by(report.rows);
+            metrics
+                .batches
+                .get_or_create(&labels)
+                .inc_by(report.batches);
+            metrics
+                .decoded_bytes
+                .get_or_create(&labels)
+                .inc_by(report.bytes_decoded);
+            tracing::debug!(stream, table = %report.table, rows = report.rows, elapsed_ms = report.elapsed_ms, "Ingested.");
+            "ok"
+        }
+        Err(error) => {
+            if matches!(error, IngestError::SchemaMismatch(_)) {
+                metrics.schema_mismatches.get_or_create(&labels).inc();
+                tracing::warn!(stream, %error, "Refused a request whose schema does not fit the table.");
+            } else if error.status_code().is_server_error() {
+                tracing::error!(stream, code = error.code(), %error, "Ingest failed; nothing of it was written.");
+            } else {
+                tracing::info!(stream, code = error.code(), %error, "Refused an ingest request.");
+            }
+            error.code()
+        }
+    };
+    metrics
+        .requests
+        .get_or_create(&OutcomeLabels {
+            stream: labels.stream,
+            protocol: Protocol::Http,
+            outcome: code.to_owned(),
+        })
+        .inc();
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready while the database is open and the server is not shutting down.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let metrics = &state.metrics;
+    metrics
+        .inflight_bytes
+        .set(state.loader.budget().used() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,187 @@
+//! The effective configuration: defaults, then the base file, then the streams file, then environment
+//! and flags (clap folds `ARROWPORT_*` variables into the flags, so flag > env > file > default).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use arrowport_config::{CompressionAlgorithm, Config, ConfigError, StreamConfig, StreamsFile};
+
+use crate::routing::Routes;
+
+/// Values given on the command line or in the environment; each replaces the file's.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub db_path: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub streams_path: Option<PathBuf>,
+    pub compression: Option<CompressionAlgorithm>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: {source}", path.display())]
+    Invalid { path: PathBuf, source: ConfigError },
+}
+
+/// Reads the base file (if any), applies `overrides`, and merges the streams file.
+pub fn load(config_path: Option<&Path>, overrides: &Overrides) -> Result<Config, SettingsError> {
+    let mut config = match config_path {
+        Some(path) => Config::from_yaml(&read(path)?).map_err(|source| invalid(path, source))?,
+        None => Config::default(),
+    };
+    apply(&mut config, overrides);
+    if let Some(path) = config.streams_path.clone() {
+        merge_streams(&mut config.streams, load_streams(&path)?);
+    }
+    Ok(config)
+}
+
+fn apply(config: &mut Config, overrides: &Overrides) {
+    let o = overrides.clone();
+    if let Some(db_path) = o.db_path {
+        config.db_path = db_path;
+    }
+    if let Some(host) = o.host {
+        config.host = host;
+    }
+    if let Some(port) = o.port {
+        config.port = port;
+    }
+    if o.streams_path.is_some() {
+        config.streams_path = o.streams_path;
+    }
+    if let Some(algorithm) = o.compression {
+        config.compression.algorithm = algorithm;
+        if algorithm != CompressionAlgorithm::Zstd {
+            config.compression.level = None;
+        }
+    }
+}
+
+/// The streams file's map. A missing file is no streams: in Kubernetes the operator may not have
+/// written it yet, and the ingester starts anyway.
+pub fn load_streams(path: &Path) -> Result<BTreeMap<String, StreamConfig>, SettingsError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(StreamsFile::from_yaml(&text)
+            .map_err(|source| invalid(path, source))?
+            .streams),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(source) => Err(SettingsError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Streams-file entries win over base-file entries of the same name.
+fn merge_streams(base: &mut BTreeMap<String, StreamConfig>, file: BTreeMap<String, StreamConfig>) {
+    for (name, stream) in file {
+        if base.insert(name.clone(), stream).is_some() {
+            tracing::warn!(stream = %name, "Stream defined in both the base config and the streams file; using the streams file.");
+        }
+    }
+}
+
+/// The routing table a configuration describes.
+pub fn routes(config: &Config) -> Routes {
+    Routes {
+        streams: config.streams.clone(),
+        auto_create: config.auto_create,
+        compression: config.compression,
+    }
+}
+
+fn read(path: &Path) -> Result<String, SettingsError> {
+    std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn invalid(path: &Path, source: ConfigError) -> SettingsError {
+    SettingsError::Invalid {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_is_override_then_file_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            "port: 9000\ndb_path: file.duckdb\ncompression: {algorithm: zstd, level: 5}\n",
+        )
+        .unwrap();
+        let from_file = load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!((from_file.port, from_file.host.as_str()), (9000, "0.0.0.0"));
+        let overridden = load(
+            Some(&path),
+            &Overrides {
+                port: Some(9100),
+                db_path: Some("flag.duckdb".into()),
+                compression: Some(CompressionAlgorithm::Lz4),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(overridden.port, 9100);
+        assert_eq!(overridden.db_path, PathBuf::from("flag.duckdb"));
+        assert_eq!(overridden.compression.algorithm, CompressionAlgorithm::Lz4);
+        assert_eq!(overridden.compression.level, None);
+    }
+
+    #[test]
+    fn streams_file_merges_and_may_be_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = dir.path().join("streams.yaml");
+        let base = dir.path().join("config.yaml");
+        std::fs::write(
+            &base,
+            format!(
+                "streams_path: {}\nstreams:\n  a: {{target_table: from_base}}\n",
+                streams.display()
+            ),
+        )
+        .unwrap();
+        let config = load(Some(&base), &Overrides::default()).unwrap();
+        assert_eq!(
+            config.streams["a"].target_table.as_deref(),
+            Some("from_base")
+        );
+        std::fs::write(
+            &streams,
+            "streams:\n  a: {target_table: from_file}\n  b: {}\n",
+        )
+        .unwrap();
+        let config = load(Some(&base), &Overrides::default()).unwrap();
+        assert_eq!(
+            config.streams["a"].target_table.as_deref(),
+            Some("from_file")
+        );
+        assert!(config.streams.contains_key("b"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, "prot: 1\n").unwrap();
+        let message = load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("bad.yaml") && message.contains("prot"),
+            "{message}"
+        );
+    }
+}

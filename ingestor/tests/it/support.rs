@@ -1,0 +1,188 @@
+//! Test fixtures: a running server, Arrow bodies, and queries against the server's database.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow_ipc::CompressionType;
+use arrow_ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
+use arrowport::server::{AppState, IngestReport};
+use arrowport_config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const STREAM_TYPE: &str = "application/vnd.apache.arrow.stream";
+pub const FILE_TYPE: &str = "application/vnd.apache.arrow.file";
+
+/// An ingest server on 127.0.0.1 with its own database in a temporary directory.
+pub struct TestServer {
+    pub url: String,
+    pub state: Arc<AppState>,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with_config(Config::default()).await
+    }
+
+    /// Starts a server with `config`; its `db_path` is replaced by a fresh temporary file.
+    pub async fn with_config(mut config: Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        config.db_path = dir.path().join("test.duckdb");
+        let state = arrowport::open(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(arrowport::server::serve(listener, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            state,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// POSTs `body` to `/ingest/{stream}` as an Arrow stream.
+    pub async fn ingest(&self, stream: &str, body: Vec<u8>) -> reqwest::Response {
+        self.ingest_with(stream, body, &[("content-type", STREAM_TYPE)])
+            .await
+    }
+
+    pub async fn ingest_with(
+        &self,
+        stream: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/ingest/{stream}", self.url))
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// POSTs and expects 200, returning the report.
+    pub async fn ingest_ok(&self, stream: &str, body: Vec<u8>) -> IngestReport {
+        let response = self.ingest(stream, body).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Runs a query returning one value.
+    pub fn scalar<T: duckdb::types::FromSql>(&self, sql: &str) -> T {
+        self.state
+            .loader
+            .with_connection(|c| c.query_row(sql, [], |row| row.get(0)))
+            .unwrap()
+    }
+
+    /// Rows in `table`, or `None` if it does not exist.
+    pub fn count(&self, table: &str) -> Option<i64> {
+        let exists: bool = self.scalar(&format!(
+            "SELECT count(*) > 0 FROM duckdb_tables() WHERE table_name = '{table}'"
+        ));
+        exists.then(|| self.scalar(&format!("SELECT count(*) FROM \"{table}\"")))
+    }
+
+    /// Runs a query and returns its result as Arrow batches.
+    pub fn query_arrow(&self, sql: &str) -> Vec<RecordBatch> {
+        self.state
+            .loader
+            .with_connection(|c| Ok(c.prepare(sql)?.query_arrow([])?.collect()))
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Stops accepting, waits for in-flight requests, checkpoints.
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// The value of the metric line starting with `prefix` (name and labels), if present.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("price", DataType::Float64, true),
+    ]))
+}
+
+/// `rows` rows with ids `start..start + rows`.
+pub fn batch(start: i64, rows: usize) -> RecordBatch {
+    let ids = Int64Array::from_iter_values(start..start + rows as i64);
+    let names =
+        StringArray::from_iter((0..rows).map(|i| (i % 7 != 0).then(|| format!("item-{i}"))));
+    let prices = Float64Array::from_iter_values((0..rows).map(|i| i as f64 * 0.25));
+    let columns: Vec<ArrayRef> = vec![Arc::new(ids), Arc::new(names), Arc::new(prices)];
+    RecordBatch::try_new(schema(), columns).unwrap()
+}
+
+/// An Arrow IPC stream of `batches`, optionally with compressed buffers.
+pub fn ipc_stream(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8> {
+    let options = IpcWriteOptions::default()
+        .try_with_compression(compression)
+        .unwrap();
+    let mut writer =
+        StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options).unwrap();
+    for batch in batches {
+        writer.write(batch).unwrap();
+    }
+    writer.into_inner().unwrap()
+}
+
+pub fn ipc_file(batches: &[RecordBatch]) -> Vec<u8> {
+    let mut writer = FileWriter::try_new(Vec::new(), &batches[0].schema()).unwrap();
+    for batch in batches {
+        writer.write(batch).unwrap();
+    }
+    writer.into_inner().unwrap()
+}
+
+/// The JSON error body of a response, checked for shape.
+pub async fn error_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let code = body["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_owned();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    (status, code)
+}
