@@ -2,28 +2,12 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray,
-};
+use arrow::array::{ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 const SHIP_MODES: [&str; 7] = ["AIR", "FOB", "MAIL", "RAIL", "REG AIR", "SHIP", "TRUCK"];
-const INSTRUCTIONS: [&str; 4] = [
-    "COLLECT COD",
-    "DELIVER IN PERSON",
-    "NONE",
-    "TAKE BACK RETURN",
-];
-const WORDS: [&str; 8] = [
-    "furiously",
-    "carefully",
-    "regular",
-    "ideas",
-    "deposits",
-    "sleep",
-    "quickly",
-    "final",
-];
+const INSTRUCTIONS: [&str; 4] = ["COLLECT COD", "DELIVER IN PERSON", "NONE", "TAKE BACK RETURN"];
+const WORDS: [&str; 8] = ["furiously", "carefully", "regular", "ideas", "deposits", "sleep", "quickly", "final"];
 
 pub fn schema() -> SchemaRef {
     let money = DataType::Decimal128(15, 2);
@@ -50,27 +34,20 @@ pub fn schema() -> SchemaRef {
 /// Rows `start..start + rows`.
 pub fn batch(start: u64, rows: usize) -> RecordBatch {
     let keys = |m: u64| {
-        Int64Array::from_iter_values(
-            (start..start + rows as u64).map(move |i| (mix(i, m) % 2_000_000) as i64),
-        )
+        Int64Array::from_iter_values((start..start + rows as u64).map(move |i| (mix(i, m) % 2_000_000) as i64))
     };
     let money = |m: u64, max: u64| {
-        Decimal128Array::from_iter_values(
-            (start..start + rows as u64).map(move |i| (mix(i, m) % max) as i128),
-        )
-        .with_precision_and_scale(15, 2)
-        .expect("valid decimal precision")
+        Decimal128Array::from_iter_values((start..start + rows as u64).map(move |i| (mix(i, m) % max) as i128))
+            .with_precision_and_scale(15, 2)
+            .expect("valid decimal precision")
     };
     let pick = |m: u64, options: &'static [&'static str]| {
         StringArray::from_iter_values(
-            (start..start + rows as u64)
-                .map(move |i| options[(mix(i, m) % options.len() as u64) as usize]),
+            (start..start + rows as u64).map(move |i| options[(mix(i, m) % options.len() as u64) as usize]),
         )
     };
     let dates = |m: u64| {
-        Date32Array::from_iter_values(
-            (start..start + rows as u64).map(move |i| 8_000 + (mix(i, m) % 2_500) as i32),
-        )
+        Date32Array::from_iter_values((start..start + rows as u64).map(move |i| 8_000 + (mix(i, m) % 2_500) as i32))
     };
     let comments = StringArray::from_iter_values((start..start + rows as u64).map(|i| {
         let h = mix(i, 99);
@@ -83,14 +60,10 @@ pub fn batch(start: u64, rows: usize) -> RecordBatch {
         )
     }));
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from_iter_values(
-            (start..start + rows as u64).map(|i| (i / 4) as i64),
-        )),
+        Arc::new(Int64Array::from_iter_values((start..start + rows as u64).map(|i| (i / 4) as i64))),
         Arc::new(keys(1)),
         Arc::new(keys(2)),
-        Arc::new(Int32Array::from_iter_values(
-            (start..start + rows as u64).map(|i| (i % 4 + 1) as i32),
-        )),
+        Arc::new(Int32Array::from_iter_values((start..start + rows as u64).map(|i| (i % 4 + 1) as i32))),
         Arc::new(money(3, 5_000)),
         Arc::new(money(4, 10_000_000)),
         Arc::new(money(5, 11)),

@@ -59,47 +59,14 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    let mut outcomes = vec![
-        in_process_native(&batches).await?,
-        in_process_appender(&batches)?,
-    ];
+    let mut outcomes = vec![in_process_native(&batches).await?, in_process_appender(&batches)?];
     let plain = ipc(&batches, None);
     let zstd = ipc(&batches, Some(CompressionType::ZSTD));
     let lz4 = ipc(&batches, Some(CompressionType::LZ4_FRAME));
-    outcomes.push(
-        http(
-            &args,
-            "HTTP, 1 producer",
-            std::slice::from_ref(&plain),
-            args.rows,
-            bytes,
-        )
-        .await?,
-    );
-    outcomes.push(
-        http(
-            &args,
-            "HTTP, 1 producer, IPC zstd",
-            std::slice::from_ref(&zstd),
-            args.rows,
-            bytes,
-        )
-        .await?,
-    );
-    outcomes.push(
-        http(
-            &args,
-            "HTTP, 1 producer, IPC lz4",
-            std::slice::from_ref(&lz4),
-            args.rows,
-            bytes,
-        )
-        .await?,
-    );
-    let eighths: Vec<Vec<u8>> = batches
-        .chunks(batches.len().div_ceil(8))
-        .map(|part| ipc(part, None))
-        .collect();
+    outcomes.push(http(&args, "HTTP, 1 producer", std::slice::from_ref(&plain), args.rows, bytes).await?);
+    outcomes.push(http(&args, "HTTP, 1 producer, IPC zstd", std::slice::from_ref(&zstd), args.rows, bytes).await?);
+    outcomes.push(http(&args, "HTTP, 1 producer, IPC lz4", std::slice::from_ref(&lz4), args.rows, bytes).await?);
+    let eighths: Vec<Vec<u8>> = batches.chunks(batches.len().div_ceil(8)).map(|part| ipc(part, None)).collect();
     outcomes.push(http(&args, "HTTP, 8 producers", &eighths, args.rows, bytes).await?);
     if args.upload_gib > 0.0 {
         outcomes.push(streamed_upload(&args).await?);
@@ -113,23 +80,14 @@ async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let loader = Loader::open(&dir.path().join("native.duckdb"), &[], 1, budget)?;
-    let target = Target {
-        table: "lineitem".into(),
-        chunk_size: 122_880,
-        policy: SchemaPolicy::Reject,
-    };
+    let target = Target { table: "lineitem".into(), chunk_size: 122_880, policy: SchemaPolicy::Reject };
     let started = Instant::now();
     let mut session = loader.begin(target, batches[0].schema()).await?;
     for batch in batches {
         session.send(batch.clone()).await?;
     }
     let committed = session.commit().await?;
-    Ok(outcome(
-        "in-process, DuckDB Arrow scan",
-        committed.rows,
-        batches,
-        started.elapsed(),
-    ))
+    Ok(outcome("in-process, DuckDB Arrow scan", committed.rows, batches, started.elapsed()))
 }
 
 /// duckdb-rs's Appender, the other common in-process way (single-threaded in DuckDB).
@@ -150,12 +108,7 @@ fn in_process_appender(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     appender.flush()?;
     drop(appender);
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-    Ok(outcome(
-        "in-process, duckdb-rs Appender",
-        rows,
-        batches,
-        started.elapsed(),
-    ))
+    Ok(outcome("in-process, duckdb-rs Appender", rows, batches, started.elapsed()))
 }
 
 fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration) -> Outcome {
@@ -169,35 +122,15 @@ fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration
 }
 
 /// Posts each body concurrently to a fresh server, one producer per body.
-async fn http(
-    args: &Args,
-    scenario: &str,
-    bodies: &[Vec<u8>],
-    rows: u64,
-    bytes: u64,
-) -> anyhow::Result<Outcome> {
+async fn http(args: &Args, scenario: &str, bodies: &[Vec<u8>], rows: u64, bytes: u64) -> anyhow::Result<Outcome> {
     let server = Server::start(&args.server)?;
     let client = reqwest::Client::new();
     let started = Instant::now();
-    let requests = bodies
-        .iter()
-        .map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body.clone())));
-    let committed: u64 = futures::future::try_join_all(requests)
-        .await?
-        .into_iter()
-        .sum();
+    let requests = bodies.iter().map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body.clone())));
+    let committed: u64 = futures::future::try_join_all(requests).await?.into_iter().sum();
     let elapsed = started.elapsed();
-    anyhow::ensure!(
-        committed == rows,
-        "{scenario}: the server committed {committed} rows, expected {rows}"
-    );
-    Ok(Outcome {
-        scenario: scenario.to_owned(),
-        rows,
-        bytes,
-        elapsed,
-        peak_rss: Some(server.stop()?),
-    })
+    anyhow::ensure!(committed == rows, "{scenario}: the server committed {committed} rows, expected {rows}");
+    Ok(Outcome { scenario: scenario.to_owned(), rows, bytes, elapsed, peak_rss: Some(server.stop()?) })
 }
 
 /// One upload of `upload_gib` GiB, generated and sent batch by batch so neither side holds it whole.
@@ -224,17 +157,12 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
     let server = Server::start(&args.server)?;
     let body = reqwest::Body::wrap_stream(tokio_stream(rx));
     let started = Instant::now();
-    let committed = server
-        .ingest(&reqwest::Client::new(), "upload", body)
-        .await?;
+    let committed = server.ingest(&reqwest::Client::new(), "upload", body).await?;
     let elapsed = started.elapsed();
     let (rows, sent) = producer.await.context("producer task")??;
     anyhow::ensure!(committed == rows, "committed {committed} of {rows} rows");
     Ok(Outcome {
-        scenario: format!(
-            "HTTP, one {:.1} GiB streamed upload",
-            sent as f64 / (1u64 << 30) as f64
-        ),
+        scenario: format!("HTTP, one {:.1} GiB streamed upload", sent as f64 / (1u64 << 30) as f64),
         rows,
         bytes: sent,
         elapsed,
@@ -242,18 +170,13 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
     })
 }
 
-fn tokio_stream<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> {
+fn tokio_stream<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8> {
-    let options = IpcWriteOptions::default()
-        .try_with_compression(compression)
-        .expect("codec compiled in");
-    let mut writer = StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options)
-        .expect("IPC writer");
+    let options = IpcWriteOptions::default().try_with_compression(compression).expect("codec compiled in");
+    let mut writer = StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options).expect("IPC writer");
     for batch in batches {
         writer.write(batch).expect("in-memory write");
     }
@@ -263,16 +186,12 @@ fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8>
 fn report(outcomes: &[Outcome]) {
     let baseline = outcomes[0].rows as f64 / outcomes[0].elapsed.as_secs_f64();
     println!();
-    println!(
-        "| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server peak RSS |"
-    );
+    println!("| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server peak RSS |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let seconds = o.elapsed.as_secs_f64();
         let rate = o.rows as f64 / seconds;
-        let rss = o
-            .peak_rss
-            .map_or("-".to_owned(), |kb| format!("{} MB", kb / 1024));
+        let rss = o.peak_rss.map_or("-".to_owned(), |kb| format!("{} MB", kb / 1024));
         println!(
             "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} |",
             o.scenario,

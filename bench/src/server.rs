@@ -24,32 +24,17 @@ impl Server {
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
         let addr = loop {
-            let line = lines
-                .next()
-                .context("the server exited before listening")??;
+            let line = lines.next().context("the server exited before listening")??;
             if let Some(rest) = line.split("addr=").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
+                break rest.split_whitespace().next().unwrap_or_default().to_owned();
             }
         };
         std::thread::spawn(move || lines.for_each(drop));
-        Ok(Self {
-            child,
-            url: format!("http://{addr}"),
-            _dir: dir,
-        })
+        Ok(Self { child, url: format!("http://{addr}"), _dir: dir })
     }
 
     /// Posts one Arrow stream and returns the committed row count.
-    pub async fn ingest(
-        &self,
-        client: &reqwest::Client,
-        stream: &str,
-        body: reqwest::Body,
-    ) -> anyhow::Result<u64> {
+    pub async fn ingest(&self, client: &reqwest::Client, stream: &str, body: reqwest::Body) -> anyhow::Result<u64> {
         let response = client
             .post(format!("{}/ingest/{stream}", self.url))
             .header("content-type", "application/vnd.apache.arrow.stream")
@@ -70,10 +55,7 @@ impl Server {
             .find_map(|line| line.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .context("VmHWM in /proc/<pid>/status")?;
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()?;
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
         self.child.wait()?;
         Ok(peak)
     }

@@ -18,9 +18,7 @@ impl ByteSize {
     /// Parses `123`, `64KiB`, `512MiB`, `1GiB`, `2TiB` (binary) or `KB`/`MB`/`GB`/`TB` (decimal).
     pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let number: u64 = number.parse().ok()?;
         let factor: u64 = match unit.trim() {
@@ -68,9 +66,7 @@ impl<'de> Deserialize<'de> for ByteSize {
         match Raw::deserialize(deserializer)? {
             Raw::Number(n) => Ok(Self(n)),
             Raw::Text(text) => Self::parse(&text).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "invalid byte size {text:?} (use e.g. 1048576, 512MiB, 1GiB)"
-                ))
+                serde::de::Error::custom(format!("invalid byte size {text:?} (use e.g. 1048576, 512MiB, 1GiB)"))
             }),
         }
     }

@@ -16,21 +16,21 @@ pub enum ConfigError {
 
 impl ConfigError {
     pub(crate) fn invalid(key: &str, message: &str) -> Self {
-        Self::Invalid {
-            key: key.to_owned(),
-            message: message.to_owned(),
-        }
+        Self::Invalid { key: key.to_owned(), message: message.to_owned() }
     }
 }
 
 pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
-    serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
-        line: e.location().map(|l| l.line()),
-        message: first_line(&e.to_string()),
+    serde_saphyr::from_str(text).map_err(|e| {
+        let message = first_line(&e.to_string());
+        // Name the line unless the parser's own message already does.
+        let line = e.location().map(|l| l.line()).filter(|line| !message.contains(&format!("line {line} ")));
+        ConfigError::Parse { message, line }
     })
 }
 
 /// serde-saphyr appends a source snippet after the first line; the first line says what is wrong.
 fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or(text).trim().to_owned()
+    let line = text.lines().next().unwrap_or(text).trim();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }

@@ -147,10 +147,7 @@ pub struct Compression {
 
 impl Default for Compression {
     fn default() -> Self {
-        Self {
-            algorithm: CompressionAlgorithm::Zstd,
-            level: Some(3),
-        }
+        Self { algorithm: CompressionAlgorithm::Zstd, level: Some(3) }
     }
 }
 
@@ -194,16 +191,10 @@ impl Config {
     /// Checks what the type system cannot: names, ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.limits.max_concurrent_loads == 0 {
-            return Err(ConfigError::invalid(
-                "limits.max_concurrent_loads",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("limits.max_concurrent_loads", "must be at least 1"));
         }
         if self.limits.memory_budget_bytes.0 == 0 {
-            return Err(ConfigError::invalid(
-                "limits.memory_budget_bytes",
-                "must be greater than 0",
-            ));
+            return Err(ConfigError::invalid("limits.memory_budget_bytes", "must be greater than 0"));
         }
         validate_compression("compression", &self.compression)?;
         validate_streams(&self.streams)
@@ -245,10 +236,7 @@ fn validate_streams(streams: &BTreeMap<String, StreamConfig>) -> Result<(), Conf
             ));
         }
         if stream.chunk_size == Some(0) {
-            return Err(ConfigError::invalid(
-                &format!("{key}.chunk_size"),
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid(&format!("{key}.chunk_size"), "must be at least 1"));
         }
         if let Some(compression) = &stream.compression {
             validate_compression(&format!("{key}.compression"), compression)?;
@@ -259,12 +247,12 @@ fn validate_streams(streams: &BTreeMap<String, StreamConfig>) -> Result<(), Conf
 
 fn validate_compression(key: &str, compression: &Compression) -> Result<(), ConfigError> {
     match (compression.algorithm, compression.level) {
-        (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => Err(
-            ConfigError::invalid(&format!("{key}.level"), "zstd levels run from 1 to 22"),
-        ),
-        (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => Err(
-            ConfigError::invalid(&format!("{key}.level"), "a level applies only to zstd"),
-        ),
+        (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => {
+            Err(ConfigError::invalid(&format!("{key}.level"), "zstd levels run from 1 to 22"))
+        }
+        (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => {
+            Err(ConfigError::invalid(&format!("{key}.level"), "a level applies only to zstd"))
+        }
         _ => Ok(()),
     }
 }
@@ -290,10 +278,7 @@ mod tests {
         let sensors = &config.streams["sensors"];
         assert_eq!(sensors.target_table.as_deref(), Some("sensor_readings"));
         assert_eq!(sensors.schema_policy, SchemaPolicy::Evolve);
-        assert_eq!(
-            sensors.compression.unwrap().algorithm,
-            CompressionAlgorithm::Lz4
-        );
+        assert_eq!(sensors.compression.unwrap().algorithm, CompressionAlgorithm::Lz4);
         assert_eq!(config.streams["lineitem"].chunk_size, Some(122_880));
     }
 
@@ -307,8 +292,7 @@ mod tests {
 
     #[test]
     fn bad_table_name_is_refused() {
-        let err = Config::from_yaml("streams:\n  a: {target_table: 'x\"; drop table t; --'}\n")
-            .unwrap_err();
+        let err = Config::from_yaml("streams:\n  a: {target_table: 'x\"; drop table t; --'}\n").unwrap_err();
         assert!(err.to_string().contains("streams.a.target_table"), "{err}");
     }
 
@@ -330,17 +314,12 @@ mod tests {
     #[test]
     fn empty_streams_file_is_valid() {
         assert_eq!(StreamsFile::from_yaml("").unwrap(), StreamsFile::default());
-        assert_eq!(
-            StreamsFile::from_yaml("streams: {}\n").unwrap(),
-            StreamsFile::default()
-        );
+        assert_eq!(StreamsFile::from_yaml("streams: {}\n").unwrap(), StreamsFile::default());
     }
 
     #[test]
     fn byte_sizes_accept_units() {
-        let config =
-            Config::from_yaml("limits: {memory_budget_bytes: 64MiB, max_body_bytes: 1000}\n")
-                .unwrap();
+        let config = Config::from_yaml("limits: {memory_budget_bytes: 64MiB, max_body_bytes: 1000}\n").unwrap();
         assert_eq!(config.limits.memory_budget_bytes, ByteSize::mib(64));
         assert_eq!(config.limits.max_body_bytes, ByteSize(1000));
     }

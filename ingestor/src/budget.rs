@@ -30,14 +30,7 @@ pub struct Reservation {
 
 impl MemoryBudget {
     pub fn new(capacity: u64, patience: Duration) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                capacity,
-                used: AtomicU64::new(0),
-                released: Notify::new(),
-                patience,
-            }),
-        }
+        Self { inner: Arc::new(Inner { capacity, used: AtomicU64::new(0), released: Notify::new(), patience }) }
     }
 
     pub fn capacity(&self) -> u64 {
@@ -54,14 +47,10 @@ impl MemoryBudget {
         inner
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes)
-                    .filter(|total| *total <= inner.capacity)
+                used.checked_add(bytes).filter(|total| *total <= inner.capacity)
             })
             .ok()
-            .map(|_| Reservation {
-                inner: inner.clone(),
-                bytes,
-            })
+            .map(|_| Reservation { inner: inner.clone(), bytes })
     }
 
     /// Takes `bytes`, waiting up to the budget's patience for other requests to give room back.
@@ -74,9 +63,7 @@ impl MemoryBudget {
             if let Some(reservation) = self.try_reserve(bytes) {
                 return Some(reservation);
             }
-            if bytes > self.inner.capacity
-                || tokio::time::timeout_at(deadline, released).await.is_err()
-            {
+            if bytes > self.inner.capacity || tokio::time::timeout_at(deadline, released).await.is_err() {
                 return None;
             }
         }
@@ -99,10 +86,7 @@ mod tests {
         let budget = MemoryBudget::new(100, Duration::from_millis(10));
         let a = budget.try_reserve(60).unwrap();
         assert!(budget.try_reserve(60).is_none());
-        assert!(
-            budget.reserve(60).await.is_none(),
-            "waits only as long as its patience"
-        );
+        assert!(budget.reserve(60).await.is_none(), "waits only as long as its patience");
         drop(a);
         assert_eq!(budget.used(), 0);
         let _b = budget.reserve(100).await.unwrap();

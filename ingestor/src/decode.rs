@@ -31,12 +31,7 @@ impl IpcFormat {
         let Some(raw) = content_type else {
             return Ok(Self::Detect);
         };
-        let essence = raw
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let essence = raw.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         match essence.as_str() {
             "application/vnd.apache.arrow.stream" => Ok(Self::Stream),
             "application/vnd.apache.arrow.file" => Ok(Self::File),
@@ -72,18 +67,9 @@ impl IpcDecoder {
     pub fn new(format: IpcFormat, max_message_bytes: u64) -> Self {
         let framing = match format {
             IpcFormat::Stream => Framing::Messages { file: false },
-            declared => Framing::Preamble {
-                declared,
-                seen: Vec::with_capacity(FILE_MAGIC.len()),
-            },
+            declared => Framing::Preamble { declared, seen: Vec::with_capacity(FILE_MAGIC.len()) },
         };
-        Self {
-            decoder: StreamDecoder::new(),
-            framing,
-            pending: 0,
-            max_message_bytes,
-            bytes_seen: 0,
-        }
+        Self { decoder: StreamDecoder::new(), framing, pending: 0, max_message_bytes, bytes_seen: 0 }
     }
 
     /// The stream's schema, once its first message has arrived.
@@ -109,9 +95,7 @@ impl IpcDecoder {
                     self.framing = Framing::FilePadding;
                     return self.feed(chunk.slice(take..), out);
                 } else if *declared == IpcFormat::File {
-                    return Err(IngestError::InvalidIpc(
-                        "not an Arrow IPC file: it does not start with ARROW1".into(),
-                    ));
+                    return Err(IngestError::InvalidIpc("not an Arrow IPC file: it does not start with ARROW1".into()));
                 }
                 // A stream after all: its first bytes are ordinary message bytes.
                 let mut all = std::mem::take(seen);
@@ -150,9 +134,7 @@ impl IpcDecoder {
                 Ok(None) => {}
                 Err(error) if is_after_end_of_stream(&error) => {
                     if !is_file {
-                        return Err(IngestError::InvalidIpc(
-                            "data after the end-of-stream marker".into(),
-                        ));
+                        return Err(IngestError::InvalidIpc("data after the end-of-stream marker".into()));
                     }
                     let mut tail = Vec::with_capacity(FILE_MAGIC.len());
                     keep_tail(&mut tail, &buffer);
@@ -162,9 +144,7 @@ impl IpcDecoder {
                 Err(error) => return Err(IngestError::InvalidIpc(error.to_string())),
             }
             if self.pending > self.max_message_bytes {
-                return Err(IngestError::MessageTooLarge {
-                    limit: self.max_message_bytes,
-                });
+                return Err(IngestError::MessageTooLarge { limit: self.max_message_bytes });
             }
         }
         Ok(())
@@ -174,24 +154,17 @@ impl IpcDecoder {
     pub fn finish(&mut self) -> Result<(), IngestError> {
         match &self.framing {
             Framing::Preamble { seen, .. } if seen.is_empty() => Err(IngestError::EmptyBody),
-            Framing::Preamble { .. } => Err(IngestError::InvalidIpc(
-                "body too short to be Arrow IPC".into(),
-            )),
+            Framing::Preamble { .. } => Err(IngestError::InvalidIpc("body too short to be Arrow IPC".into())),
             Framing::FilePadding | Framing::Messages { file: true } => {
-                Err(IngestError::InvalidIpc(
-                    "the IPC file ended before its end-of-stream marker".into(),
-                ))
+                Err(IngestError::InvalidIpc("the IPC file ended before its end-of-stream marker".into()))
             }
-            Framing::Messages { file: false } if self.bytes_seen == 0 => {
-                Err(IngestError::EmptyBody)
-            }
-            Framing::Messages { file: false } => self.decoder.finish().map_err(|_| {
-                IngestError::InvalidIpc("the body ended in the middle of a message".into())
-            }),
+            Framing::Messages { file: false } if self.bytes_seen == 0 => Err(IngestError::EmptyBody),
+            Framing::Messages { file: false } => self
+                .decoder
+                .finish()
+                .map_err(|_| IngestError::InvalidIpc("the body ended in the middle of a message".into())),
             Framing::Footer { tail } if tail.as_slice() == FILE_MAGIC => Ok(()),
-            Framing::Footer { .. } => Err(IngestError::InvalidIpc(
-                "the IPC file's footer is truncated".into(),
-            )),
+            Framing::Footer { .. } => Err(IngestError::InvalidIpc("the IPC file's footer is truncated".into())),
         }
     }
 }
@@ -255,22 +228,10 @@ mod tests {
     fn stream_and_file_decode_in_any_piece_size() {
         let batches = [batch(10), batch(5)];
         for step in [1, 3, 7, 64, 100_000] {
-            assert_eq!(
-                decode(IpcFormat::Stream, &stream_bytes(&batches), step).unwrap(),
-                15
-            );
-            assert_eq!(
-                decode(IpcFormat::Detect, &stream_bytes(&batches), step).unwrap(),
-                15
-            );
-            assert_eq!(
-                decode(IpcFormat::File, &file_bytes(&batches), step).unwrap(),
-                15
-            );
-            assert_eq!(
-                decode(IpcFormat::Detect, &file_bytes(&batches), step).unwrap(),
-                15
-            );
+            assert_eq!(decode(IpcFormat::Stream, &stream_bytes(&batches), step).unwrap(), 15);
+            assert_eq!(decode(IpcFormat::Detect, &stream_bytes(&batches), step).unwrap(), 15);
+            assert_eq!(decode(IpcFormat::File, &file_bytes(&batches), step).unwrap(), 15);
+            assert_eq!(decode(IpcFormat::Detect, &file_bytes(&batches), step).unwrap(), 15);
         }
     }
 
@@ -280,42 +241,21 @@ mod tests {
         let file = file_bytes(&[batch(10)]);
         // Cut inside the schema, inside the batch, and (for the file) inside the footer.
         for cut in [3, 40, stream.len() - 20] {
-            assert!(matches!(
-                decode(IpcFormat::Stream, &stream[..cut], 16),
-                Err(IngestError::InvalidIpc(_))
-            ));
+            assert!(matches!(decode(IpcFormat::Stream, &stream[..cut], 16), Err(IngestError::InvalidIpc(_))));
         }
         for cut in [3, 40, file.len() - 100, file.len() - 2] {
-            assert!(
-                matches!(
-                    decode(IpcFormat::File, &file[..cut], 16),
-                    Err(IngestError::InvalidIpc(_))
-                ),
-                "{cut}"
-            );
+            assert!(matches!(decode(IpcFormat::File, &file[..cut], 16), Err(IngestError::InvalidIpc(_))), "{cut}");
         }
     }
 
     #[test]
     fn garbage_and_empty_bodies_are_refused() {
-        assert!(matches!(
-            decode(IpcFormat::Stream, b"hello, this is not arrow", 8),
-            Err(IngestError::InvalidIpc(_))
-        ));
-        assert!(matches!(
-            decode(IpcFormat::File, b"PARQUET1xxxxxxx", 8),
-            Err(IngestError::InvalidIpc(_))
-        ));
-        assert!(matches!(
-            decode(IpcFormat::Stream, b"", 8),
-            Err(IngestError::EmptyBody)
-        ));
+        assert!(matches!(decode(IpcFormat::Stream, b"hello, this is not arrow", 8), Err(IngestError::InvalidIpc(_))));
+        assert!(matches!(decode(IpcFormat::File, b"PARQUET1xxxxxxx", 8), Err(IngestError::InvalidIpc(_))));
+        assert!(matches!(decode(IpcFormat::Stream, b"", 8), Err(IngestError::EmptyBody)));
         let mut trailing = stream_bytes(&[batch(1)]);
         trailing.extend_from_slice(b"junk");
-        assert!(matches!(
-            decode(IpcFormat::Stream, &trailing, 8),
-            Err(IngestError::InvalidIpc(_))
-        ));
+        assert!(matches!(decode(IpcFormat::Stream, &trailing, 8), Err(IngestError::InvalidIpc(_))));
     }
 
     #[test]
@@ -323,26 +263,15 @@ mod tests {
         let bytes = stream_bytes(&[batch(100_000)]);
         let mut decoder = IpcDecoder::new(IpcFormat::Stream, 64 * 1024);
         let mut out = Vec::new();
-        let result = bytes
-            .chunks(16 * 1024)
-            .try_for_each(|p| decoder.push(Bytes::copy_from_slice(p), &mut out));
-        assert!(matches!(
-            result,
-            Err(IngestError::MessageTooLarge { limit: 65536 })
-        ));
+        let result = bytes.chunks(16 * 1024).try_for_each(|p| decoder.push(Bytes::copy_from_slice(p), &mut out));
+        assert!(matches!(result, Err(IngestError::MessageTooLarge { limit: 65536 })));
     }
 
     #[test]
     fn content_types() {
         use IpcFormat::*;
-        assert_eq!(
-            IpcFormat::from_content_type(Some("application/vnd.apache.arrow.stream")).unwrap(),
-            Stream
-        );
-        assert_eq!(
-            IpcFormat::from_content_type(Some("Application/Vnd.Apache.Arrow.File; x=y")).unwrap(),
-            File
-        );
+        assert_eq!(IpcFormat::from_content_type(Some("application/vnd.apache.arrow.stream")).unwrap(), Stream);
+        assert_eq!(IpcFormat::from_content_type(Some("Application/Vnd.Apache.Arrow.File; x=y")).unwrap(), File);
         assert_eq!(IpcFormat::from_content_type(None).unwrap(), Detect);
         assert!(matches!(
             IpcFormat::from_content_type(Some("application/json")),

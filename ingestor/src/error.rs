@@ -5,9 +5,7 @@ use axum::http::StatusCode;
 /// Why a request was not (fully) ingested. Every variant leaves nothing of the request behind.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error(
-        "invalid stream name {0:?}: use 1-128 characters of [A-Za-z0-9_.-], starting with a letter, digit or '_'"
-    )]
+    #[error("invalid stream name {0:?}: use 1-128 characters of [A-Za-z0-9_.-], starting with a letter, digit or '_'")]
     InvalidStreamName(String),
     #[error("unknown stream {0:?}: it is not configured and auto_create is off")]
     UnknownStream(String),
@@ -51,12 +49,8 @@ impl IngestError {
             | Self::EmptyBody
             | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::UnknownStream(_) => StatusCode::NOT_FOUND,
-            Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            }
-            Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SchemaMismatch(_) | Self::UnsupportedType(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod error;
 pub mod load;
 pub mod metrics;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod settings;
@@ -28,15 +29,6 @@ const BUDGET_PATIENCE: Duration = Duration::from_secs(2);
 /// Opens the database and builds the state the server runs on.
 pub fn open(config: &Config) -> Result<Arc<AppState>, IngestError> {
     let budget = MemoryBudget::new(config.limits.memory_budget_bytes.0, BUDGET_PATIENCE);
-    let loader = Loader::open(
-        &config.db_path,
-        &config.duckdb_extensions,
-        config.limits.max_concurrent_loads,
-        budget,
-    )?;
-    Ok(Arc::new(AppState::new(
-        loader,
-        settings::routes(config),
-        config.limits.clone(),
-    )))
+    let loader = Loader::open(&config.db_path, &config.duckdb_extensions, config.limits.max_concurrent_loads, budget)?;
+    Ok(Arc::new(AppState::new(loader, settings::routes(config), config.limits.clone())))
 }

@@ -2,6 +2,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use arrowport::reload::Reloader;
 use arrowport::settings::{self, Overrides};
 use arrowport_config::CompressionAlgorithm;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -68,9 +69,7 @@ impl From<Algorithm> for CompressionAlgorithm {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
@@ -93,6 +92,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         compression: args.compression.map(Into::into),
     };
     let config = settings::load(args.config.as_deref(), &overrides)?;
+    let config_path = args.config.clone();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         // Handlers first: a SIGTERM that arrives once we are listening must find them in place.
@@ -103,7 +103,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
+        let reloader = tokio::spawn(Reloader::new(config_path, overrides, state.clone(), config).run());
         arrowport::server::serve(listener, state, shutdown).await?;
+        reloader.abort();
         tracing::info!("Stopped.");
         Ok(())
     })

@@ -56,7 +56,12 @@ pub struct Metrics {
     pub schema_mismatches: Family<StreamLabels, Counter>,
     pub request_duration: LatencyFamily,
     pub inflight_bytes: Gauge,
+    pub inflight_requests: Gauge,
     pub memory_budget_bytes: Gauge,
+    pub compression_ratio: Family<StreamLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub config_generation: Gauge,
+    pub config_reloads: Counter,
+    pub config_reload_failures: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -76,19 +81,16 @@ impl Default for Metrics {
         let request_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let inflight_bytes = Gauge::default();
         let memory_budget_bytes = Gauge::default();
+        let inflight_requests = Gauge::default();
+        let compression_ratio = Family::<StreamLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let config_generation = Gauge::default();
+        let config_reloads = Counter::default();
+        let config_reload_failures = Counter::default();
         registry.register("requests", "Ingest requests by outcome", requests.clone());
         registry.register("rows", "Rows committed", rows.clone());
         registry.register("batches", "Record batches committed", batches.clone());
-        registry.register(
-            "received_bytes",
-            "Request body bytes as received on the wire",
-            received_bytes.clone(),
-        );
-        registry.register(
-            "decoded_bytes",
-            "Arrow bytes of committed batches, decoded",
-            decoded_bytes.clone(),
-        );
+        registry.register("received_bytes", "Request body bytes as received on the wire", received_bytes.clone());
+        registry.register("decoded_bytes", "Arrow bytes of committed batches, decoded", decoded_bytes.clone());
         registry.register(
             "schema_mismatches",
             "Requests refused because their schema does not fit the table",
@@ -99,15 +101,32 @@ impl Default for Metrics {
             "Time from request start to commit (or failure)",
             request_duration.clone(),
         );
+        registry.register("inflight_bytes", "Decoded Arrow bytes held by in-flight requests", inflight_bytes.clone());
         registry.register(
-            "inflight_bytes",
-            "Decoded Arrow bytes held by in-flight requests",
-            inflight_bytes.clone(),
+            "inflight_requests",
+            "Ingest requests being received or committed",
+            inflight_requests.clone(),
         );
         registry.register(
             "memory_budget_bytes",
             "Capacity of the in-flight memory budget",
             memory_budget_bytes.clone(),
+        );
+        registry.register(
+            "compression_ratio",
+            "Decoded Arrow bytes per wire byte, over all committed requests",
+            compression_ratio.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "Generation of the routing configuration in force",
+            config_generation.clone(),
+        );
+        registry.register("config_reloads", "Configuration changes put in force", config_reloads.clone());
+        registry.register(
+            "config_reload_failures",
+            "Configuration changes refused because they did not parse or validate",
+            config_reload_failures.clone(),
         );
         Self {
             registry,
@@ -119,7 +138,12 @@ impl Default for Metrics {
             schema_mismatches,
             request_duration,
             inflight_bytes,
+            inflight_requests,
             memory_budget_bytes,
+            compression_ratio,
+            config_generation,
+            config_reloads,
+            config_reload_failures,
         }
     }
 }
@@ -128,8 +152,7 @@ impl Metrics {
     /// The Prometheus/OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
 }

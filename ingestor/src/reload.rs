@@ -42,13 +42,7 @@ pub enum Reload {
 
 impl Reloader {
     pub fn new(config_path: Option<PathBuf>, overrides: Overrides, state: Arc<AppState>, active: Config) -> Self {
-        let mut reloader = Self {
-            config_path,
-            overrides,
-            state,
-            active,
-            last_seen: Vec::new(),
-        };
+        let mut reloader = Self { config_path, overrides, state, active, last_seen: Vec::new() };
         reloader.last_seen = reloader.read_sources();
         reloader
     }

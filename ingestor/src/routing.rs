@@ -3,17 +3,20 @@
 use std::collections::BTreeMap;
 
 use arrowport_config::{
-    Compression, DEFAULT_CHUNK_SIZE, SchemaPolicy, StreamConfig, is_valid_stream_name,
+    Compression, DEFAULT_CHUNK_SIZE, SchemaPolicy, StreamConfig, StreamsFile, is_valid_stream_name,
 };
 
 use crate::error::IngestError;
 
 /// The routing table in force. Requests take a snapshot of it when they start.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Routes {
     pub streams: BTreeMap<String, StreamConfig>,
     pub auto_create: bool,
     pub compression: Compression,
+    /// Counts the routing tables put in force since start (1 is the first).
+    pub generation: u64,
+    hash: String,
 }
 
 /// How one stream is loaded.
@@ -29,6 +32,16 @@ pub struct Route {
 }
 
 impl Routes {
+    pub fn new(streams: BTreeMap<String, StreamConfig>, auto_create: bool, compression: Compression) -> Self {
+        let hash = fingerprint(&streams, auto_create, &compression);
+        Self { streams, auto_create, compression, generation: 1, hash }
+    }
+
+    /// Identifies what this table routes, independent of how the files were written.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
     pub fn resolve(&self, stream: &str) -> Result<Route, IngestError> {
         if !is_valid_stream_name(stream) {
             return Err(IngestError::InvalidStreamName(stream.to_owned()));
@@ -54,12 +67,19 @@ impl Routes {
     }
 }
 
+/// FNV-1a over the canonical YAML of what routes: stable across runs and versions.
+fn fingerprint(streams: &BTreeMap<String, StreamConfig>, auto_create: bool, compression: &Compression) -> String {
+    let file = StreamsFile { streams: streams.clone() };
+    let canonical =
+        format!("{}auto_create: {auto_create}\ncompression: {compression:?}\n", file.to_yaml().unwrap_or_default());
+    let hash =
+        canonical.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
 /// `sensors.v2-eu` → `sensors_v2_eu`; a leading digit gets a `_` in front.
 fn auto_table_name(stream: &str) -> String {
-    let mut table: String = stream
-        .chars()
-        .map(|c| if c == '.' || c == '-' { '_' } else { c })
-        .collect();
+    let mut table: String = stream.chars().map(|c| if c == '.' || c == '-' { '_' } else { c }).collect();
     if table.starts_with(|c: char| c.is_ascii_digit()) {
         table.insert(0, '_');
     }
@@ -76,20 +96,24 @@ mod tests {
         )
         .unwrap()
         .streams;
-        Routes {
-            streams,
-            auto_create,
-            compression: Compression::default(),
-        }
+        Routes::new(streams, auto_create, Compression::default())
+    }
+
+    #[test]
+    fn hash_follows_content_not_formatting() {
+        let a = routes(true);
+        let reformatted = arrowport_config::StreamsFile::from_yaml(
+            "streams:\n  sensors:\n    schema_policy: evolve\n    chunk_size: 1000\n    target_table: sensor_readings\n",
+        )
+        .unwrap();
+        assert_eq!(a.hash(), Routes::new(reformatted.streams, true, Compression::default()).hash());
+        assert_ne!(a.hash(), routes(false).hash());
     }
 
     #[test]
     fn configured_stream_routes_to_its_table() {
         let route = routes(true).resolve("sensors").unwrap();
-        assert_eq!(
-            (route.table.as_str(), route.chunk_size),
-            ("sensor_readings", 1000)
-        );
+        assert_eq!((route.table.as_str(), route.chunk_size), ("sensor_readings", 1000));
         assert_eq!(route.policy, SchemaPolicy::Evolve);
         assert!(route.configured);
     }
@@ -99,17 +123,11 @@ mod tests {
         let route = routes(true).resolve("9lives.v2-x").unwrap();
         assert_eq!(route.table, "_9lives_v2_x");
         assert_eq!(route.chunk_size, DEFAULT_CHUNK_SIZE);
-        assert!(matches!(
-            routes(false).resolve("other"),
-            Err(IngestError::UnknownStream(_))
-        ));
+        assert!(matches!(routes(false).resolve("other"), Err(IngestError::UnknownStream(_))));
     }
 
     #[test]
     fn hostile_names_never_route() {
-        assert!(matches!(
-            routes(true).resolve("x\"; DROP TABLE t; --"),
-            Err(IngestError::InvalidStreamName(_))
-        ));
+        assert!(matches!(routes(true).resolve("x\"; DROP TABLE t; --"), Err(IngestError::InvalidStreamName(_))));
     }
 }

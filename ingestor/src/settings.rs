@@ -21,16 +21,17 @@ pub struct Overrides {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{}: {source}", path.display())]
-    Invalid { path: PathBuf, source: ConfigError },
+    // The inner errors are part of the message (not `source`s), so each problem prints once.
+    #[error("cannot read {}: {error}", path.display())]
+    Read { path: PathBuf, error: io::Error },
+    #[error("{}: {error}", path.display())]
+    Invalid { path: PathBuf, error: ConfigError },
 }
 
 /// Reads the base file (if any), applies `overrides`, and merges the streams file.
 pub fn load(config_path: Option<&Path>, overrides: &Overrides) -> Result<Config, SettingsError> {
     let mut config = match config_path {
-        Some(path) => Config::from_yaml(&read(path)?).map_err(|source| invalid(path, source))?,
+        Some(path) => Config::from_yaml(&read(path)?).map_err(|error| invalid(path, error))?,
         None => Config::default(),
     };
     apply(&mut config, overrides);
@@ -66,14 +67,9 @@ fn apply(config: &mut Config, overrides: &Overrides) {
 /// written it yet, and the ingester starts anyway.
 pub fn load_streams(path: &Path) -> Result<BTreeMap<String, StreamConfig>, SettingsError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(StreamsFile::from_yaml(&text)
-            .map_err(|source| invalid(path, source))?
-            .streams),
+        Ok(text) => Ok(StreamsFile::from_yaml(&text).map_err(|error| invalid(path, error))?.streams),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(source) => Err(SettingsError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(error) => Err(SettingsError::Read { path: path.to_owned(), error }),
     }
 }
 
@@ -88,25 +84,15 @@ fn merge_streams(base: &mut BTreeMap<String, StreamConfig>, file: BTreeMap<Strin
 
 /// The routing table a configuration describes.
 pub fn routes(config: &Config) -> Routes {
-    Routes {
-        streams: config.streams.clone(),
-        auto_create: config.auto_create,
-        compression: config.compression,
-    }
+    Routes::new(config.streams.clone(), config.auto_create, config.compression)
 }
 
 fn read(path: &Path) -> Result<String, SettingsError> {
-    std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|error| SettingsError::Read { path: path.to_owned(), error })
 }
 
-fn invalid(path: &Path, source: ConfigError) -> SettingsError {
-    SettingsError::Invalid {
-        path: path.to_owned(),
-        source,
-    }
+fn invalid(path: &Path, error: ConfigError) -> SettingsError {
+    SettingsError::Invalid { path: path.to_owned(), error }
 }
 
 #[cfg(test)]
@@ -117,11 +103,7 @@ mod tests {
     fn precedence_is_override_then_file_then_default() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
-        std::fs::write(
-            &path,
-            "port: 9000\ndb_path: file.duckdb\ncompression: {algorithm: zstd, level: 5}\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "port: 9000\ndb_path: file.duckdb\ncompression: {algorithm: zstd, level: 5}\n").unwrap();
         let from_file = load(Some(&path), &Overrides::default()).unwrap();
         assert_eq!((from_file.port, from_file.host.as_str()), (9000, "0.0.0.0"));
         let overridden = load(
@@ -147,27 +129,14 @@ mod tests {
         let base = dir.path().join("config.yaml");
         std::fs::write(
             &base,
-            format!(
-                "streams_path: {}\nstreams:\n  a: {{target_table: from_base}}\n",
-                streams.display()
-            ),
+            format!("streams_path: {}\nstreams:\n  a: {{target_table: from_base}}\n", streams.display()),
         )
         .unwrap();
         let config = load(Some(&base), &Overrides::default()).unwrap();
-        assert_eq!(
-            config.streams["a"].target_table.as_deref(),
-            Some("from_base")
-        );
-        std::fs::write(
-            &streams,
-            "streams:\n  a: {target_table: from_file}\n  b: {}\n",
-        )
-        .unwrap();
+        assert_eq!(config.streams["a"].target_table.as_deref(), Some("from_base"));
+        std::fs::write(&streams, "streams:\n  a: {target_table: from_file}\n  b: {}\n").unwrap();
         let config = load(Some(&base), &Overrides::default()).unwrap();
-        assert_eq!(
-            config.streams["a"].target_table.as_deref(),
-            Some("from_file")
-        );
+        assert_eq!(config.streams["a"].target_table.as_deref(), Some("from_file"));
         assert!(config.streams.contains_key("b"));
     }
 
@@ -176,12 +145,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.yaml");
         std::fs::write(&path, "prot: 1\n").unwrap();
-        let message = load(Some(&path), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("bad.yaml") && message.contains("prot"),
-            "{message}"
-        );
+        let message = load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        assert!(message.contains("bad.yaml") && message.contains("prot"), "{message}");
     }
 }

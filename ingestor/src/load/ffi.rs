@@ -33,8 +33,7 @@ impl RawDatabase {
         let mut db: sys::duckdb_database = ptr::null_mut();
         let mut error: *mut c_char = ptr::null_mut();
         // SAFETY: valid C string, out-pointers to locals; a null config means defaults.
-        let state =
-            unsafe { sys::duckdb_open_ext(c_path.as_ptr(), &mut db, ptr::null_mut(), &mut error) };
+        let state = unsafe { sys::duckdb_open_ext(c_path.as_ptr(), &mut db, ptr::null_mut(), &mut error) };
         if state != sys::duckdb_state_DuckDBSuccess {
             let message = take_c_error(error).unwrap_or_else(|| "unknown error".to_owned());
             return Err(message);
@@ -97,22 +96,14 @@ impl ScanConnection {
 
     /// Registers `reader` as view `view` (in this connection's default catalog). The returned stream must
     /// outlive every query that reads the view; drop it only after dropping the view.
-    pub fn register(
-        &self,
-        view: &str,
-        reader: Box<dyn RecordBatchReader + Send>,
-    ) -> Result<ScanStream, String> {
+    pub fn register(&self, view: &str, reader: Box<dyn RecordBatchReader + Send>) -> Result<ScanStream, String> {
         let mut stream = ScanStream::new(reader)?;
         let c_view = CString::new(view).map_err(|e| e.to_string())?;
         let raw: *mut FFI_ArrowArrayStream = &mut *stream.0;
         // SAFETY: the stream is boxed (stable address) and outlives the view, as documented above.
-        let state = unsafe {
-            sys::duckdb_arrow_scan(self.con, c_view.as_ptr(), raw as sys::duckdb_arrow_stream)
-        };
+        let state = unsafe { sys::duckdb_arrow_scan(self.con, c_view.as_ptr(), raw as sys::duckdb_arrow_stream) };
         if state != sys::duckdb_state_DuckDBSuccess {
-            return Err(format!(
-                "DuckDB refused to scan the Arrow stream as view {view}"
-            ));
+            return Err(format!("DuckDB refused to scan the Arrow stream as view {view}"));
         }
         Ok(stream)
     }
@@ -141,10 +132,7 @@ impl ScanStream {
     fn new(reader: Box<dyn RecordBatchReader + Send>) -> Result<Self, String> {
         let schema: SchemaRef = reader.schema();
         let schema = FFI_ArrowSchema::try_from(schema.as_ref()).map_err(|e| e.to_string())?;
-        let private = Box::new(ScanPrivate {
-            inner: FFI_ArrowArrayStream::new(reader),
-            schema,
-        });
+        let private = Box::new(ScanPrivate { inner: FFI_ArrowArrayStream::new(reader), schema });
         Ok(Self(Box::new(FFI_ArrowArrayStream {
             get_schema: Some(scan_get_schema),
             get_next: Some(scan_get_next),
@@ -155,10 +143,7 @@ impl ScanStream {
     }
 }
 
-unsafe extern "C" fn scan_get_schema(
-    stream: *mut FFI_ArrowArrayStream,
-    out: *mut FFI_ArrowSchema,
-) -> c_int {
+unsafe extern "C" fn scan_get_schema(stream: *mut FFI_ArrowArrayStream, out: *mut FFI_ArrowSchema) -> c_int {
     // SAFETY: DuckDB passes the stream we built (or a bitwise copy sharing its private data) and a
     // writable out-pointer; the copy borrows buffers that live as long as the stream.
     unsafe {
@@ -175,17 +160,11 @@ unsafe extern "C" fn release_borrowed_schema(schema: *mut FFI_ArrowSchema) {
     unsafe { (*schema).release = None };
 }
 
-unsafe extern "C" fn scan_get_next(
-    stream: *mut FFI_ArrowArrayStream,
-    out: *mut arrow::ffi::FFI_ArrowArray,
-) -> c_int {
+unsafe extern "C" fn scan_get_next(stream: *mut FFI_ArrowArrayStream, out: *mut arrow::ffi::FFI_ArrowArray) -> c_int {
     // SAFETY: private data is ours; DuckDB serialises calls to get_next on one stream.
     unsafe {
         let private = &mut *((*stream).private_data as *mut ScanPrivate);
-        let get_next = private
-            .inner
-            .get_next
-            .expect("arrow-rs streams have get_next");
+        let get_next = private.inner.get_next.expect("arrow-rs streams have get_next");
         get_next(&mut private.inner, out)
     }
 }
@@ -194,10 +173,7 @@ unsafe extern "C" fn scan_get_last_error(stream: *mut FFI_ArrowArrayStream) -> *
     // SAFETY: as in scan_get_next.
     unsafe {
         let private = &mut *((*stream).private_data as *mut ScanPrivate);
-        let get_last_error = private
-            .inner
-            .get_last_error
-            .expect("arrow-rs streams have get_last_error");
+        let get_last_error = private.inner.get_last_error.expect("arrow-rs streams have get_last_error");
         get_last_error(&mut private.inner)
     }
 }
@@ -213,11 +189,7 @@ unsafe extern "C" fn scan_release(stream: *mut FFI_ArrowArrayStream) {
 
 fn copy_c_str(message: *const c_char) -> Option<String> {
     // SAFETY: DuckDB returns null or a valid NUL-terminated string.
-    (!message.is_null()).then(|| {
-        unsafe { CStr::from_ptr(message) }
-            .to_string_lossy()
-            .into_owned()
-    })
+    (!message.is_null()).then(|| unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned())
 }
 
 fn take_c_error(error: *mut c_char) -> Option<String> {

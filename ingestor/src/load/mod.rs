@@ -94,10 +94,7 @@ impl Loader {
             })?;
         }
         let catalog: String = admin.query_row("SELECT current_database()", [], |row| row.get(0))?;
-        admin.execute_batch(&format!(
-            "ATTACH IF NOT EXISTS ':memory:' AS {}",
-            sql::ident(SCRATCH)
-        ))?;
+        admin.execute_batch(&format!("ATTACH IF NOT EXISTS ':memory:' AS {}", sql::ident(SCRATCH)))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 admin: Mutex::new(admin),
@@ -120,19 +117,9 @@ impl Loader {
     /// Starts a session: waits for a free slot, checks `schema` against the target table (creating or
     /// evolving it inside the session's transaction), then accepts batches. Schema problems are reported
     /// here, before the caller reads any data.
-    pub async fn begin(
-        &self,
-        target: Target,
-        schema: SchemaRef,
-    ) -> Result<LoadSession, IngestError> {
+    pub async fn begin(&self, target: Target, schema: SchemaRef) -> Result<LoadSession, IngestError> {
         check_supported(&schema)?;
-        let permit = self
-            .shared
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| IngestError::ShuttingDown)?;
+        let permit = self.shared.permits.clone().acquire_owned().await.map_err(|_| IngestError::ShuttingDown)?;
         let (feed, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (ready_tx, ready_rx) = oneshot::channel();
         let shared = self.shared.clone();
@@ -149,35 +136,19 @@ impl Loader {
                 Err(join) => IngestError::Database(format!("load task failed: {join}")),
             });
         }
-        Ok(LoadSession {
-            feed,
-            handle,
-            chunk_size,
-            budget: self.shared.budget.clone(),
-        })
+        Ok(LoadSession { feed, handle, chunk_size, budget: self.shared.budget.clone() })
     }
 
     /// Runs `CHECKPOINT`, moving the write-ahead log into the database file.
     pub fn checkpoint(&self) -> Result<(), IngestError> {
-        let admin = self
-            .shared
-            .admin
-            .lock()
-            .expect("admin connection lock poisoned");
+        let admin = self.shared.admin.lock().expect("admin connection lock poisoned");
         admin.execute_batch("CHECKPOINT")?;
         Ok(())
     }
 
     /// Runs `f` with a connection to the database for reading (for status endpoints and tests).
-    pub fn with_connection<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> duckdb::Result<T>,
-    ) -> Result<T, IngestError> {
-        let admin = self
-            .shared
-            .admin
-            .lock()
-            .expect("admin connection lock poisoned");
+    pub fn with_connection<T>(&self, f: impl FnOnce(&Connection) -> duckdb::Result<T>) -> Result<T, IngestError> {
+        let admin = self.shared.admin.lock().expect("admin connection lock poisoned");
         Ok(f(&admin)?)
     }
 }
@@ -193,10 +164,7 @@ impl Shared {
     ) -> Result<Committed, IngestError> {
         let mut worker = self.checkout()?;
         let outcome = self.load(&mut worker, target, schema, rx, ready);
-        self.idle
-            .lock()
-            .expect("worker pool lock poisoned")
-            .push(worker);
+        self.idle.lock().expect("worker pool lock poisoned").push(worker);
         outcome
     }
 
@@ -204,13 +172,7 @@ impl Shared {
         if let Some(worker) = self.idle.lock().expect("worker pool lock poisoned").pop() {
             return Ok(worker);
         }
-        Ok(Worker {
-            sql: self.db.connect()?,
-            scan: self
-                .db
-                .scan_connection(SCRATCH)
-                .map_err(IngestError::Database)?,
-        })
+        Ok(Worker { sql: self.db.connect()?, scan: self.db.scan_connection(SCRATCH).map_err(IngestError::Database)? })
     }
 
     fn load(
@@ -224,24 +186,15 @@ impl Shared {
         let view = format!("ingest_{}", self.next_view.fetch_add(1, Ordering::Relaxed));
         let batches = Arc::new(AtomicU64::new(0));
         let reader = ChannelReader::new(schema, rx, batches.clone());
-        let stream = worker
-            .scan
-            .register(&view, Box::new(reader))
-            .map_err(IngestError::Database)?;
+        let stream = worker.scan.register(&view, Box::new(reader)).map_err(IngestError::Database)?;
         let view = sql::qualified(SCRATCH, "main", &view);
         let outcome = self.load_view(&worker.sql, target, &view, ready);
         // The view points at `stream`: drop the view first. Failure here only leaves an in-memory entry.
-        if let Err(error) = worker
-            .sql
-            .execute_batch(&format!("DROP VIEW IF EXISTS {view}"))
-        {
+        if let Err(error) = worker.sql.execute_batch(&format!("DROP VIEW IF EXISTS {view}")) {
             tracing::warn!(%view, %error, "Could not drop a scan view.");
         }
         drop(stream);
-        outcome.map(|rows| Committed {
-            rows,
-            batches: batches.load(Ordering::Relaxed),
-        })
+        outcome.map(|rows| Committed { rows, batches: batches.load(Ordering::Relaxed) })
     }
 
     fn load_view(
@@ -255,19 +208,11 @@ impl Shared {
         let lock = self.tables.lock_for(&target.table);
         // Appends share the table; creating or altering it takes it exclusively for the whole transaction.
         let mut guard = TableGuard::shared(&lock);
-        let mut plan = schema::plan(
-            self.table_columns(conn, &target.table)?.as_deref(),
-            &incoming,
-            target.policy,
-        )?;
+        let mut plan = schema::plan(self.table_columns(conn, &target.table)?.as_deref(), &incoming, target.policy)?;
         if plan.changes_table() {
             drop(guard);
             guard = TableGuard::exclusive(&lock);
-            plan = schema::plan(
-                self.table_columns(conn, &target.table)?.as_deref(),
-                &incoming,
-                target.policy,
-            )?;
+            plan = schema::plan(self.table_columns(conn, &target.table)?.as_deref(), &incoming, target.policy)?;
         }
         let table = sql::qualified(&self.catalog, "main", &target.table);
         conn.execute_batch("BEGIN TRANSACTION")?;
@@ -276,10 +221,7 @@ impl Shared {
             // The table is ready: the caller may start sending data.
             let _ = ready.send(());
             let columns = sql::ident_list(incoming.iter().map(|c| c.name.as_str()));
-            let rows = conn.execute(
-                &format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {view}"),
-                [],
-            )?;
+            let rows = conn.execute(&format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {view}"), [])?;
             conn.execute_batch("COMMIT")?;
             Ok(rows as u64)
         })();
@@ -292,11 +234,7 @@ impl Shared {
     }
 
     /// The table's columns, or `None` if it does not exist.
-    fn table_columns(
-        &self,
-        conn: &Connection,
-        table: &str,
-    ) -> Result<Option<Vec<Column>>, IngestError> {
+    fn table_columns(&self, conn: &Connection, table: &str) -> Result<Option<Vec<Column>>, IngestError> {
         let exists: bool = conn.query_row(
             "SELECT count(*) > 0 FROM duckdb_tables() \
              WHERE database_name = ? AND schema_name = 'main' AND lower(table_name) = lower(?)",
@@ -312,16 +250,9 @@ impl Shared {
 
 /// Column names and DuckDB types of a table or view.
 fn describe(conn: &Connection, relation: &str) -> Result<Vec<Column>, IngestError> {
-    let mut statement = conn.prepare(&format!(
-        "SELECT column_name, column_type FROM (DESCRIBE {relation})"
-    ))?;
+    let mut statement = conn.prepare(&format!("SELECT column_name, column_type FROM (DESCRIBE {relation})"))?;
     let columns = statement
-        .query_map([], |row| {
-            Ok(Column::new(
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-            ))
-        })?
+        .query_map([], |row| Ok(Column::new(row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
         .collect::<duckdb::Result<Vec<_>>>()?;
     Ok(columns)
 }
@@ -336,10 +267,7 @@ fn apply(conn: &Connection, table: &str, plan: &TablePlan) -> Result<(), IngestE
         }
         TablePlan::AddColumns(columns) => {
             for column in columns {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN {}",
-                    definition(column)
-                ))?;
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {}", definition(column)))?;
             }
         }
     }
@@ -365,17 +293,8 @@ impl LoadSession {
             let piece = batch.slice(offset, len);
             offset += len;
             let size = decoded_size(&piece);
-            let reservation = self
-                .budget
-                .reserve(size)
-                .await
-                .ok_or(IngestError::Overloaded)?;
-            if self
-                .feed
-                .send(Feed::Batch(piece, reservation))
-                .await
-                .is_err()
-            {
+            let reservation = self.budget.reserve(size).await.ok_or(IngestError::Overloaded)?;
+            if self.feed.send(Feed::Batch(piece, reservation)).await.is_err() {
                 return Err(self.failure().await);
             }
             queued += size;
@@ -408,11 +327,6 @@ pub fn decoded_size(batch: &RecordBatch) -> u64 {
     batch
         .columns()
         .iter()
-        .map(|array| {
-            array
-                .to_data()
-                .get_slice_memory_size()
-                .unwrap_or_else(|_| array.get_array_memory_size())
-        })
+        .map(|array| array.to_data().get_slice_memory_size().unwrap_or_else(|_| array.get_array_memory_size()))
         .sum::<usize>() as u64
 }

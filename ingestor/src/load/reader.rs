@@ -29,12 +29,7 @@ pub struct ChannelReader {
 
 impl ChannelReader {
     pub fn new(schema: SchemaRef, rx: mpsc::Receiver<Feed>, batches: Arc<AtomicU64>) -> Self {
-        Self {
-            schema,
-            rx,
-            finished: false,
-            batches,
-        }
+        Self { schema, rx, finished: false, batches }
     }
 }
 
@@ -57,9 +52,7 @@ impl Iterator for ChannelReader {
             }
             None => {
                 self.finished = true;
-                Some(Err(ArrowError::ExternalError(
-                    "the request ended before it was complete".into(),
-                )))
+                Some(Err(ArrowError::ExternalError("the request ended before it was complete".into())))
             }
         }
     }

@@ -15,10 +15,7 @@ pub struct Column {
 
 impl Column {
     pub fn new(name: impl Into<String>, sql_type: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            sql_type: sql_type.into(),
-        }
+        Self { name: name.into(), sql_type: sql_type.into() }
     }
 }
 
@@ -44,9 +41,7 @@ pub fn check_supported(schema: &Schema) -> Result<(), IngestError> {
     let unsupported: Vec<String> = schema
         .fields()
         .iter()
-        .filter_map(|field| {
-            unsupported_part(field.data_type()).map(|t| format!("{} ({t})", field.name()))
-        })
+        .filter_map(|field| unsupported_part(field.data_type()).map(|t| format!("{} ({t})", field.name())))
         .collect();
     if unsupported.is_empty() {
         Ok(())
@@ -108,11 +103,7 @@ fn field_part(field: &Field) -> Option<String> {
 
 /// Compares incoming columns with the table's (`None`: no table yet). Names match case-insensitively,
 /// as DuckDB resolves them; types must be equal.
-pub fn plan(
-    existing: Option<&[Column]>,
-    incoming: &[Column],
-    policy: SchemaPolicy,
-) -> Result<TablePlan, IngestError> {
+pub fn plan(existing: Option<&[Column]>, incoming: &[Column], policy: SchemaPolicy) -> Result<TablePlan, IngestError> {
     if let Some(duplicate) = first_duplicate(incoming) {
         return Err(IngestError::SchemaMismatch(format!(
             "column {duplicate:?} appears more than once (names are case-insensitive)"
@@ -124,44 +115,29 @@ pub fn plan(
     let mut mismatched = Vec::new();
     let mut missing = Vec::new();
     for column in incoming {
-        match existing
-            .iter()
-            .find(|c| c.name.eq_ignore_ascii_case(&column.name))
-        {
+        match existing.iter().find(|c| c.name.eq_ignore_ascii_case(&column.name)) {
             Some(have) if have.sql_type.eq_ignore_ascii_case(&column.sql_type) => {}
-            Some(have) => mismatched.push(format!(
-                "{} is {} in the table but {} in the data",
-                column.name, have.sql_type, column.sql_type
-            )),
+            Some(have) => mismatched
+                .push(format!("{} is {} in the table but {} in the data", column.name, have.sql_type, column.sql_type)),
             None => missing.push(column.clone()),
         }
     }
     if !mismatched.is_empty() {
-        return Err(IngestError::SchemaMismatch(format!(
-            "incompatible column type(s): {}",
-            mismatched.join("; ")
-        )));
+        return Err(IngestError::SchemaMismatch(format!("incompatible column type(s): {}", mismatched.join("; "))));
     }
     match (missing.is_empty(), policy) {
         (true, _) => Ok(TablePlan::Append),
         (false, SchemaPolicy::Evolve) => Ok(TablePlan::AddColumns(missing)),
         (false, SchemaPolicy::Reject) => Err(IngestError::SchemaMismatch(format!(
             "column(s) not in the table: {} (the stream's schema_policy is reject)",
-            missing
-                .iter()
-                .map(|c| format!("{} {}", c.name, c.sql_type))
-                .collect::<Vec<_>>()
-                .join(", ")
+            missing.iter().map(|c| format!("{} {}", c.name, c.sql_type)).collect::<Vec<_>>().join(", ")
         ))),
     }
 }
 
 fn first_duplicate(columns: &[Column]) -> Option<&str> {
     columns.iter().enumerate().find_map(|(i, c)| {
-        columns[..i]
-            .iter()
-            .any(|earlier| earlier.name.eq_ignore_ascii_case(&c.name))
-            .then_some(c.name.as_str())
+        columns[..i].iter().any(|earlier| earlier.name.eq_ignore_ascii_case(&c.name)).then_some(c.name.as_str())
     })
 }
 
@@ -180,20 +156,14 @@ mod tests {
     #[test]
     fn no_table_means_create() {
         let incoming = cols(&[("a", "INTEGER")]);
-        assert_eq!(
-            plan(None, &incoming, SchemaPolicy::Reject).unwrap(),
-            TablePlan::Create(incoming)
-        );
+        assert_eq!(plan(None, &incoming, SchemaPolicy::Reject).unwrap(), TablePlan::Create(incoming));
     }
 
     #[test]
     fn subset_with_same_types_appends() {
         let table = cols(&[("a", "INTEGER"), ("b", "VARCHAR")]);
         let incoming = cols(&[("B", "varchar")]);
-        assert_eq!(
-            plan(Some(&table), &incoming, SchemaPolicy::Reject).unwrap(),
-            TablePlan::Append
-        );
+        assert_eq!(plan(Some(&table), &incoming, SchemaPolicy::Reject).unwrap(), TablePlan::Append);
     }
 
     #[test]
@@ -211,27 +181,13 @@ mod tests {
     #[test]
     fn type_change_is_rejected_even_with_evolve() {
         let table = cols(&[("a", "INTEGER")]);
-        let err = plan(
-            Some(&table),
-            &cols(&[("a", "VARCHAR")]),
-            SchemaPolicy::Evolve,
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("a is INTEGER in the table but VARCHAR in the data"),
-            "{err}"
-        );
+        let err = plan(Some(&table), &cols(&[("a", "VARCHAR")]), SchemaPolicy::Evolve).unwrap_err();
+        assert!(err.to_string().contains("a is INTEGER in the table but VARCHAR in the data"), "{err}");
     }
 
     #[test]
     fn duplicate_names_are_rejected() {
-        let err = plan(
-            None,
-            &cols(&[("a", "INTEGER"), ("A", "INTEGER")]),
-            SchemaPolicy::Evolve,
-        )
-        .unwrap_err();
+        let err = plan(None, &cols(&[("a", "INTEGER"), ("A", "INTEGER")]), SchemaPolicy::Evolve).unwrap_err();
         assert!(err.to_string().contains("more than once"), "{err}");
     }
 
@@ -239,26 +195,10 @@ mod tests {
     fn common_types_are_supported() {
         let item = Arc::new(Field::new("item", DataType::Int32, true));
         let schema = Schema::new(vec![
-            Field::new(
-                "ts",
-                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
-                true,
-            ),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())), true),
             Field::new("l", DataType::LargeList(item.clone()), true),
-            Field::new(
-                "s",
-                DataType::Struct(Fields::from(vec![Field::new(
-                    "x",
-                    DataType::Utf8View,
-                    true,
-                )])),
-                true,
-            ),
-            Field::new(
-                "d",
-                DataType::Dictionary(Box::new(DataType::Int16), Box::new(DataType::Utf8)),
-                true,
-            ),
+            Field::new("s", DataType::Struct(Fields::from(vec![Field::new("x", DataType::Utf8View, true)])), true),
+            Field::new("d", DataType::Dictionary(Box::new(DataType::Int16), Box::new(DataType::Utf8)), true),
             Field::new("i", DataType::Interval(IntervalUnit::MonthDayNano), true),
             Field::new("dec", DataType::Decimal128(38, 4), true),
         ]);
@@ -272,20 +212,13 @@ mod tests {
             Field::new("ok", DataType::Int32, true),
             Field::new("u", union, true),
             Field::new("wide", DataType::Decimal256(60, 2), true),
-            Field::new(
-                "half",
-                DataType::List(Arc::new(Field::new("item", DataType::Float16, true))),
-                true,
-            ),
+            Field::new("half", DataType::List(Arc::new(Field::new("item", DataType::Float16, true))), true),
             Field::new("day_time", DataType::Interval(IntervalUnit::DayTime), true),
         ]);
         let message = check_supported(&schema).unwrap_err().to_string();
         assert!(message.contains("u (Union"), "{message}");
         assert!(message.contains("wide (Decimal256(60, 2))"), "{message}");
-        assert!(
-            message.contains("half (Float16; cast it to float32)"),
-            "{message}"
-        );
+        assert!(message.contains("half (Float16; cast it to float32)"), "{message}");
         assert!(message.contains("day_time (Interval(DayTime)"), "{message}");
         assert!(!message.contains("ok"), "{message}");
     }

@@ -26,10 +26,7 @@ mod tests {
 
     #[test]
     fn quotes_hostile_names() {
-        assert_eq!(
-            ident(r#"x"; DROP TABLE t; --"#),
-            r#""x""; DROP TABLE t; --""#
-        );
+        assert_eq!(ident(r#"x"; DROP TABLE t; --"#), r#""x""; DROP TABLE t; --""#);
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(qualified("db", "main", "t"), r#""db"."main"."t""#);
         assert_eq!(ident_list(["a", "b"]), r#""a", "b""#);

@@ -28,16 +28,10 @@ pub enum TableGuard<'a> {
 
 impl<'a> TableGuard<'a> {
     pub fn shared(lock: &'a RwLock<()>) -> Self {
-        Self::Shared {
-            _guard: lock.read().unwrap_or_else(|poisoned| poisoned.into_inner()),
-        }
+        Self::Shared { _guard: lock.read().unwrap_or_else(|poisoned| poisoned.into_inner()) }
     }
 
     pub fn exclusive(lock: &'a RwLock<()>) -> Self {
-        Self::Exclusive {
-            _guard: lock
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        }
+        Self::Exclusive { _guard: lock.write().unwrap_or_else(|poisoned| poisoned.into_inner()) }
     }
 }

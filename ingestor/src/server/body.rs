@@ -61,8 +61,7 @@ pub fn decoded_bytes(
 ) -> BoxStream<'static, Result<Bytes, IngestError>> {
     let wire = body.into_data_stream().map(move |frame| {
         let frame = frame.map_err(|e| carried(IngestError::BodyRead(e.to_string())))?;
-        let total =
-            wire_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed) + frame.len() as u64;
+        let total = wire_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed) + frame.len() as u64;
         if total > limit {
             return Err(carried(IngestError::BodyTooLarge { limit }));
         }
@@ -100,9 +99,7 @@ fn uncarry(encoding: &'static str) -> impl Fn(io::Error) -> IngestError {
     move |error| match error.into_inner() {
         Some(inner) => match inner.downcast::<Carried>() {
             Ok(carried) => carried.0,
-            Err(other) => IngestError::InvalidEncoding(format!(
-                "cannot decompress the {encoding} body: {other}"
-            )),
+            Err(other) => IngestError::InvalidEncoding(format!("cannot decompress the {encoding} body: {other}")),
         },
         None => IngestError::InvalidEncoding(format!("cannot decompress the {encoding} body")),
     }

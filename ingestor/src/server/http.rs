@@ -41,9 +41,7 @@ impl IntoResponse for IngestError {
         let body = Json(json!({"error": {"code": self.code(), "message": self.to_string()}}));
         let mut response = (status, body).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -57,14 +55,10 @@ pub async fn ingest(
 ) -> Result<Json<IngestReport>, IngestError> {
     let started = Instant::now();
     let wire_bytes = Arc::new(AtomicU64::new(0));
+    let inflight = InflightRequest::new(&state);
     let outcome = ingest_body(&state, &stream, &headers, body, &wire_bytes, started).await;
-    record(
-        &state,
-        &stream,
-        &outcome,
-        wire_bytes.load(Ordering::Relaxed),
-        started,
-    );
+    drop(inflight);
+    record(&state, &stream, &outcome, wire_bytes.load(Ordering::Relaxed), started);
     outcome.map(Json)
 }
 
@@ -83,8 +77,7 @@ async fn ingest_body(
     let format = IpcFormat::from_content_type(header_text(headers, header::CONTENT_TYPE))?;
     let encoding = ContentEncoding::from_header(header_text(headers, header::CONTENT_ENCODING))?;
     let limit = state.limits.max_body_bytes.0;
-    let declared_length =
-        header_text(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+    let declared_length = header_text(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > limit) {
         return Err(IngestError::BodyTooLarge { limit });
     }
@@ -120,12 +113,24 @@ async fn ingest_body(
     })
 }
 
-fn target(route: &Route) -> Target {
-    Target {
-        table: route.table.clone(),
-        chunk_size: route.chunk_size,
-        policy: route.policy,
+/// Counts a request in `arrowport_inflight_requests` for as long as it lives (cancellation included).
+struct InflightRequest<'a>(&'a AppState);
+
+impl<'a> InflightRequest<'a> {
+    fn new(state: &'a AppState) -> Self {
+        state.metrics.inflight_requests.inc();
+        Self(state)
     }
+}
+
+impl Drop for InflightRequest<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.inflight_requests.dec();
+    }
+}
+
+fn target(route: &Route) -> Target {
+    Target { table: route.table.clone(), chunk_size: route.chunk_size, policy: route.policy }
 }
 
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -133,39 +138,22 @@ fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 }
 
 /// Counts the request in the metrics and logs it.
-fn record(
-    state: &AppState,
-    stream: &str,
-    outcome: &Result<IngestReport, IngestError>,
-    wire: u64,
-    started: Instant,
-) {
+fn record(state: &AppState, stream: &str, outcome: &Result<IngestReport, IngestError>, wire: u64, started: Instant) {
     let metrics = &state.metrics;
     // Names that never became a stream are not labels: that would let any client mint time series.
     let label = match outcome {
         Err(IngestError::InvalidStreamName(_) | IngestError::UnknownStream(_)) => "",
         _ => stream,
     };
-    let labels = StreamLabels {
-        stream: label.to_owned(),
-        protocol: Protocol::Http,
-    };
+    let labels = StreamLabels { stream: label.to_owned(), protocol: Protocol::Http };
     metrics.received_bytes.get_or_create(&labels).inc_by(wire);
-    metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+    metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     let code = match outcome {
         Ok(report) => {
             metrics.rows.get_or_create(&labels).inc_by(report.rows);
-            metrics
-                .batches
-                .get_or_create(&labels)
-                .inc_by(report.batches);
-            metrics
-                .decoded_bytes
-                .get_or_create(&labels)
-                .inc_by(report.bytes_decoded);
+            metrics.batches.get_or_create(&labels).inc_by(report.batches);
+            metrics.decoded_bytes.get_or_create(&labels).inc_by(report.bytes_decoded);
+            metrics.compression_ratio.get_or_create(&labels).set(state.add_commit(report));
             tracing::debug!(stream, table = %report.table, rows = report.rows, elapsed_ms = report.elapsed_ms, "Ingested.");
             "ok"
         }
@@ -183,11 +171,7 @@ fn record(
     };
     metrics
         .requests
-        .get_or_create(&OutcomeLabels {
-            stream: labels.stream,
-            protocol: Protocol::Http,
-            outcome: code.to_owned(),
-        })
+        .get_or_create(&OutcomeLabels { stream: labels.stream, protocol: Protocol::Http, outcome: code.to_owned() })
         .inc();
 }
 
@@ -206,15 +190,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let metrics = &state.metrics;
-    metrics
-        .inflight_bytes
-        .set(state.loader.budget().used() as i64);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(),
-    )
+    metrics.inflight_bytes.set(state.loader.budget().used() as i64);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
         .into_response()
 }

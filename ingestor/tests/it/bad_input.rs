@@ -12,35 +12,22 @@ use tokio::io::AsyncWriteExt;
 use crate::support::*;
 
 /// Sends `body` to a table that already holds 10 rows and checks the refusal left it at 10.
-async fn refused(
-    server: &TestServer,
-    body: Vec<u8>,
-    headers: &[(&str, &str)],
-    expect: (u16, &str),
-) {
+async fn refused(server: &TestServer, body: Vec<u8>, headers: &[(&str, &str)], expect: (u16, &str)) {
     let response = server.ingest_with("victim", body, headers).await;
     let (status, code) = error_code(response).await;
     assert_eq!((status, code.as_str()), expect);
-    assert_eq!(
-        server.count("victim"),
-        Some(10),
-        "nothing of a refused request may land"
-    );
+    assert_eq!(server.count("victim"), Some(10), "nothing of a refused request may land");
 }
 
 async fn server_with_victim(config: Config) -> TestServer {
     let server = TestServer::with_config(config).await;
-    server
-        .ingest_ok("victim", ipc_stream(&[batch(0, 10)], None))
-        .await;
+    server.ingest_ok("victim", ipc_stream(&[batch(0, 10)], None)).await;
     server
 }
 
 /// The server still takes good data.
 async fn still_serving(server: &TestServer) {
-    server
-        .ingest_ok("victim", ipc_stream(&[batch(100, 1)], None))
-        .await;
+    server.ingest_ok("victim", ipc_stream(&[batch(100, 1)], None)).await;
     assert_eq!(server.count("victim"), Some(11));
 }
 
@@ -48,38 +35,14 @@ async fn still_serving(server: &TestServer) {
 async fn garbage_truncated_and_empty_bodies_are_400() {
     let server = server_with_victim(Config::default()).await;
     let stream = STREAM_TYPE;
-    refused(
-        &server,
-        b"this is not arrow at all".to_vec(),
-        &[("content-type", stream)],
-        (400, "invalid_ipc"),
-    )
-    .await;
+    refused(&server, b"this is not arrow at all".to_vec(), &[("content-type", stream)], (400, "invalid_ipc")).await;
     let good = ipc_stream(&[batch(0, 1000), batch(1000, 1000)], None);
     for cut in [5, 200, good.len() / 2, good.len() - 9] {
-        refused(
-            &server,
-            good[..cut].to_vec(),
-            &[("content-type", stream)],
-            (400, "invalid_ipc"),
-        )
-        .await;
+        refused(&server, good[..cut].to_vec(), &[("content-type", stream)], (400, "invalid_ipc")).await;
     }
-    refused(
-        &server,
-        Vec::new(),
-        &[("content-type", stream)],
-        (400, "empty_body"),
-    )
-    .await;
+    refused(&server, Vec::new(), &[("content-type", stream)], (400, "empty_body")).await;
     let file = ipc_file(&[batch(0, 100)]);
-    refused(
-        &server,
-        file[..file.len() - 3].to_vec(),
-        &[("content-type", FILE_TYPE)],
-        (400, "invalid_ipc"),
-    )
-    .await;
+    refused(&server, file[..file.len() - 3].to_vec(), &[("content-type", FILE_TYPE)], (400, "invalid_ipc")).await;
     refused(
         &server,
         b"garbage".to_vec(),
@@ -95,20 +58,9 @@ async fn garbage_truncated_and_empty_bodies_are_400() {
 async fn unsupported_content_type_and_encoding_are_415() {
     let server = server_with_victim(Config::default()).await;
     let body = ipc_stream(&[batch(0, 5)], None);
-    refused(
-        &server,
-        body.clone(),
-        &[("content-type", "application/json")],
-        (415, "unsupported_media_type"),
-    )
-    .await;
-    refused(
-        &server,
-        body,
-        &[("content-type", STREAM_TYPE), ("content-encoding", "br")],
-        (415, "unsupported_encoding"),
-    )
-    .await;
+    refused(&server, body.clone(), &[("content-type", "application/json")], (415, "unsupported_media_type")).await;
+    refused(&server, body, &[("content-type", STREAM_TYPE), ("content-encoding", "br")], (415, "unsupported_encoding"))
+        .await;
     still_serving(&server).await;
     server.stop().await;
 }
@@ -123,32 +75,15 @@ async fn oversized_bodies_and_messages_are_413() {
     let batches: Vec<_> = (0..20).map(|i| batch(i * 600, 600)).collect();
     let big = ipc_stream(&batches, None);
     assert!(big.len() > 256 * 1024);
-    refused(
-        &server,
-        big.clone(),
-        &[("content-type", STREAM_TYPE)],
-        (413, "body_too_large"),
-    )
-    .await;
+    refused(&server, big.clone(), &[("content-type", STREAM_TYPE)], (413, "body_too_large")).await;
     // Chunked (no length): refused once the limit is crossed.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        big.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8192).map(|c| Ok(c.to_vec())).collect();
     let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
-    let response = server
-        .ingest_with("victim", body, &[("content-type", STREAM_TYPE)])
-        .await;
-    assert_eq!(
-        error_code(response).await,
-        (413, "body_too_large".to_owned())
-    );
+    let response = server.ingest_with("victim", body, &[("content-type", STREAM_TYPE)]).await;
+    assert_eq!(error_code(response).await, (413, "body_too_large".to_owned()));
     // One record batch larger than a message may be.
-    refused(
-        &server,
-        ipc_stream(&[batch(0, 3000)], None),
-        &[("content-type", STREAM_TYPE)],
-        (413, "message_too_large"),
-    )
-    .await;
+    refused(&server, ipc_stream(&[batch(0, 3000)], None), &[("content-type", STREAM_TYPE)], (413, "message_too_large"))
+        .await;
     assert_eq!(server.count("victim"), Some(10));
     still_serving(&server).await;
     server.stop().await;
@@ -158,46 +93,21 @@ async fn oversized_bodies_and_messages_are_413() {
 async fn schema_mismatch_is_422_and_counted() {
     let server = server_with_victim(Config::default()).await;
     let wrong_type = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false)]));
-    let batch_wrong =
-        RecordBatch::try_new(wrong_type, vec![Arc::new(StringArray::from(vec!["a"]))]).unwrap();
-    refused(
-        &server,
-        ipc_stream(&[batch_wrong], None),
-        &[("content-type", STREAM_TYPE)],
-        (422, "schema_mismatch"),
-    )
-    .await;
+    let batch_wrong = RecordBatch::try_new(wrong_type, vec![Arc::new(StringArray::from(vec!["a"]))]).unwrap();
+    refused(&server, ipc_stream(&[batch_wrong], None), &[("content-type", STREAM_TYPE)], (422, "schema_mismatch"))
+        .await;
     let extra = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("surprise", DataType::Int64, true),
     ]));
-    let batch_extra = RecordBatch::try_new(
-        extra,
-        vec![
-            Arc::new(Int64Array::from(vec![1])),
-            Arc::new(Int64Array::from(vec![2])),
-        ],
-    )
-    .unwrap();
-    let response = server
-        .ingest("victim", ipc_stream(&[batch_extra], None))
-        .await;
+    let batch_extra =
+        RecordBatch::try_new(extra, vec![Arc::new(Int64Array::from(vec![1])), Arc::new(Int64Array::from(vec![2]))])
+            .unwrap();
+    let response = server.ingest("victim", ipc_stream(&[batch_extra], None)).await;
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("surprise"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("surprise"), "{body}");
     let text = server.metrics().await;
-    assert_eq!(
-        metric(
-            &text,
-            r#"arrowport_schema_mismatches_total{stream="victim",protocol="http"}"#
-        ),
-        Some(2.0)
-    );
+    assert_eq!(metric(&text, r#"arrowport_schema_mismatches_total{stream="victim",protocol="http"}"#), Some(2.0));
     still_serving(&server).await;
     server.stop().await;
 }
@@ -206,11 +116,7 @@ async fn schema_mismatch_is_422_and_counted() {
 async fn unsupported_type_is_422_and_creates_nothing() {
     let server = TestServer::start().await;
     let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Null, true)]));
-    let batch = RecordBatch::try_new(
-        schema,
-        vec![arrow::array::new_null_array(&DataType::Null, 3)],
-    )
-    .unwrap();
+    let batch = RecordBatch::try_new(schema, vec![arrow::array::new_null_array(&DataType::Null, 3)]).unwrap();
     let (status, code) = error_code(server.ingest("nulls", ipc_stream(&[batch], None)).await).await;
     assert_eq!((status, code.as_str()), (422, "unsupported_type"));
     assert_eq!(server.count("nulls"), None);
@@ -221,25 +127,15 @@ async fn unsupported_type_is_422_and_creates_nothing() {
 async fn hostile_and_unknown_stream_names() {
     let server = server_with_victim(Config::default()).await;
     let body = ipc_stream(&[batch(0, 1)], None);
-    let response = server
-        .ingest("x%22%3B%20DROP%20TABLE%20victim%3B%20--", body.clone())
-        .await;
-    assert_eq!(
-        error_code(response).await,
-        (400, "invalid_stream_name".to_owned())
-    );
+    let response = server.ingest("x%22%3B%20DROP%20TABLE%20victim%3B%20--", body.clone()).await;
+    assert_eq!(error_code(response).await, (400, "invalid_stream_name".to_owned()));
     assert_eq!(server.count("victim"), Some(10));
     server.stop().await;
 
-    let closed = TestServer::with_config(
-        Config::from_yaml("auto_create: false\nstreams: {known: {}}\n").unwrap(),
-    )
-    .await;
+    let closed =
+        TestServer::with_config(Config::from_yaml("auto_create: false\nstreams: {known: {}}\n").unwrap()).await;
     let response = closed.ingest("unknown", body.clone()).await;
-    assert_eq!(
-        error_code(response).await,
-        (404, "unknown_stream".to_owned())
-    );
+    assert_eq!(error_code(response).await, (404, "unknown_stream".to_owned()));
     assert_eq!(closed.count("unknown"), None);
     closed.ingest_ok("known", body).await;
     closed.stop().await;
@@ -250,15 +146,11 @@ async fn exhausted_memory_budget_is_503_with_retry_after() {
     let mut config = Config::default();
     config.limits.memory_budget_bytes = ByteSize(16 * 1024);
     let server = TestServer::with_config(config).await;
-    let response = server
-        .ingest("budget", ipc_stream(&[batch(0, 5000)], None))
-        .await;
+    let response = server.ingest("budget", ipc_stream(&[batch(0, 5000)], None)).await;
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(error_code(response).await, (503, "overloaded".to_owned()));
     assert_eq!(server.count("budget").unwrap_or(0), 0);
-    server
-        .ingest_ok("budget", ipc_stream(&[batch(0, 10)], None))
-        .await;
+    server.ingest_ok("budget", ipc_stream(&[batch(0, 10)], None)).await;
     server.stop().await;
 }
 
@@ -270,13 +162,7 @@ async fn failure_after_some_batches_rolls_everything_back() {
     body.truncate(body.len() - 8); // drop the end-of-stream marker
     body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x10, 0, 0, 0]);
     body.extend_from_slice(&[0xab; 64]);
-    refused(
-        &server,
-        body,
-        &[("content-type", STREAM_TYPE)],
-        (400, "invalid_ipc"),
-    )
-    .await;
+    refused(&server, body, &[("content-type", STREAM_TYPE)], (400, "invalid_ipc")).await;
     still_serving(&server).await;
     server.stop().await;
 }
@@ -296,14 +182,10 @@ async fn client_gone_mid_body_writes_nothing() {
     socket.flush().await.unwrap();
     drop(socket);
     // Wait until the server has seen the request fail.
-    let outcome =
-        r#"arrowport_requests_total{stream="victim",protocol="http",outcome="body_read_error"}"#;
+    let outcome = r#"arrowport_requests_total{stream="victim",protocol="http",outcome="body_read_error"}"#;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     while metric(&server.metrics().await, outcome).is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the aborted request was never counted"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the aborted request was never counted");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(server.count("victim"), Some(10));
@@ -320,13 +202,8 @@ async fn slow_body_streams_in_pieces() {
         tokio::task::yield_now().await;
         Ok::<_, std::io::Error>(piece)
     });
-    let response = server
-        .ingest_with(
-            "slow",
-            reqwest::Body::wrap_stream(stream),
-            &[("content-type", STREAM_TYPE)],
-        )
-        .await;
+    let response =
+        server.ingest_with("slow", reqwest::Body::wrap_stream(stream), &[("content-type", STREAM_TYPE)]).await;
     assert_eq!(response.status(), 200);
     assert_eq!(server.count("slow"), Some(6000));
     server.stop().await;

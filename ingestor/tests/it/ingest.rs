@@ -10,31 +10,15 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_lands_in_a_table_named_after_it() {
     let server = TestServer::start().await;
-    let report = server
-        .ingest_ok(
-            "orders",
-            ipc_stream(&[batch(0, 1000), batch(1000, 500)], None),
-        )
-        .await;
-    assert_eq!(
-        (report.stream.as_str(), report.table.as_str()),
-        ("orders", "orders")
-    );
+    let report = server.ingest_ok("orders", ipc_stream(&[batch(0, 1000), batch(1000, 500)], None)).await;
+    assert_eq!((report.stream.as_str(), report.table.as_str()), ("orders", "orders"));
     assert_eq!((report.rows, report.batches), (1500, 2));
     assert!(report.bytes_received > 0 && report.bytes_decoded > 0);
     assert_eq!(server.count("orders"), Some(1500));
-    assert_eq!(
-        server.scalar::<i64>("SELECT sum(id) FROM orders"),
-        (0..1500).sum::<i64>()
-    );
-    assert_eq!(
-        server.scalar::<i64>("SELECT count(*) FROM orders WHERE name IS NULL"),
-        1000 / 7 + 1 + 500 / 7 + 1
-    );
+    assert_eq!(server.scalar::<i64>("SELECT sum(id) FROM orders"), (0..1500).sum::<i64>());
+    assert_eq!(server.scalar::<i64>("SELECT count(*) FROM orders WHERE name IS NULL"), 1000 / 7 + 1 + 500 / 7 + 1);
     // A second request appends.
-    server
-        .ingest_ok("orders", ipc_stream(&[batch(1500, 10)], None))
-        .await;
+    server.ingest_ok("orders", ipc_stream(&[batch(1500, 10)], None)).await;
     assert_eq!(server.count("orders"), Some(1510));
     server.stop().await;
 }
@@ -43,9 +27,7 @@ async fn stream_lands_in_a_table_named_after_it() {
 async fn ipc_file_format_is_accepted() {
     let server = TestServer::start().await;
     let body = ipc_file(&[batch(0, 100), batch(100, 100)]);
-    let response = server
-        .ingest_with("files", body.clone(), &[("content-type", FILE_TYPE)])
-        .await;
+    let response = server.ingest_with("files", body.clone(), &[("content-type", FILE_TYPE)]).await;
     assert_eq!(response.status(), 200);
     // Without a content type the format is recognised by its magic.
     assert_eq!(server.ingest_with("files", body, &[]).await.status(), 200);
@@ -79,38 +61,21 @@ async fn compressed_bodies_land() {
         let mut headers = vec![("content-type", STREAM_TYPE)];
         headers.extend(encoding.map(|e| ("content-encoding", e)));
         let response = server.ingest_with(name, body, &headers).await;
-        assert_eq!(
-            response.status(),
-            200,
-            "{name}: {}",
-            response.text().await.unwrap()
-        );
+        assert_eq!(response.status(), 200, "{name}: {}", response.text().await.unwrap());
         let report: arrowport::server::IngestReport = response.json().await.unwrap();
         assert_eq!(report.rows, 5000, "{name}");
         assert_eq!(report.bytes_received, wire, "{name}");
-        assert!(
-            report.bytes_decoded > wire,
-            "{name}: compressed data decodes to more bytes"
-        );
-        assert_eq!(
-            server.scalar::<i64>(&format!("SELECT sum(id) FROM {name}")),
-            (0..5000).sum::<i64>(),
-            "{name}"
-        );
+        assert!(report.bytes_decoded > wire, "{name}: compressed data decodes to more bytes");
+        assert_eq!(server.scalar::<i64>(&format!("SELECT sum(id) FROM {name}")), (0..5000).sum::<i64>(), "{name}");
     }
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_route_and_chunk_size() {
-    let config = Config::from_yaml(
-        "streams:\n  sensors: {target_table: sensor_readings, chunk_size: 100}\n",
-    )
-    .unwrap();
+    let config = Config::from_yaml("streams:\n  sensors: {target_table: sensor_readings, chunk_size: 100}\n").unwrap();
     let server = TestServer::with_config(config).await;
-    let report = server
-        .ingest_ok("sensors", ipc_stream(&[batch(0, 1050)], None))
-        .await;
+    let report = server.ingest_ok("sensors", ipc_stream(&[batch(0, 1050)], None)).await;
     assert_eq!(report.table, "sensor_readings");
     // 1050 rows in chunks of at most 100.
     assert_eq!((report.rows, report.batches), (1050, 11));
@@ -122,27 +87,15 @@ async fn configured_route_and_chunk_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn columns_match_by_name_and_missing_ones_are_null() {
     let server = TestServer::start().await;
-    server
-        .ingest_ok("by_name", ipc_stream(&[batch(0, 10)], None))
-        .await;
+    server.ingest_ok("by_name", ipc_stream(&[batch(0, 10)], None)).await;
     // Same columns in another order, and a subset.
     let reordered = batch(10, 10).project(&[2, 0, 1]).unwrap();
-    server
-        .ingest_ok("by_name", ipc_stream(&[reordered], None))
-        .await;
+    server.ingest_ok("by_name", ipc_stream(&[reordered], None)).await;
     let subset = batch(20, 10).project(&[0]).unwrap();
-    server
-        .ingest_ok("by_name", ipc_stream(&[subset], None))
-        .await;
+    server.ingest_ok("by_name", ipc_stream(&[subset], None)).await;
     assert_eq!(server.count("by_name"), Some(30));
-    assert_eq!(
-        server.scalar::<f64>("SELECT sum(price) FROM by_name WHERE id BETWEEN 10 AND 19"),
-        11.25
-    );
-    assert_eq!(
-        server.scalar::<i64>("SELECT count(*) FROM by_name WHERE id >= 20 AND price IS NULL"),
-        10
-    );
+    assert_eq!(server.scalar::<f64>("SELECT sum(price) FROM by_name WHERE id BETWEEN 10 AND 19"), 11.25);
+    assert_eq!(server.scalar::<i64>("SELECT count(*) FROM by_name WHERE id >= 20 AND price IS NULL"), 10);
     server.stop().await;
 }
 
@@ -151,18 +104,11 @@ async fn evolve_adds_columns_and_reject_refuses() {
     let config = Config::from_yaml("streams:\n  evolving: {schema_policy: evolve}\n").unwrap();
     let server = TestServer::with_config(config).await;
     let narrow = batch(0, 10).project(&[0, 1]).unwrap();
-    server
-        .ingest_ok("evolving", ipc_stream(&[narrow.clone()], None))
-        .await;
-    server
-        .ingest_ok("rejecting", ipc_stream(&[narrow], None))
-        .await;
+    server.ingest_ok("evolving", ipc_stream(&[narrow.clone()], None)).await;
+    server.ingest_ok("rejecting", ipc_stream(&[narrow], None)).await;
     let wide = ipc_stream(&[batch(10, 10)], None);
     server.ingest_ok("evolving", wide.clone()).await;
-    assert_eq!(
-        server.scalar::<i64>("SELECT count(price) FROM evolving"),
-        10
-    );
+    assert_eq!(server.scalar::<i64>("SELECT count(price) FROM evolving"), 10);
     let (status, code) = error_code(server.ingest("rejecting", wide).await).await;
     assert_eq!((status, code.as_str()), (422, "schema_mismatch"));
     assert_eq!(server.count("rejecting"), Some(10));
@@ -180,10 +126,7 @@ async fn concurrent_requests_to_one_table_all_land() {
     let rows: u64 = futures::future::join_all(requests).await.into_iter().sum();
     assert_eq!(rows, 32_000);
     assert_eq!(server.count("shared"), Some(32_000));
-    assert_eq!(
-        server.scalar::<i64>("SELECT count(DISTINCT id) FROM shared"),
-        32_000
-    );
+    assert_eq!(server.scalar::<i64>("SELECT count(DISTINCT id) FROM shared"), 32_000);
     server.stop().await;
 }
 
@@ -206,54 +149,19 @@ async fn concurrent_first_writes_to_new_tables() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_rows_and_requests() {
     let server = TestServer::start().await;
-    server
-        .ingest_ok("metered", ipc_stream(&[batch(0, 300)], None))
-        .await;
-    server
-        .ingest_ok("metered", ipc_stream(&[batch(0, 200)], None))
-        .await;
-    let _ = server
-        .ingest_with(
-            "metered",
-            b"garbage".to_vec(),
-            &[("content-type", STREAM_TYPE)],
-        )
-        .await;
+    server.ingest_ok("metered", ipc_stream(&[batch(0, 300)], None)).await;
+    server.ingest_ok("metered", ipc_stream(&[batch(0, 200)], None)).await;
+    let _ = server.ingest_with("metered", b"garbage".to_vec(), &[("content-type", STREAM_TYPE)]).await;
     let text = server.metrics().await;
+    assert_eq!(metric(&text, r#"arrowport_rows_total{stream="metered",protocol="http"}"#), Some(500.0), "{text}");
+    assert_eq!(metric(&text, r#"arrowport_batches_total{stream="metered",protocol="http"}"#), Some(2.0));
+    assert_eq!(metric(&text, r#"arrowport_requests_total{stream="metered",protocol="http",outcome="ok"}"#), Some(2.0));
     assert_eq!(
-        metric(
-            &text,
-            r#"arrowport_rows_total{stream="metered",protocol="http"}"#
-        ),
-        Some(500.0),
-        "{text}"
-    );
-    assert_eq!(
-        metric(
-            &text,
-            r#"arrowport_batches_total{stream="metered",protocol="http"}"#
-        ),
-        Some(2.0)
-    );
-    assert_eq!(
-        metric(
-            &text,
-            r#"arrowport_requests_total{stream="metered",protocol="http",outcome="ok"}"#
-        ),
-        Some(2.0)
-    );
-    assert_eq!(
-        metric(
-            &text,
-            r#"arrowport_requests_total{stream="metered",protocol="http",outcome="invalid_ipc"}"#
-        ),
+        metric(&text, r#"arrowport_requests_total{stream="metered",protocol="http",outcome="invalid_ipc"}"#),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &text,
-            r#"arrowport_request_duration_seconds_count{stream="metered",protocol="http"}"#
-        ),
+        metric(&text, r#"arrowport_request_duration_seconds_count{stream="metered",protocol="http"}"#),
         Some(3.0)
     );
     assert!(text.contains("arrowport_received_bytes_total"));
@@ -264,12 +172,7 @@ async fn metrics_count_rows_and_requests() {
 async fn health_and_readiness() {
     let server = TestServer::start().await;
     for path in ["healthz", "readyz"] {
-        let response = server
-            .client
-            .get(format!("{}/{path}", server.url))
-            .send()
-            .await
-            .unwrap();
+        let response = server.client.get(format!("{}/{path}", server.url)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
     server.stop().await;

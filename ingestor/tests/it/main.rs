@@ -3,5 +3,6 @@
 mod bad_input;
 mod ingest;
 mod process;
+mod reload;
 mod support;
 mod types;

@@ -1,86 +1,16 @@
 //! The real `arrowport` binary: defaults, precedence, graceful shutdown, `validate`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use crate::support::*;
 
-/// A running `arrowport serve` and the address it logged.
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Process {
-    /// Starts `arrowport serve ARGS` in `dir` with `env`, and waits for its "Listening." line.
-    fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_arrowport"));
-        command
-            .arg("serve")
-            .args(args)
-            .current_dir(dir)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null());
-        for var in [
-            "ARROWPORT_CONFIG",
-            "ARROWPORT_DB",
-            "ARROWPORT_PORT",
-            "ARROWPORT_HOST",
-        ] {
-            command.env_remove(var);
-        }
-        command.envs(env.iter().copied()).env("NO_COLOR", "1");
-        let mut child = command.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait(mut self) -> std::process::ExitStatus {
-        for _ in 0..600 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child.kill().unwrap();
-        panic!("the server did not exit within 30 s of SIGTERM");
-    }
-}
-
 fn rows_in(db: &Path, table: &str) -> i64 {
     let connection = duckdb::Connection::open(db).unwrap();
-    connection
-        .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
-            row.get(0)
-        })
-        .unwrap()
+    connection.query_row(&format!("SELECT count(*) FROM {table}"), [], |row| row.get(0)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,25 +30,14 @@ async fn serve_defaults_and_sigterm_checkpoints() {
     assert!(server.wait().success());
     let db = dir.path().join("arrowport.duckdb");
     assert_eq!(rows_in(&db, "events"), 1234);
-    assert!(
-        !dir.path().join("arrowport.duckdb.wal").exists(),
-        "shutdown checkpoints the WAL away"
-    );
+    assert!(!dir.path().join("arrowport.duckdb.wal").exists(), "shutdown checkpoints the WAL away");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flags_beat_env_beat_file() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.yaml"),
-        "db_path: from_file.duckdb\nport: 1\n",
-    )
-    .unwrap();
-    let env = [
-        ("ARROWPORT_CONFIG", "config.yaml"),
-        ("ARROWPORT_DB", "from_env.duckdb"),
-        ("ARROWPORT_PORT", "2"),
-    ];
+    std::fs::write(dir.path().join("config.yaml"), "db_path: from_file.duckdb\nport: 1\n").unwrap();
+    let env = [("ARROWPORT_CONFIG", "config.yaml"), ("ARROWPORT_DB", "from_env.duckdb"), ("ARROWPORT_PORT", "2")];
     let mut server = Process::serve(dir.path(), &["--port", "0", "--host", "127.0.0.1"], &env);
     assert!(server.url.starts_with("http://127.0.0.1:"));
     server.terminate();
@@ -135,13 +54,12 @@ async fn sigterm_finishes_the_upload_in_flight() {
     let (first, second) = body.split_at(body.len() / 2);
     let pieces = [first.to_vec(), second.to_vec()];
     // The first half goes out at once; the second only after SIGTERM has arrived.
-    let stream =
-        futures::stream::iter(pieces.into_iter().enumerate()).then(|(i, piece)| async move {
-            if i == 1 {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Ok::<_, std::io::Error>(piece)
-        });
+    let stream = futures::stream::iter(pieces.into_iter().enumerate()).then(|(i, piece)| async move {
+        if i == 1 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<_, std::io::Error>(piece)
+    });
     let upload = tokio::spawn(
         reqwest::Client::new()
             .post(format!("{}/ingest/late", server.url))
@@ -164,19 +82,11 @@ fn validate_reports_problems_with_their_location() {
     std::fs::write(&good, "streams:\n  a: {target_table: t}\n").unwrap();
     std::fs::write(&bad, "streams:\n  a:\n    chunk_sise: 5\n").unwrap();
     let run = |path: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_arrowport"))
-            .arg("validate")
-            .arg("--config")
-            .arg(path)
-            .output()
-            .unwrap()
+        Command::new(env!("CARGO_BIN_EXE_arrowport")).arg("validate").arg("--config").arg(path).output().unwrap()
     };
     assert!(run(&good).status.success());
     let output = run(&bad);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("chunk_sise") && stderr.contains("line 3"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("chunk_sise") && stderr.contains("line 3"), "{stderr}");
 }

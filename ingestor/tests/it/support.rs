@@ -1,6 +1,10 @@
 //! Test fixtures: a running server, Arrow bodies, and queries against the server's database.
 
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -41,20 +45,12 @@ impl TestServer {
         let task = tokio::spawn(arrowport::server::serve(listener, state.clone(), async {
             let _ = stopped.await;
         }));
-        Self {
-            url,
-            state,
-            client: reqwest::Client::new(),
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
+        Self { url, state, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: dir }
     }
 
     /// POSTs `body` to `/ingest/{stream}` as an Arrow stream.
     pub async fn ingest(&self, stream: &str, body: Vec<u8>) -> reqwest::Response {
-        self.ingest_with(stream, body, &[("content-type", STREAM_TYPE)])
-            .await
+        self.ingest_with(stream, body, &[("content-type", STREAM_TYPE)]).await
     }
 
     pub async fn ingest_with(
@@ -63,10 +59,7 @@ impl TestServer {
         body: impl Into<reqwest::Body>,
         headers: &[(&str, &str)],
     ) -> reqwest::Response {
-        let mut request = self
-            .client
-            .post(format!("{}/ingest/{stream}", self.url))
-            .body(body);
+        let mut request = self.client.post(format!("{}/ingest/{stream}", self.url)).body(body);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -84,37 +77,23 @@ impl TestServer {
 
     /// Runs a query returning one value.
     pub fn scalar<T: duckdb::types::FromSql>(&self, sql: &str) -> T {
-        self.state
-            .loader
-            .with_connection(|c| c.query_row(sql, [], |row| row.get(0)))
-            .unwrap()
+        self.state.loader.with_connection(|c| c.query_row(sql, [], |row| row.get(0))).unwrap()
     }
 
     /// Rows in `table`, or `None` if it does not exist.
     pub fn count(&self, table: &str) -> Option<i64> {
-        let exists: bool = self.scalar(&format!(
-            "SELECT count(*) > 0 FROM duckdb_tables() WHERE table_name = '{table}'"
-        ));
+        let exists: bool =
+            self.scalar(&format!("SELECT count(*) > 0 FROM duckdb_tables() WHERE table_name = '{table}'"));
         exists.then(|| self.scalar(&format!("SELECT count(*) FROM \"{table}\"")))
     }
 
     /// Runs a query and returns its result as Arrow batches.
     pub fn query_arrow(&self, sql: &str) -> Vec<RecordBatch> {
-        self.state
-            .loader
-            .with_connection(|c| Ok(c.prepare(sql)?.query_arrow([])?.collect()))
-            .unwrap()
+        self.state.loader.with_connection(|c| Ok(c.prepare(sql)?.query_arrow([])?.collect())).unwrap()
     }
 
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
     }
 
     /// Stops accepting, waits for in-flight requests, checkpoints.
@@ -126,9 +105,7 @@ impl TestServer {
 
 /// The value of the metric line starting with `prefix` (name and labels), if present.
 pub fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 pub fn schema() -> SchemaRef {
@@ -142,8 +119,7 @@ pub fn schema() -> SchemaRef {
 /// `rows` rows with ids `start..start + rows`.
 pub fn batch(start: i64, rows: usize) -> RecordBatch {
     let ids = Int64Array::from_iter_values(start..start + rows as i64);
-    let names =
-        StringArray::from_iter((0..rows).map(|i| (i % 7 != 0).then(|| format!("item-{i}"))));
+    let names = StringArray::from_iter((0..rows).map(|i| (i % 7 != 0).then(|| format!("item-{i}"))));
     let prices = Float64Array::from_iter_values((0..rows).map(|i| i as f64 * 0.25));
     let columns: Vec<ArrayRef> = vec![Arc::new(ids), Arc::new(names), Arc::new(prices)];
     RecordBatch::try_new(schema(), columns).unwrap()
@@ -151,11 +127,8 @@ pub fn batch(start: i64, rows: usize) -> RecordBatch {
 
 /// An Arrow IPC stream of `batches`, optionally with compressed buffers.
 pub fn ipc_stream(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8> {
-    let options = IpcWriteOptions::default()
-        .try_with_compression(compression)
-        .unwrap();
-    let mut writer =
-        StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options).unwrap();
+    let options = IpcWriteOptions::default().try_with_compression(compression).unwrap();
+    let mut writer = StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options).unwrap();
     for batch in batches {
         writer.write(batch).unwrap();
     }
@@ -174,15 +147,66 @@ pub fn ipc_file(batches: &[RecordBatch]) -> Vec<u8> {
 pub async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: serde_json::Value = response.json().await.unwrap();
-    let code = body["error"]["code"]
-        .as_str()
-        .expect("error.code")
-        .to_owned();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    let code = body["error"]["code"].as_str().expect("error.code").to_owned();
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     (status, code)
+}
+
+/// A running `arrowport serve` and the address it logged.
+pub struct Process {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Process {
+    /// Starts `arrowport serve ARGS` in `dir` with `env`, and waits for its "Listening." line.
+    pub fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_arrowport"));
+        command.arg("serve").args(args).current_dir(dir).stderr(Stdio::piped()).stdout(Stdio::null());
+        for var in ["ARROWPORT_CONFIG", "ARROWPORT_DB", "ARROWPORT_PORT", "ARROWPORT_HOST"] {
+            command.env_remove(var);
+        }
+        command.envs(env.iter().copied()).env("NO_COLOR", "1");
+        let mut child = command.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("the server exited before listening").unwrap();
+            if let Some(rest) = line.split("addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, url: format!("http://{addr}") }
+    }
+
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill().unwrap();
+        panic!("the server did not exit within 30 s of SIGTERM");
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
 }

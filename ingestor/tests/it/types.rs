@@ -33,11 +33,7 @@ fn columns() -> Vec<(&'static str, ArrayRef)> {
             Arc::new(StringArray::from(vec![Some("x"), Some("y"), None])) as ArrayRef,
         ),
     ]);
-    let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
-        Some(vec![Some(1), None]),
-        None,
-        Some(vec![]),
-    ]);
+    let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(vec![Some(vec![Some(1), None]), None, Some(vec![])]);
     let large_lists = LargeListArray::new(
         item(DataType::Utf8),
         OffsetBuffer::new(vec![0i64, 2, 2, 3].into()),
@@ -45,70 +41,26 @@ fn columns() -> Vec<(&'static str, ArrayRef)> {
         Some(vec![true, false, true].into()),
     );
     let fixed_lists = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
-        vec![
-            Some(vec![Some(1.0), Some(2.0)]),
-            None,
-            Some(vec![Some(3.5), None]),
-        ],
+        vec![Some(vec![Some(1.0), Some(2.0)]), None, Some(vec![Some(3.5), None])],
         2,
     );
-    let dictionary: DictionaryArray<Int32Type> =
-        vec![Some("red"), None, Some("red")].into_iter().collect();
+    let dictionary: DictionaryArray<Int32Type> = vec![Some("red"), None, Some("red")].into_iter().collect();
     vec![
-        (
-            "bool",
-            Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)])),
-        ),
-        (
-            "i8",
-            Arc::new(Int8Array::from(vec![Some(i8::MIN), None, Some(i8::MAX)])),
-        ),
-        (
-            "i16",
-            Arc::new(Int16Array::from(vec![Some(i16::MIN), None, Some(i16::MAX)])),
-        ),
-        (
-            "i32",
-            Arc::new(Int32Array::from(vec![Some(i32::MIN), None, Some(i32::MAX)])),
-        ),
-        (
-            "i64",
-            Arc::new(Int64Array::from(vec![Some(i64::MIN), None, Some(i64::MAX)])),
-        ),
-        (
-            "u8",
-            Arc::new(UInt8Array::from(vec![Some(0), None, Some(u8::MAX)])),
-        ),
-        (
-            "u16",
-            Arc::new(UInt16Array::from(vec![Some(0), None, Some(u16::MAX)])),
-        ),
-        (
-            "u32",
-            Arc::new(UInt32Array::from(vec![Some(0), None, Some(u32::MAX)])),
-        ),
-        (
-            "u64",
-            Arc::new(UInt64Array::from(vec![Some(0), None, Some(u64::MAX)])),
-        ),
-        (
-            "f32",
-            Arc::new(Float32Array::from(vec![Some(1.5), None, Some(f32::MAX)])),
-        ),
-        (
-            "f64",
-            Arc::new(Float64Array::from(vec![
-                Some(0.1),
-                None,
-                Some(f64::MIN_POSITIVE),
-            ])),
-        ),
+        ("bool", Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)]))),
+        ("i8", Arc::new(Int8Array::from(vec![Some(i8::MIN), None, Some(i8::MAX)]))),
+        ("i16", Arc::new(Int16Array::from(vec![Some(i16::MIN), None, Some(i16::MAX)]))),
+        ("i32", Arc::new(Int32Array::from(vec![Some(i32::MIN), None, Some(i32::MAX)]))),
+        ("i64", Arc::new(Int64Array::from(vec![Some(i64::MIN), None, Some(i64::MAX)]))),
+        ("u8", Arc::new(UInt8Array::from(vec![Some(0), None, Some(u8::MAX)]))),
+        ("u16", Arc::new(UInt16Array::from(vec![Some(0), None, Some(u16::MAX)]))),
+        ("u32", Arc::new(UInt32Array::from(vec![Some(0), None, Some(u32::MAX)]))),
+        ("u64", Arc::new(UInt64Array::from(vec![Some(0), None, Some(u64::MAX)]))),
+        ("f32", Arc::new(Float32Array::from(vec![Some(1.5), None, Some(f32::MAX)]))),
+        ("f64", Arc::new(Float64Array::from(vec![Some(0.1), None, Some(f64::MIN_POSITIVE)]))),
         (
             "dec15_2",
             Arc::new(
-                Decimal128Array::from(vec![Some(12_345), None, Some(-1)])
-                    .with_precision_and_scale(15, 2)
-                    .unwrap(),
+                Decimal128Array::from(vec![Some(12_345), None, Some(-1)]).with_precision_and_scale(15, 2).unwrap(),
             ),
         ),
         (
@@ -119,45 +71,17 @@ fn columns() -> Vec<(&'static str, ArrayRef)> {
                     .unwrap(),
             ),
         ),
-        (
-            "utf8",
-            Arc::new(StringArray::from(vec![Some("héllo"), None, Some("")])),
-        ),
-        (
-            "large_utf8",
-            Arc::new(LargeStringArray::from(vec![Some("a"), None, Some("b")])),
-        ),
+        ("utf8", Arc::new(StringArray::from(vec![Some("héllo"), None, Some("")]))),
+        ("large_utf8", Arc::new(LargeStringArray::from(vec![Some("a"), None, Some("b")]))),
         (
             "utf8_view",
-            Arc::new(StringViewArray::from(vec![
-                Some("short"),
-                None,
-                Some("a string longer than twelve bytes"),
-            ])),
+            Arc::new(StringViewArray::from(vec![Some("short"), None, Some("a string longer than twelve bytes")])),
         ),
-        (
-            "binary",
-            Arc::new(BinaryArray::from(vec![
-                Some(&b"\x00\x01"[..]),
-                None,
-                Some(&b""[..]),
-            ])),
-        ),
-        (
-            "large_binary",
-            Arc::new(LargeBinaryArray::from(vec![
-                Some(&b"\xff"[..]),
-                None,
-                Some(&b"z"[..]),
-            ])),
-        ),
+        ("binary", Arc::new(BinaryArray::from(vec![Some(&b"\x00\x01"[..]), None, Some(&b""[..])]))),
+        ("large_binary", Arc::new(LargeBinaryArray::from(vec![Some(&b"\xff"[..]), None, Some(&b"z"[..])]))),
         (
             "binary_view",
-            Arc::new(BinaryViewArray::from(vec![
-                Some(&b"\x00"[..]),
-                None,
-                Some(&b"0123456789abcdef"[..]),
-            ])),
+            Arc::new(BinaryViewArray::from(vec![Some(&b"\x00"[..]), None, Some(&b"0123456789abcdef"[..])])),
         ),
         (
             "fixed_binary",
@@ -169,142 +93,44 @@ fn columns() -> Vec<(&'static str, ArrayRef)> {
                 .unwrap(),
             ),
         ),
-        (
-            "date32",
-            Arc::new(Date32Array::from(vec![Some(0), None, Some(19_000)])),
-        ),
-        (
-            "date64",
-            Arc::new(Date64Array::from(vec![
-                Some(0),
-                None,
-                Some(19_000 * day_ms),
-            ])),
-        ),
-        (
-            "time32_s",
-            Arc::new(Time32SecondArray::from(vec![Some(0), None, Some(86_399)])),
-        ),
-        (
-            "time32_ms",
-            Arc::new(Time32MillisecondArray::from(vec![
-                Some(1),
-                None,
-                Some(86_399_999),
-            ])),
-        ),
-        (
-            "time64_us",
-            Arc::new(Time64MicrosecondArray::from(vec![
-                Some(1),
-                None,
-                Some(86_399_999_999),
-            ])),
-        ),
-        (
-            "time64_ns",
-            Arc::new(Time64NanosecondArray::from(vec![
-                Some(1_000),
-                None,
-                Some(86_399_999_999_000),
-            ])),
-        ),
-        (
-            "ts_s",
-            Arc::new(TimestampSecondArray::from(vec![
-                Some(0),
-                None,
-                Some(1_700_000_000),
-            ])),
-        ),
-        (
-            "ts_ms",
-            Arc::new(TimestampMillisecondArray::from(vec![
-                Some(1),
-                None,
-                Some(1_700_000_000_123),
-            ])),
-        ),
-        (
-            "ts_us",
-            Arc::new(TimestampMicrosecondArray::from(vec![
-                Some(1),
-                None,
-                Some(1_700_000_000_123_456),
-            ])),
-        ),
-        (
-            "ts_ns",
-            Arc::new(TimestampNanosecondArray::from(vec![
-                Some(1),
-                None,
-                Some(1_700_000_000_123_456_789),
-            ])),
-        ),
+        ("date32", Arc::new(Date32Array::from(vec![Some(0), None, Some(19_000)]))),
+        ("date64", Arc::new(Date64Array::from(vec![Some(0), None, Some(19_000 * day_ms)]))),
+        ("time32_s", Arc::new(Time32SecondArray::from(vec![Some(0), None, Some(86_399)]))),
+        ("time32_ms", Arc::new(Time32MillisecondArray::from(vec![Some(1), None, Some(86_399_999)]))),
+        ("time64_us", Arc::new(Time64MicrosecondArray::from(vec![Some(1), None, Some(86_399_999_999)]))),
+        ("time64_ns", Arc::new(Time64NanosecondArray::from(vec![Some(1_000), None, Some(86_399_999_999_000)]))),
+        ("ts_s", Arc::new(TimestampSecondArray::from(vec![Some(0), None, Some(1_700_000_000)]))),
+        ("ts_ms", Arc::new(TimestampMillisecondArray::from(vec![Some(1), None, Some(1_700_000_000_123)]))),
+        ("ts_us", Arc::new(TimestampMicrosecondArray::from(vec![Some(1), None, Some(1_700_000_000_123_456)]))),
+        ("ts_ns", Arc::new(TimestampNanosecondArray::from(vec![Some(1), None, Some(1_700_000_000_123_456_789)]))),
         (
             "ts_s_utc",
-            Arc::new(
-                TimestampSecondArray::from(vec![Some(0), None, Some(1_700_000_000)])
-                    .with_timezone("UTC"),
-            ),
+            Arc::new(TimestampSecondArray::from(vec![Some(0), None, Some(1_700_000_000)]).with_timezone("UTC")),
         ),
         (
             "ts_ms_tz",
             Arc::new(
-                TimestampMillisecondArray::from(vec![Some(5), None, Some(1_700_000_000_123)])
-                    .with_timezone("+02:00"),
+                TimestampMillisecondArray::from(vec![Some(5), None, Some(1_700_000_000_123)]).with_timezone("+02:00"),
             ),
         ),
         (
             "ts_us_utc",
             Arc::new(
-                TimestampMicrosecondArray::from(vec![Some(1), None, Some(1_700_000_000_123_456)])
-                    .with_timezone("UTC"),
+                TimestampMicrosecondArray::from(vec![Some(1), None, Some(1_700_000_000_123_456)]).with_timezone("UTC"),
             ),
         ),
         (
             "ts_ns_utc",
             Arc::new(
-                TimestampNanosecondArray::from(vec![
-                    Some(1_000),
-                    None,
-                    Some(1_700_000_000_123_456_000),
-                ])
-                .with_timezone("UTC"),
+                TimestampNanosecondArray::from(vec![Some(1_000), None, Some(1_700_000_000_123_456_000)])
+                    .with_timezone("UTC"),
             ),
         ),
-        (
-            "duration_s",
-            Arc::new(DurationSecondArray::from(vec![Some(1), None, Some(3_600)])),
-        ),
-        (
-            "duration_ms",
-            Arc::new(DurationMillisecondArray::from(vec![
-                Some(1),
-                None,
-                Some(86_400_000),
-            ])),
-        ),
-        (
-            "duration_us",
-            Arc::new(DurationMicrosecondArray::from(vec![
-                Some(1),
-                None,
-                Some(-5),
-            ])),
-        ),
-        (
-            "duration_ns",
-            Arc::new(DurationNanosecondArray::from(vec![
-                Some(1_000),
-                None,
-                Some(7_000),
-            ])),
-        ),
-        (
-            "interval_ym",
-            Arc::new(IntervalYearMonthArray::from(vec![Some(14), None, Some(-1)])),
-        ),
+        ("duration_s", Arc::new(DurationSecondArray::from(vec![Some(1), None, Some(3_600)]))),
+        ("duration_ms", Arc::new(DurationMillisecondArray::from(vec![Some(1), None, Some(86_400_000)]))),
+        ("duration_us", Arc::new(DurationMicrosecondArray::from(vec![Some(1), None, Some(-5)]))),
+        ("duration_ns", Arc::new(DurationNanosecondArray::from(vec![Some(1_000), None, Some(7_000)]))),
+        ("interval_ym", Arc::new(IntervalYearMonthArray::from(vec![Some(14), None, Some(-1)]))),
         (
             "interval_mdn",
             Arc::new(IntervalMonthDayNanoArray::from(vec![
@@ -333,9 +159,7 @@ async fn every_supported_type_round_trips() {
         arrays.push(array.clone());
     }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).unwrap();
-    server
-        .ingest_ok("all_types", ipc_stream(&[batch], None))
-        .await;
+    server.ingest_ok("all_types", ipc_stream(&[batch], None)).await;
 
     let mut failures = Vec::new();
     for (name, sent) in &columns {
@@ -345,11 +169,7 @@ async fn every_supported_type_round_trips() {
             failures.push(format!("{name}: {problem}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "types that did not round-trip:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "types that did not round-trip:\n{}", failures.join("\n"));
     server.stop().await;
 }
 
@@ -364,39 +184,23 @@ fn same_values(sent: &ArrayRef, got: &ArrayRef) -> Result<(), String> {
     let (left, right) = match cast(got, sent.data_type()) {
         Ok(back) => (sent.clone(), back),
         Err(_) => {
-            let forward = cast(&sent, got.data_type()).map_err(|e| {
-                format!(
-                    "{} and {} do not compare: {e}",
-                    sent.data_type(),
-                    got.data_type()
-                )
-            })?;
+            let forward = cast(&sent, got.data_type())
+                .map_err(|e| format!("{} and {} do not compare: {e}", sent.data_type(), got.data_type()))?;
             (forward, got.clone())
         }
     };
-    if left.as_ref() == right.as_ref() {
-        Ok(())
-    } else {
-        Err(format!("sent {sent:?}\n  got {got:?}"))
-    }
+    if left.as_ref() == right.as_ref() { Ok(()) } else { Err(format!("sent {sent:?}\n  got {got:?}")) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn types_duckdb_would_misread_are_refused() {
     let server = TestServer::start().await;
-    let day_time: ArrayRef = Arc::new(IntervalDayTimeArray::from(vec![IntervalDayTime::new(
-        1, 500,
-    )]));
+    let day_time: ArrayRef = Arc::new(IntervalDayTimeArray::from(vec![IntervalDayTime::new(1, 500)]));
     let half: ArrayRef = Arc::new(Float16Array::from(vec![half::f16::from_f32(1.5)]));
     for (name, array) in [("day_time", day_time), ("half", half)] {
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            name,
-            array.data_type().clone(),
-            true,
-        )]));
+        let schema = Arc::new(Schema::new(vec![Field::new(name, array.data_type().clone(), true)]));
         let batch = RecordBatch::try_new(schema, vec![array]).unwrap();
-        let (status, code) =
-            error_code(server.ingest(name, ipc_stream(&[batch], None)).await).await;
+        let (status, code) = error_code(server.ingest(name, ipc_stream(&[batch], None)).await).await;
         assert_eq!((status, code.as_str()), (422, "unsupported_type"), "{name}");
         assert_eq!(server.count(name), None);
     }
