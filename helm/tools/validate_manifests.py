@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Validates rendered Arrowport manifests; run by .ci/helm-checks inside its venv.
+
+Subcommands:
+  k8s FILE...             every document against the Kubernetes JSON schemas (kubernetes-validate, strict:
+                          unknown fields are errors), ServiceMonitors against a strict schema derived from the
+                          Prometheus Operator's monitoring.coreos.com/v1 types, ArrowportStreams against the CRD
+  policy FILE...          what the chart promises: hardened pods, the operator-owned streams ConfigMap rendered
+                          without data, at most one replica per DuckDB file, the contract's names and labels
+  examples --crd CRD FILE...
+                          ArrowportStream examples against the CRD's openAPIV3Schema, CEL rules included
+
+Exit status 1 on any failure, with one line per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import yaml
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the schemas know.
+OLDEST_KUBERNETES = "1.29.0"
+
+
+def load_docs(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open() as f:
+        for doc in yaml.safe_load_all(f):
+            if doc:
+                yield doc
+
+
+def describe(doc: dict[str, Any]) -> str:
+    meta = doc.get("metadata") or {}
+    ns = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{doc.get('kind')} {ns}{meta.get('name')}"
+
+
+# --- CRD schemas ---------------------------------------------------------------------------------------
+
+
+def structural_to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Turns a CRD's structural OpenAPI v3 schema into JSON Schema with the API server's strictness:
+    unknown fields are errors (kubectl's default --validate=strict), `nullable` admits null,
+    `x-kubernetes-int-or-string` admits both."""
+    out = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("x-kubernetes-int-or-string"):
+                node.pop("type", None)
+                node["anyOf"] = node.get("anyOf") or [{"type": "integer"}, {"type": "string"}]
+            if node.get("nullable") and "type" in node:
+                node["type"] = [node["type"], "null"]
+            if (
+                node.get("type") in ("object", ["object", "null"])
+                and "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(out)
+    # The API server validates metadata itself; the CRD schema may only say `type: object`.
+    out.setdefault("properties", {}).setdefault("metadata", {"type": "object"})
+    out["properties"].setdefault("apiVersion", {"type": "string"})
+    out["properties"].setdefault("kind", {"type": "string"})
+    return out
+
+
+def cel_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """Evaluates the schema's x-kubernetes-validations (CEL) rules on the value, as the API server would;
+    transition rules (oldSelf) need an old object and are skipped."""
+    import celpy
+
+    errors = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        if "oldSelf" in rule["rule"]:
+            continue
+        env = celpy.Environment()
+        try:
+            result = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception as err:  # a rule the evaluator cannot run is a failure, not a pass
+            errors.append(f"{path or '(root)'}: cannot evaluate CEL rule {rule['rule']!r}: {err}")
+            continue
+        if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
+            message = rule.get("message") or f"failed rule: {rule['rule']}"
+            errors.append(f"{path or '(root)'}: {message} (CEL rule)")
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        additional = schema.get("additionalProperties")
+        for key, item in value.items():
+            child = properties.get(key) or (additional if isinstance(additional, dict) else None)
+            if child is not None:
+                errors += cel_errors(child, item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            errors += cel_errors(schema["items"], item, f"{path}.{index}")
+    return errors
+
+
+class CrdSchemas:
+    def __init__(self, crd_paths: list[Path]):
+        self.by_gvk: dict[tuple[str, str], dict[str, Any]] = {}
+        self.raw: dict[tuple[str, str], dict[str, Any]] = {}
+        for path in crd_paths:
+            for crd in load_docs(path):
+                if crd.get("kind") != "CustomResourceDefinition":
+                    continue
+                group = crd["spec"]["group"]
+                kind = crd["spec"]["names"]["kind"]
+                for version in crd["spec"]["versions"]:
+                    schema = version.get("schema", {}).get("openAPIV3Schema")
+                    if schema:
+                        self.by_gvk[(f"{group}/{version['name']}", kind)] = structural_to_jsonschema(schema)
+                        self.raw[(f"{group}/{version['name']}", kind)] = schema
+
+    def validate(self, doc: dict[str, Any]) -> list[str]:
+        schema = self.by_gvk.get((doc.get("apiVersion"), doc.get("kind")))
+        if schema is None:
+            return [f"no CRD version serves apiVersion {doc.get('apiVersion')} kind {doc.get('kind')}"]
+        errors = []
+        if not (doc.get("metadata") or {}).get("name"):
+            errors.append("metadata.name is missing")
+        validator = jsonschema.Draft7Validator(schema)
+        for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+            path = ".".join(str(p) for p in err.absolute_path) or "(root)"
+            errors.append(f"{path}: {err.message}")
+        if not errors:
+            errors += cel_errors(self.raw[(doc["apiVersion"], doc["kind"])], doc)
+        return errors
+
+
+# --- ServiceMonitor ------------------------------------------------------------------------------------
+
+
+def service_monitor_schema() -> dict[str, Any]:
+    """A strict JSON schema of monitoring.coreos.com/v1 ServiceMonitor, derived from the Prometheus Operator
+    API types as packaged (pydantic models generated from the CRDs) by cloudcoil.models.prometheus_operator."""
+    from cloudcoil.models.prometheus_operator import v1
+
+    schema = v1.ServiceMonitor.model_json_schema(by_alias=True, mode="validation")
+
+    def strict(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+
+    strict(schema)
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    schema["properties"]["apiVersion"] = {"const": "monitoring.coreos.com/v1"}
+    schema["properties"]["kind"] = {"const": "ServiceMonitor"}
+    return schema
+
+
+# --- subcommands ---------------------------------------------------------------------------------------
+
+
+def cmd_k8s(files: list[Path], crds: list[Path]) -> list[str]:
+    import kubernetes_validate
+    from kubernetes_validate import utils as kv
+
+    versions = [OLDEST_KUBERNETES, kv.latest_version()]
+    crd_schemas = CrdSchemas(crds)
+    sm_schema = None
+    problems = []
+    counts: dict[str, int] = {}
+    for path in files:
+        for doc in load_docs(path):
+            name = f"{path}: {describe(doc)}"
+            kind = doc.get("kind", "")
+            counts[kind] = counts.get(kind, 0) + 1
+            if doc.get("apiVersion") == "monitoring.coreos.com/v1":
+                if sm_schema is None:
+                    sm_schema = service_monitor_schema()
+                for err in jsonschema.Draft202012Validator(sm_schema).iter_errors(doc):
+                    path_s = ".".join(str(p) for p in err.absolute_path) or "(root)"
+                    problems.append(f"{name}: {path_s}: {err.message}")
+                continue
+            if doc.get("apiVersion", "").startswith("arrowport.dev/"):
+                problems += [f"{name}: {e}" for e in crd_schemas.validate(doc)]
+                continue
+            for version in versions:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kv.ValidationError as err:
+                    path_s = ".".join(str(p) for p in err.path) or "(root)"
+                    problems.append(f"{name}: Kubernetes {version}: {path_s}: {err.message}")
+                except kv.SchemaNotFoundError as err:
+                    problems.append(f"{name}: {err.message}")
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    print(f"  validated {sum(counts.values())} objects against Kubernetes {' and '.join(versions)} schemas: {summary}")
+    return problems
+
+
+def containers(pod_spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from pod_spec.get("initContainers") or []
+    yield from pod_spec.get("containers") or []
+
+
+def cmd_policy(files: list[Path]) -> list[str]:
+    problems = []
+    docs = [(path, doc) for path in files for doc in load_docs(path)]
+    by_kind_name = {(d.get("kind"), d["metadata"]["name"]): d for _, d in docs}
+    workloads = 0
+    for path, doc in docs:
+        name = f"{path}: {describe(doc)}"
+        kind = doc.get("kind")
+        if kind in ("Deployment", "StatefulSet"):
+            workloads += 1
+            pod = doc["spec"]["template"]["spec"]
+            psc = pod.get("securityContext") or {}
+            if psc.get("runAsNonRoot") is not True:
+                problems.append(f"{name}: pod securityContext.runAsNonRoot is not true")
+            if (psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+                problems.append(f"{name}: pod seccompProfile is not RuntimeDefault")
+            if pod.get("enableServiceLinks") is not False:
+                problems.append(f"{name}: enableServiceLinks is not false (Service env vars would shadow ARROWPORT_*)")
+            for c in containers(pod):
+                sc = c.get("securityContext") or {}
+                cname = f"{name} container {c['name']}"
+                if sc.get("readOnlyRootFilesystem") is not True:
+                    problems.append(f"{cname}: readOnlyRootFilesystem is not true")
+                if sc.get("allowPrivilegeEscalation") is not False:
+                    problems.append(f"{cname}: allowPrivilegeEscalation is not false")
+                if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                    problems.append(f"{cname}: capabilities do not drop ALL")
+                res = c.get("resources") or {}
+                if not res.get("requests") or not res.get("limits"):
+                    problems.append(f"{cname}: resource requests and limits are not both set")
+                if not c.get("livenessProbe") or not c.get("readinessProbe"):
+                    problems.append(f"{cname}: liveness and readiness probes are not both set")
+        if kind == "StatefulSet":
+            labels = doc["metadata"].get("labels") or {}
+            ingester = labels.get("arrowport.dev/ingester")
+            pod_labels = doc["spec"]["template"]["metadata"].get("labels") or {}
+            if not ingester or pod_labels.get("arrowport.dev/ingester") != ingester:
+                problems.append(f"{name}: StatefulSet and its pods must carry label arrowport.dev/ingester")
+            if doc["spec"].get("replicas", 1) > 1:
+                problems.append(f"{name}: more than one replica writing one DuckDB file")
+            pod = doc["spec"]["template"]["spec"]
+            if (pod.get("terminationGracePeriodSeconds") or 30) < 30:
+                problems.append(f"{name}: terminationGracePeriodSeconds below 30 leaves no time to checkpoint")
+            streams_cm = f"{ingester}-streams"
+            cm = by_kind_name.get(("ConfigMap", streams_cm))
+            if cm is None:
+                problems.append(f"{name}: streams ConfigMap {streams_cm} is not rendered")
+            else:
+                if "data" in cm or "binaryData" in cm:
+                    problems.append(f"ConfigMap {streams_cm}: must have no data (the operator owns data.streams.yaml)")
+                if (cm["metadata"].get("labels") or {}).get("arrowport.dev/ingester") != ingester:
+                    problems.append(f"ConfigMap {streams_cm}: label arrowport.dev/ingester is not {ingester}")
+            volumes = {v["name"]: v for v in pod.get("volumes") or []}
+            streams_volume = (volumes.get("streams") or {}).get("configMap") or {}
+            if streams_volume.get("name") != streams_cm or streams_volume.get("optional") is not True:
+                problems.append(f"{name}: volume 'streams' must mount ConfigMap {streams_cm} with optional: true")
+            mounts = {m["mountPath"]: m for c in containers(pod) for m in c.get("volumeMounts") or []}
+            for mount_path in ("/etc/arrowport/config.yaml", "/etc/arrowport/streams", "/var/lib/arrowport", "/tmp"):
+                if mount_path not in mounts:
+                    problems.append(f"{name}: nothing is mounted at {mount_path}")
+            service = by_kind_name.get(("Service", doc["metadata"]["name"]))
+            if service is None or not any(p.get("name") == "http" for p in service["spec"]["ports"]):
+                problems.append(f"{name}: no Service of the same name with a port named http")
+    if workloads == 0:
+        problems.append("no Deployment or StatefulSet rendered")
+    print(f"  checked {workloads} workloads for hardening, probes, resources and the operator contract")
+    return problems
+
+
+def cmd_examples(crd: Path, files: list[Path]) -> list[str]:
+    schemas = CrdSchemas([crd])
+    if not schemas.by_gvk:
+        return [f"{crd}: no CustomResourceDefinition with an openAPIV3Schema"]
+    problems = []
+    count = 0
+    for path in files:
+        for doc in load_docs(path):
+            count += 1
+            problems += [f"{path}: {describe(doc)}: {e}" for e in schemas.validate(doc)]
+    print(f"  validated {count} example resources from {len(files)} files against {crd}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    k8s = sub.add_parser("k8s")
+    k8s.add_argument("--crd", type=Path, action="append", default=[], help="CRD file for custom resources")
+    k8s.add_argument("files", type=Path, nargs="+")
+    policy = sub.add_parser("policy")
+    policy.add_argument("files", type=Path, nargs="+")
+    examples = sub.add_parser("examples")
+    examples.add_argument("--crd", type=Path, required=True)
+    examples.add_argument("files", type=Path, nargs="+")
+    args = parser.parse_args()
+
+    if args.command == "k8s":
+        problems = cmd_k8s(args.files, args.crd)
+    elif args.command == "policy":
+        problems = cmd_policy(args.files)
+    else:
+        problems = cmd_examples(args.crd, args.files)
+    for problem in problems:
+        print(f"  FAIL {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+//! Prints the ArrowportStream CRD as YAML; `crds/arrowportstreams.arrowport.dev.yaml` is its output.
+
+fn main() {
+    print!("{}", arrowport_operator::crd_yaml());
+}

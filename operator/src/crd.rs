@@ -1,0 +1,207 @@
+//! The `ArrowportStream` custom resource. The CRD YAML in `crds/` is generated from these types.
+//!
+//! Everything a person can get wrong is refused by the API server through the schema (patterns, ranges,
+//! enums and CEL rules with messages); the operator re-checks with the ingester's own validation.
+
+use arrowport_config::{CompressionAlgorithm, SchemaPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The ingester a stream routes into when `spec.ingester` is not set.
+pub const DEFAULT_INGESTER: &str = "arrowport";
+
+/// Stream names: `arrowport_config::is_valid_stream_name` as a schema pattern.
+const STREAM_NAME_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$";
+/// Table names: `arrowport_config::is_valid_table_name` as a schema pattern.
+const TABLE_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]{0,127}$";
+/// Ingester names end up in a label value and in the ConfigMap name `<ingester>-streams`: a DNS-1123 label.
+const INGESTER_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// Declares one Arrowport stream: the name producers send to, the DuckDB table it lands in and how
+/// batches are loaded. The operator renders all streams of an ingester into its `<ingester>-streams`
+/// ConfigMap, which the ingest pods mount and hot-reload.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "arrowport.dev",
+    version = "v1alpha1",
+    kind = "ArrowportStream",
+    plural = "arrowportstreams",
+    namespaced,
+    shortname = "aps",
+    category = "arrowport",
+    status = "ArrowportStreamStatus",
+    derive = "PartialEq",
+    doc = "An Arrowport stream: routes a named stream of Arrow data into a DuckDB table of an ingester.",
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Stream", type_ = "string", json_path = ".status.streamName"),
+    printcolumn(name = "Table", type_ = "string", json_path = ".status.targetTable"),
+    printcolumn(name = "Ingester", type_ = "string", json_path = ".spec.ingester"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#,
+        priority = 1
+    ),
+    printcolumn(name = "ConfigMap", type_ = "string", json_path = ".status.configMap", priority = 1),
+    validation = Rule::new("has(self.spec.streamName) || self.metadata.name.size() <= 128")
+        .message("the resource name is longer than 128 characters, so it cannot be the stream name: set spec.streamName")
+)]
+#[x_kube(
+    validation = Rule::new("has(self.targetTable) || !has(self.streamName) || self.streamName.matches('^[A-Za-z_][A-Za-z0-9_]*$')")
+        .message("streamName is not a valid table name (it has '.' or '-' or starts with a digit): set targetTable")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ArrowportStreamSpec {
+    /// The Arrowport ingester (in this namespace) the stream routes into: the StatefulSet labelled
+    /// `arrowport.dev/ingester=<ingester>`. Its routes live in the ConfigMap `<ingester>-streams`.
+    #[serde(default = "default_ingester")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = INGESTER_NAME_PATTERN))]
+    pub ingester: String,
+
+    /// The stream name producers send to (`POST /ingest/<name>`, Flight path `<name>`); defaults to the resource's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = STREAM_NAME_PATTERN))]
+    pub stream_name: Option<String>,
+
+    /// The DuckDB table the stream lands in; defaults to the stream name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = TABLE_NAME_PATTERN))]
+    pub target_table: Option<String>,
+
+    /// Most rows handed to DuckDB in one step (larger batches are sliced); defaults to the ingester's
+    /// setting (122880, one DuckDB row group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub chunk_size: Option<i64>,
+
+    /// Compression of the Arrow data Arrowport sends for this stream; defaults to the ingester's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<StreamCompression>,
+
+    /// What happens to a batch with columns the table lacks: `reject` refuses it (HTTP 422), `evolve`
+    /// adds the new columns.
+    #[serde(default)]
+    pub schema_policy: StreamSchemaPolicy,
+}
+
+fn default_ingester() -> String {
+    DEFAULT_INGESTER.to_owned()
+}
+
+/// Compression of Arrow IPC buffers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("!has(self.level) || self.algorithm == 'zstd'")
+    .message("level applies only to zstd compression: remove it or use algorithm zstd"))]
+pub struct StreamCompression {
+    /// The codec: `zstd`, `lz4` or `none`.
+    pub algorithm: StreamCompressionAlgorithm,
+    /// The zstd level, 1 (fastest) to 22 (smallest); only for `zstd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 22))]
+    pub level: Option<i32>,
+}
+
+/// Arrow IPC buffer compression codecs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamCompressionAlgorithm {
+    Zstd,
+    Lz4,
+    None,
+}
+
+impl From<StreamCompressionAlgorithm> for CompressionAlgorithm {
+    fn from(algorithm: StreamCompressionAlgorithm) -> Self {
+        match algorithm {
+            StreamCompressionAlgorithm::Zstd => Self::Zstd,
+            StreamCompressionAlgorithm::Lz4 => Self::Lz4,
+            StreamCompressionAlgorithm::None => Self::None,
+        }
+    }
+}
+
+/// What to do with a batch whose columns are not all in the target table.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamSchemaPolicy {
+    /// Refuse the whole request with 422, naming the offending columns.
+    #[default]
+    Reject,
+    /// Add the new columns (nullable) in the same transaction as the data.
+    Evolve,
+}
+
+impl From<StreamSchemaPolicy> for SchemaPolicy {
+    fn from(policy: StreamSchemaPolicy) -> Self {
+        match policy {
+            StreamSchemaPolicy::Reject => Self::Reject,
+            StreamSchemaPolicy::Evolve => Self::Evolve,
+        }
+    }
+}
+
+/// What the operator last made of the resource.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArrowportStreamStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: `True` when the route is in the ingester's ConfigMap and the ingester exists; `False`
+    /// with a reason (`InvalidSpec`, `ResourceConflict`, `IngesterNotFound`) and a message otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The effective stream name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_name: Option<String>,
+    /// The effective table, set while the route is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_table: Option<String>,
+    /// The ConfigMap the route is written into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<String>,
+}
+
+impl ArrowportStreamStatus {
+    /// The `Ready` condition, if the operator has set one.
+    pub fn ready(&self) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == "Ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn crd_names_and_subresources() {
+        let crd = ArrowportStream::crd();
+        assert_eq!(crd.metadata.name.as_deref(), Some("arrowportstreams.arrowport.dev"));
+        let names = &crd.spec.names;
+        assert_eq!(names.short_names.as_deref(), Some(&["aps".to_owned()][..]));
+        assert_eq!(names.categories.as_deref(), Some(&["arrowport".to_owned()][..]));
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let version = &crd.spec.versions[0];
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .filter(|c| c.priority.is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Ready", "Stream", "Table", "Ingester", "Age"]);
+    }
+
+    #[test]
+    fn spec_defaults_apply_when_fields_are_missing() {
+        let spec: ArrowportStreamSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec.ingester, DEFAULT_INGESTER);
+        assert_eq!(spec.schema_policy, StreamSchemaPolicy::Reject);
+        assert_eq!(spec.stream_name, None);
+    }
+}
