@@ -1,9 +1,10 @@
 //! Harness for the operator's end-to-end tests: reach the cluster `KUBECONFIG` names (or skip), install
-//! the committed CRD, make a throwaway namespace, apply resources and wait on their state, never on a
-//! fixed sleep.
+//! the committed CRD, make a throwaway namespace, get an operator (in this process, or the Helm chart's
+//! with `ARROWPORT_E2E_INSTALL=helm`), apply resources and wait on their state, never on a fixed sleep.
 
 use std::fmt::Debug;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrowport_config::StreamsFile;
@@ -15,6 +16,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::process::Command;
 
 /// The files the suite applies, exactly as a user would.
 pub const CRD_YAML: &str = include_str!("../../crds/arrowportstreams.arrowport.dev.yaml");
@@ -28,8 +30,17 @@ const WAIT: Duration = Duration::from_secs(60);
 /// How long a cluster gets to answer before the suite skips.
 const CONNECT: Duration = Duration::from_secs(3);
 
-/// A client for the cluster `KUBECONFIG` (or in-cluster credentials) names, or why there is none.
+/// A client for the cluster `KUBECONFIG` (or in-cluster credentials) names, or why the suite skips.
 pub async fn cluster() -> Result<Client, String> {
+    connect().await.map_err(|reason| {
+        format!(
+            "no Kubernetes cluster reachable ({reason}). \
+             Point KUBECONFIG at a test cluster (kind, k3d, ...) to run it."
+        )
+    })
+}
+
+async fn connect() -> Result<Client, String> {
     let client = tokio::time::timeout(CONNECT, Client::try_default())
         .await
         .map_err(|_| "timed out reading the credentials".to_owned())?
@@ -41,14 +52,14 @@ pub async fn cluster() -> Result<Client, String> {
     Ok(client)
 }
 
-/// Says loudly that the suite did not run. Written straight to stderr: the test harness captures
-/// `println!` of passing tests, and a silent skip would look like a pass.
+/// Says loudly that the suite did not run: a silent skip would look like a pass.
 pub fn skip(reason: &str) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED arrowport e2e: no Kubernetes cluster reachable ({reason}). \
-         Point KUBECONFIG at a test cluster (kind, k3d, ...) to run it."
-    );
+    say(&format!("SKIPPED arrowport e2e: {reason}"));
+}
+
+/// Written straight to stderr: the test harness captures `println!` and `eprintln!` of passing tests.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Installs (or updates) the committed CRD and waits until the API server serves it.
@@ -82,9 +93,105 @@ impl TestNamespace {
     pub async fn delete(self) {
         let namespaces: Api<Namespace> = Api::all(self.client);
         if let Err(error) = namespaces.delete(&self.name, &DeleteParams::default()).await {
-            let _ = writeln!(std::io::stderr(), "could not delete namespace {}: {error}", self.name);
+            say(&format!("could not delete namespace {}: {error}", self.name));
         }
     }
+}
+
+/// Where the operator under test runs, chosen by `ARROWPORT_E2E_INSTALL`.
+pub enum Install {
+    /// Unset: in this process, with a stand-in ingester the scenario brings.
+    InProcess,
+    /// `helm`: the operator and a real ingester from the Helm chart, installed with the `helm` binary.
+    Chart(Helm),
+}
+
+impl Install {
+    /// The install asked for, or why the suite skips (no runnable `helm`). Panics on a bad setting.
+    pub async fn from_env() -> Result<Self, String> {
+        match std::env::var("ARROWPORT_E2E_INSTALL").unwrap_or_default().as_str() {
+            "" => Ok(Self::InProcess),
+            "helm" => Helm::from_env().await.map(Self::Chart),
+            other => panic!(
+                "ARROWPORT_E2E_INSTALL={other:?}: set it to `helm`, or leave it unset to run the operator in-process"
+            ),
+        }
+    }
+}
+
+/// The chart in this checkout, installed as the release `arrowport`: the chart names the main ingester
+/// after the release and an ArrowportStream routes to the ingester `arrowport` by default, so the
+/// scenarios find the ingester and its ConfigMap `arrowport-streams` as in-process.
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/arrowport");
+const RELEASE: &str = "arrowport";
+
+/// The `helm` binary (`ARROWPORT_E2E_HELM`, default `helm` on `PATH`) and the image the chart runs
+/// (`ARROWPORT_E2E_IMAGE`, `repository:tag`).
+pub struct Helm {
+    binary: PathBuf,
+    version: String,
+    repository: String,
+    tag: String,
+}
+
+impl Helm {
+    async fn from_env() -> Result<Self, String> {
+        let binary = std::env::var_os("ARROWPORT_E2E_HELM").map_or_else(|| PathBuf::from("helm"), PathBuf::from);
+        let version = run_helm(&binary, &["version", "--short"]).await.map_err(|error| {
+            format!(
+                "{error}. Put Helm 3.8+ on PATH or set ARROWPORT_E2E_HELM, e.g. to \
+                 $HOME/.cache/arrowport-tools/bin/helm, where .ci/helm-checks installs it."
+            )
+        })?;
+        let image = std::env::var("ARROWPORT_E2E_IMAGE").unwrap_or_default();
+        // The tag follows the last ':', unless a '/' does too: then that ':' was a registry's port.
+        let Some((repository, tag)) =
+            image.rsplit_once(':').filter(|(r, t)| !r.is_empty() && !t.is_empty() && !t.contains('/'))
+        else {
+            panic!(
+                "ARROWPORT_E2E_INSTALL=helm needs ARROWPORT_E2E_IMAGE=<repository>:<tag>, an image of this checkout \
+                 the cluster can pull (e.g. arrowport:e2e after `kind load docker-image arrowport:e2e`); got {image:?}"
+            )
+        };
+        Ok(Self { binary, version, repository: repository.to_owned(), tag: tag.to_owned() })
+    }
+
+    /// `helm install --wait`: returns once the operator Deployment and the ingester StatefulSet are ready.
+    /// The namespace exists already ([`TestNamespace`]), and so does the CRD ([`install_crd`], the same
+    /// file as the chart's copy, which `.ci/helm-checks` checks): unlike Helm, it updates a CRD left
+    /// from an older run.
+    pub async fn install(&self, namespace: &str) -> Result<(), String> {
+        say(&format!(
+            "helm {}: installing {RELEASE} into {namespace} with image {}:{}",
+            self.version, self.repository, self.tag
+        ));
+        // --set-string: with --set, a tag such as `2` would become a number, which the values schema refuses.
+        let image = format!("image.repository={},image.tag={}", self.repository, self.tag);
+        let args =
+            ["install", RELEASE, CHART, "--namespace", namespace, "--skip-crds", "--wait", "--set-string", &image];
+        run_helm(&self.binary, &args).await.map(drop)
+    }
+
+    /// Best effort, also after a failure: the release's ClusterRole and binding would outlive the namespace.
+    pub async fn uninstall(&self, namespace: &str) {
+        if let Err(error) = run_helm(&self.binary, &["uninstall", RELEASE, "--namespace", namespace]).await {
+            say(&format!("could not uninstall release {RELEASE} from {namespace}: {error}"));
+        }
+    }
+}
+
+/// Runs `helm` with `args`; its stdout, or what went wrong with its stderr.
+async fn run_helm(binary: &Path, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(binary)
+        .args(args)
+        .output()
+        .await
+        .map_err(|error| format!("cannot run helm binary {}: {error}", binary.display()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!("`helm {}` failed ({}): {}", args.join(" "), output.status, stderr.trim()));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 /// Server-side apply, as `kubectl apply --server-side` would.

@@ -1,10 +1,11 @@
-//! The operator against a real cluster: install the CRD, run the operator (in this process, watching a
-//! throwaway namespace), apply the examples and follow a stream's life through create, update,
-//! conflict, hand edits and delete. Skips, passing, when no cluster is reachable.
+//! The operator against a real cluster: install the CRD, get an operator (run in this process watching a
+//! throwaway namespace, or with `ARROWPORT_E2E_INSTALL=helm` the one the Helm chart deploys there), apply
+//! the examples and follow a stream's life through create, update, conflict, hand edits and delete.
+//! Skips, passing, when no cluster is reachable.
 
 use arrowport_e2e::{
-    LINEITEM_YAML, SENSORS_YAML, TestNamespace, apply, cluster, example, has_reason, install_crd, ready, routed_table,
-    skip, streams_file, wait_for,
+    Helm, Install, LINEITEM_YAML, SENSORS_YAML, TestNamespace, apply, cluster, example, has_reason, install_crd, ready,
+    routed_table, skip, streams_file, wait_for,
 };
 use arrowport_operator::Args;
 use arrowport_operator::crd::{ArrowportStream, StreamCompressionAlgorithm};
@@ -21,31 +22,59 @@ async fn operator_routes_streams_into_the_ingester_config_map() {
         Ok(client) => client,
         Err(reason) => return skip(&reason),
     };
+    let install = match Install::from_env().await {
+        Ok(install) => install,
+        Err(reason) => return skip(&reason),
+    };
     install_crd(&client).await;
     let namespace = TestNamespace::create(&client).await;
+    let outcome = match &install {
+        Install::InProcess => with_operator_in_process(&client, &namespace.name).await,
+        Install::Chart(helm) => with_chart(helm, &client, &namespace.name).await,
+    };
+    namespace.delete().await;
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+}
+
+/// The operator runs in this process, watching only `namespace`; the scenario brings a stand-in ingester.
+/// Both run as tasks, so that a failed assertion comes back as an error and the cleanup still runs.
+async fn with_operator_in_process(client: &Client, namespace: &str) -> Result<(), String> {
     let args = Args {
-        namespace: Some(namespace.name.clone()),
+        namespace: Some(namespace.to_owned()),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        lease_namespace: namespace.name.clone(),
+        lease_namespace: namespace.to_owned(),
         lease_name: "arrowport-operator".to_owned(),
         identity: Some("e2e".to_owned()),
     };
     let mut operator = tokio::spawn(arrowport_operator::run(args, std::future::pending()));
-    let mut scenario = tokio::spawn(lifecycle(client.clone(), namespace.name.clone()));
+    let mut scenario = tokio::spawn(lifecycle(client.clone(), namespace.to_owned(), true));
     let outcome = tokio::select! {
         stopped = &mut operator => Err(format!("the operator stopped: {stopped:?}")),
-        done = &mut scenario => done.map_err(|e| if e.is_panic() { std::panic::resume_unwind(e.into_panic()) } else { e.to_string() }),
+        done = &mut scenario => done.map_err(|e| e.to_string()),
     };
     operator.abort();
     scenario.abort();
-    namespace.delete().await;
-    outcome.unwrap();
+    outcome
 }
 
-async fn lifecycle(client: Client, namespace: String) {
+/// The chart's operator (watching all namespaces) and its real ingester, installed into `namespace` and
+/// uninstalled also when a step fails (the scenario runs as a task for that, as in-process).
+async fn with_chart(helm: &Helm, client: &Client, namespace: &str) -> Result<(), String> {
+    let outcome = match helm.install(namespace).await {
+        Ok(()) => tokio::spawn(lifecycle(client.clone(), namespace.to_owned(), false)).await.map_err(|e| e.to_string()),
+        Err(error) => Err(error),
+    };
+    helm.uninstall(namespace).await;
+    outcome
+}
+
+/// With `stand_in`, the scenario starts without an ingester and brings a stand-in later; otherwise the
+/// ingester (the chart's) is there from the start.
+async fn lifecycle(client: Client, namespace: String, stand_in: bool) {
     let streams: Api<ArrowportStream> = Api::namespaced(client.clone(), &namespace);
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
 
     // The schema refuses a bad resource, with the CEL rule's message.
     let mut bad = example(SENSORS_YAML);
@@ -57,16 +86,19 @@ async fn lifecycle(client: Client, namespace: String) {
         .expect_err("the API server accepted a level for lz4");
     assert!(refused.to_string().contains("level applies only to zstd"), "{refused}");
 
-    // Without an ingester the route is written anyway, and the status says what is missing.
     apply(&streams, &example(LINEITEM_YAML)).await;
-    wait_for(&streams, "lineitem", "IngesterNotFound", |s| has_reason(s, "IngesterNotFound")).await;
-    wait_for(&config_maps, CONFIG_MAP, "the lineitem route", |cm| {
-        routed_table(cm, "lineitem").as_deref() == Some("lineitem")
-    })
-    .await;
+    if stand_in {
+        // Without an ingester the route is written anyway, and the status says what is missing.
+        wait_for(&streams, "lineitem", "IngesterNotFound", |s| has_reason(s, "IngesterNotFound")).await;
+        wait_for(&config_maps, CONFIG_MAP, "the lineitem route", |cm| {
+            routed_table(cm, "lineitem").as_deref() == Some("lineitem")
+        })
+        .await;
+        // Then the ingester appears.
+        apply(&Api::<StatefulSet>::namespaced(client.clone(), &namespace), &ingester()).await;
+    }
 
-    // The ingester appears: both examples become Ready.
-    apply(&statefulsets, &ingester()).await;
+    // With the ingester, both examples become Ready.
     wait_for(&streams, "lineitem", "Ready", is_ready).await;
     apply(&streams, &example(SENSORS_YAML)).await;
     let sensors = wait_for(&streams, "sensors", "Ready", is_ready).await;

@@ -104,7 +104,7 @@ async fn evolve_adds_columns_and_reject_refuses() {
     let config = Config::from_yaml("streams:\n  evolving: {schema_policy: evolve}\n").unwrap();
     let server = TestServer::with_config(config).await;
     let narrow = batch(0, 10).project(&[0, 1]).unwrap();
-    server.ingest_ok("evolving", ipc_stream(&[narrow.clone()], None)).await;
+    server.ingest_ok("evolving", ipc_stream(std::slice::from_ref(&narrow), None)).await;
     server.ingest_ok("rejecting", ipc_stream(&[narrow], None)).await;
     let wide = ipc_stream(&[batch(10, 10)], None);
     server.ingest_ok("evolving", wide.clone()).await;
@@ -176,4 +176,24 @@ async fn health_and_readiness() {
         assert_eq!(response.status(), 200, "{path}");
     }
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_extensions_load_at_start_or_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::from_yaml("duckdb_extensions: [parquet]\n").unwrap();
+    config.db_path = dir.path().join("ext.duckdb");
+    let state = arrowport::open(&config).expect("parquet is built in");
+    let loaded: bool = state
+        .loader
+        .with_connection(|c| {
+            c.query_row("SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'parquet'", [], |r| r.get(0))
+        })
+        .unwrap();
+    assert!(loaded);
+    drop(state);
+    config.duckdb_extensions = vec!["no_such_extension".into()];
+    config.db_path = dir.path().join("ext2.duckdb");
+    let message = arrowport::open(&config).err().expect("an unknown extension fails the start").to_string();
+    assert!(message.contains("no_such_extension") && message.contains("does not download"), "{message}");
 }

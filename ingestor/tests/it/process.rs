@@ -36,10 +36,26 @@ async fn serve_defaults_and_sigterm_checkpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flags_beat_env_beat_file() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.yaml"), "db_path: from_file.duckdb\nport: 1\n").unwrap();
-    let env = [("ARROWPORT_CONFIG", "config.yaml"), ("ARROWPORT_DB", "from_env.duckdb"), ("ARROWPORT_PORT", "2")];
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "db_path: from_file.duckdb\nport: 1\ncompression: {algorithm: zstd, level: 9}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("env-streams.yaml"), "streams:\n  from_env: {target_table: routed}\n").unwrap();
+    let env = [
+        ("ARROWPORT_CONFIG", "config.yaml"),
+        ("ARROWPORT_DB", "from_env.duckdb"),
+        ("ARROWPORT_PORT", "2"),
+        ("ARROWPORT_COMPRESSION", "lz4"),
+        ("ARROWPORT_STREAMS_PATH", "env-streams.yaml"),
+    ];
     let mut server = Process::serve(dir.path(), &["--port", "0", "--host", "127.0.0.1"], &env);
     assert!(server.url.starts_with("http://127.0.0.1:"));
+    let streams: arrowport::server::StreamsReport =
+        reqwest::get(format!("{}/streams", server.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(streams.compression.algorithm.as_str(), "lz4", "ARROWPORT_COMPRESSION beats the file");
+    assert_eq!(streams.compression.level, None, "a zstd level does not carry over to lz4");
+    assert_eq!((streams.streams[0].stream.as_str(), streams.streams[0].table.as_str()), ("from_env", "routed"));
     server.terminate();
     assert!(server.wait().success());
     assert!(dir.path().join("from_env.duckdb").exists());
