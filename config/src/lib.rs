@@ -34,8 +34,10 @@ pub struct Config {
     pub db_path: PathBuf,
     /// Address to listen on.
     pub host: String,
-    /// Port for HTTP (and, later, Arrow Flight on the same port).
+    /// Port for HTTP and Arrow Flight (gRPC), multiplexed on one listener.
     pub port: u16,
+    /// Serve Arrow Flight on this port instead, with HTTP alone on `port`.
+    pub flight_port: Option<u16>,
     /// Compression Arrowport uses for Arrow data it sends, advertised to producers.
     pub compression: Compression,
     /// DuckDB extensions loaded at start (must be installable offline).
@@ -56,6 +58,7 @@ impl Default for Config {
             db_path: PathBuf::from(DEFAULT_DB_PATH),
             host: DEFAULT_HOST.to_owned(),
             port: DEFAULT_PORT,
+            flight_port: None,
             compression: Compression::default(),
             duckdb_extensions: Vec::new(),
             streams_path: None,
@@ -78,6 +81,10 @@ pub struct Limits {
     pub memory_budget_bytes: ByteSize,
     /// DuckDB connections loading data at once; further requests wait for a free one.
     pub max_concurrent_loads: usize,
+    /// Read-only Flight SQL queries running at once; further queries wait for a free slot.
+    pub max_concurrent_queries: usize,
+    /// A read-only query running longer than this is cancelled.
+    pub query_timeout_seconds: u64,
 }
 
 impl Default for Limits {
@@ -87,6 +94,8 @@ impl Default for Limits {
             max_message_bytes: ByteSize::mib(256),
             memory_budget_bytes: ByteSize::mib(512),
             max_concurrent_loads: 8,
+            max_concurrent_queries: 2,
+            query_timeout_seconds: 300,
         }
     }
 }
@@ -107,6 +116,28 @@ pub struct StreamConfig {
     /// What happens when a batch carries columns the table lacks.
     #[serde(skip_serializing_if = "SchemaPolicy::is_default")]
     pub schema_policy: SchemaPolicy,
+    /// When a long Flight `DoPut` commits what it has received so far (each threshold on its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush: Option<FlushPolicy>,
+}
+
+/// Commit thresholds for long-running Flight `DoPut` calls: whichever is reached first commits.
+/// HTTP requests always commit once, at the end of the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushPolicy {
+    /// Rows received since the last commit.
+    pub rows: u64,
+    /// Decoded Arrow bytes received since the last commit.
+    pub bytes: ByteSize,
+    /// Seconds since the first uncommitted batch arrived.
+    pub interval_seconds: u64,
+}
+
+impl Default for FlushPolicy {
+    fn default() -> Self {
+        Self { rows: 1_000_000, bytes: ByteSize::mib(256), interval_seconds: 10 }
+    }
 }
 
 /// What to do with a batch whose columns are not all in the target table.
@@ -193,6 +224,12 @@ impl Config {
         if self.limits.max_concurrent_loads == 0 {
             return Err(ConfigError::invalid("limits.max_concurrent_loads", "must be at least 1"));
         }
+        if self.limits.max_concurrent_queries == 0 {
+            return Err(ConfigError::invalid("limits.max_concurrent_queries", "must be at least 1"));
+        }
+        if self.limits.query_timeout_seconds == 0 {
+            return Err(ConfigError::invalid("limits.query_timeout_seconds", "must be at least 1"));
+        }
         if self.limits.memory_budget_bytes.0 == 0 {
             return Err(ConfigError::invalid("limits.memory_budget_bytes", "must be greater than 0"));
         }
@@ -240,6 +277,15 @@ fn validate_streams(streams: &BTreeMap<String, StreamConfig>) -> Result<(), Conf
         }
         if let Some(compression) = &stream.compression {
             validate_compression(&format!("{key}.compression"), compression)?;
+        }
+        if let Some(flush) = &stream.flush {
+            for (field, value) in
+                [("rows", flush.rows), ("bytes", flush.bytes.0), ("interval_seconds", flush.interval_seconds)]
+            {
+                if value == 0 {
+                    return Err(ConfigError::invalid(&format!("{key}.flush.{field}"), "must be at least 1"));
+                }
+            }
         }
     }
     Ok(())
@@ -315,6 +361,15 @@ mod tests {
     fn empty_streams_file_is_valid() {
         assert_eq!(StreamsFile::from_yaml("").unwrap(), StreamsFile::default());
         assert_eq!(StreamsFile::from_yaml("streams: {}\n").unwrap(), StreamsFile::default());
+    }
+
+    #[test]
+    fn flush_thresholds_parse_and_must_be_positive() {
+        let config = Config::from_yaml("streams:\n  a: {flush: {rows: 500, interval_seconds: 2}}\n").unwrap();
+        let flush = config.streams["a"].flush.unwrap();
+        assert_eq!((flush.rows, flush.bytes, flush.interval_seconds), (500, ByteSize::mib(256), 2));
+        let err = Config::from_yaml("streams:\n  a: {flush: {rows: 0}}\n").unwrap_err();
+        assert!(err.to_string().contains("streams.a.flush.rows"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use arrowport_config::{Compression, Config, SchemaPolicy, StreamConfig};
+use arrowport_config::{Compression, Config, FlushPolicy, SchemaPolicy, StreamConfig};
 use serde_json::Value;
 
 /// `key → default` from the README's table rows of the form ``| `key` | default | meaning |``.
@@ -47,13 +47,24 @@ fn config_keys() -> BTreeMap<String, Value> {
         chunk_size: Some(1),
         compression: Some(Compression::default()),
         schema_policy: SchemaPolicy::Evolve,
+        flush: Some(FlushPolicy::default()),
     };
     if let Value::Object(fields) = serde_json::to_value(full).unwrap() {
         for field in fields.keys() {
             keys.insert(format!("streams.<name>.{field}"), Value::Null);
         }
     }
+    for (field, value) in flatten_of(serde_json::to_value(FlushPolicy::default()).unwrap()) {
+        keys.insert(format!("streams.<name>.flush.{field}"), value);
+    }
+    keys.remove("streams.<name>.flush");
     keys
+}
+
+fn flatten_of(value: Value) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    flatten("", &value, &mut out);
+    out
 }
 
 #[test]

@@ -85,6 +85,29 @@ pub struct ArrowportStreamSpec {
     /// adds the new columns.
     #[serde(default)]
     pub schema_policy: StreamSchemaPolicy,
+
+    /// When a long Arrow Flight `DoPut` commits and acknowledges what it has received; whichever threshold
+    /// is reached first. Unset fields take the ingester's defaults (1000000 rows, 256MiB, 10 seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush: Option<StreamFlush>,
+}
+
+/// Commit thresholds for long Flight `DoPut` calls.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamFlush {
+    /// Uncommitted rows that trigger a commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub rows: Option<i64>,
+    /// Uncommitted decoded bytes that trigger a commit, such as `256MiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+ ?([KMGT]i?B|B)?$"))]
+    pub bytes: Option<String>,
+    /// Age in seconds of the oldest uncommitted batch that triggers a commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub interval_seconds: Option<i64>,
 }
 
 fn default_ingester() -> String {

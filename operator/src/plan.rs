@@ -5,12 +5,14 @@ use std::collections::{BTreeMap, btree_map::Entry};
 use std::fmt;
 use std::sync::Arc;
 
-use arrowport_config::{Compression, StreamConfig, StreamsFile, is_valid_stream_name, is_valid_table_name};
+use arrowport_config::{
+    ByteSize, Compression, FlushPolicy, StreamConfig, StreamsFile, is_valid_stream_name, is_valid_table_name,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::crd::{ArrowportStream, ArrowportStreamStatus};
+use crate::crd::{ArrowportStream, ArrowportStreamStatus, StreamFlush};
 
 /// The key of the ConfigMap that holds the streams file.
 pub const STREAMS_KEY: &str = "streams.yaml";
@@ -186,6 +188,26 @@ fn full_name(stream: &ArrowportStream) -> String {
     format!("{}/{}", stream.namespace().unwrap_or_default(), stream.name_any())
 }
 
+/// The spec's flush thresholds over the ingester's defaults.
+fn flush_policy(flush: &StreamFlush) -> Result<FlushPolicy, String> {
+    let mut policy = FlushPolicy::default();
+    let positive = |field: &str, n: i64| {
+        u64::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| format!("spec.flush.{field} {n} must be at least 1"))
+    };
+    if let Some(rows) = flush.rows {
+        policy.rows = positive("rows", rows)?;
+    }
+    if let Some(bytes) = &flush.bytes {
+        policy.bytes = ByteSize::parse(bytes)
+            .filter(|b| b.0 >= 1)
+            .ok_or_else(|| format!("spec.flush.bytes {bytes:?} is not a byte size such as 256MiB"))?;
+    }
+    if let Some(seconds) = flush.interval_seconds {
+        policy.interval_seconds = positive("intervalSeconds", seconds)?;
+    }
+    Ok(policy)
+}
+
 /// The stream name and the ingester's config for a resource, or why the resource cannot be routed.
 /// The table is always written out, so the file says exactly what the status reports.
 pub fn effective_route(stream: &ArrowportStream) -> Result<(String, StreamConfig), String> {
@@ -229,8 +251,14 @@ pub fn effective_route(stream: &ArrowportStream) -> Result<(String, StreamConfig
         None => None,
     };
     let compression = spec.compression.map(|c| Compression { algorithm: c.algorithm.into(), level: c.level });
-    let config =
-        StreamConfig { target_table: Some(table), chunk_size, compression, schema_policy: spec.schema_policy.into() };
+    let flush = spec.flush.as_ref().map(flush_policy).transpose()?;
+    let config = StreamConfig {
+        target_table: Some(table),
+        chunk_size,
+        compression,
+        schema_policy: spec.schema_policy.into(),
+        flush,
+    };
     // The final word is the ingester's own parser: the route must survive a round trip through it.
     let file = StreamsFile { streams: BTreeMap::from([(name.clone(), config.clone())]) };
     file.to_yaml()
@@ -330,6 +358,18 @@ mod tests {
         assert_eq!(status.target_table.as_deref(), Some("sensor_readings"));
         assert_eq!(status.config_map.as_deref(), Some("arrowport-streams"));
         assert_eq!(status.ready().unwrap().status, "True");
+    }
+
+    #[test]
+    fn flush_thresholds_fill_in_the_ingester_defaults() {
+        let mut stream = ArrowportStream::test("sensors");
+        stream.spec.flush = Some(StreamFlush { rows: Some(5000), bytes: Some("64MiB".into()), interval_seconds: None });
+        let accepted = plan(&snapshot(vec![stream.clone()]), Timestamp::UNIX_EPOCH).unwrap();
+        let flush = rendered(&accepted).streams["sensors"].flush.unwrap();
+        assert_eq!((flush.rows, flush.bytes, flush.interval_seconds), (5000, ByteSize::mib(64), 10));
+        stream.spec.flush = Some(StreamFlush { bytes: Some("lots".into()), ..StreamFlush::default() });
+        let refused = plan(&snapshot(vec![stream]), Timestamp::UNIX_EPOCH).unwrap();
+        assert_eq!(reasons(&refused), [("sensors".into(), Reason::InvalidSpec)]);
     }
 
     #[test]
