@@ -12,7 +12,7 @@ use arrow::array::RecordBatch;
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrowport::budget::MemoryBudget;
-use arrowport::load::{Loader, Target, decoded_size};
+use arrowport::load::{Loader, QueryLimits, TableMode, Target, decoded_size};
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
 
@@ -79,8 +79,14 @@ async fn main() -> anyhow::Result<()> {
 async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
-    let loader = Loader::open(&dir.path().join("native.duckdb"), &[], 1, budget)?;
-    let target = Target { table: "lineitem".into(), chunk_size: 122_880, policy: SchemaPolicy::Reject };
+    let queries = QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(60) };
+    let loader = Loader::open(&dir.path().join("native.duckdb"), &[], 1, budget, queries)?;
+    let target = Target {
+        table: "lineitem".into(),
+        chunk_size: 122_880,
+        policy: SchemaPolicy::Reject,
+        mode: TableMode::default(),
+    };
     let started = Instant::now();
     let mut session = loader.begin(target, batches[0].schema()).await?;
     for batch in batches {

@@ -1,4 +1,4 @@
-//! One error type for every ingest path, with one mapping to HTTP status (and later gRPC codes).
+//! One error type for every ingest path, with one mapping to HTTP status; `flight::status` maps it to gRPC.
 
 use axum::http::StatusCode;
 
@@ -35,6 +35,16 @@ pub enum IngestError {
     Overloaded,
     #[error("the ingester is shutting down")]
     ShuttingDown,
+    #[error("table {0:?} does not exist and the request does not allow creating it")]
+    TableNotFound(String),
+    #[error("table {0:?} already exists and the request does not allow writing to it")]
+    TableExists(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("query refused: {0}")]
+    InvalidQuery(String),
+    #[error("query cancelled after the limit of {seconds} s")]
+    QueryTimeout { seconds: u64 },
     #[error("DuckDB error: {0}")]
     Database(String),
 }
@@ -47,8 +57,12 @@ impl IngestError {
             | Self::InvalidIpc(_)
             | Self::InvalidEncoding(_)
             | Self::EmptyBody
-            | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownStream(_) => StatusCode::NOT_FOUND,
+            | Self::BodyRead(_)
+            | Self::InvalidRequest(_)
+            | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownStream(_) | Self::TableNotFound(_) => StatusCode::NOT_FOUND,
+            Self::TableExists(_) => StatusCode::CONFLICT,
+            Self::QueryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SchemaMismatch(_) | Self::UnsupportedType(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -74,6 +88,11 @@ impl IngestError {
             Self::UnsupportedType(_) => "unsupported_type",
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
+            Self::TableNotFound(_) => "table_not_found",
+            Self::TableExists(_) => "table_exists",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidQuery(_) => "invalid_query",
+            Self::QueryTimeout { .. } => "query_timeout",
             Self::Database(_) => "database_error",
         }
     }

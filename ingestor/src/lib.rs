@@ -1,11 +1,12 @@
-//! Arrowport's ingester: Arrow IPC streams over HTTP into DuckDB tables.
+//! Arrowport's ingester: Arrow data over HTTP and Arrow Flight into DuckDB tables.
 //!
-//! Request path: [`server`] (HTTP) → [`routing`] (stream → table) → [`decode`] (IPC bytes → batches)
-//! → [`load`] (batches → one DuckDB transaction). Flight and other front ends reuse routing and loading.
+//! Request path: [`server`] (HTTP) or [`flight`] (gRPC, same port) → [`routing`] (stream → table) →
+//! [`decode`] (IPC bytes → batches) → [`load`] (batches → one DuckDB transaction per commit).
 
 pub mod budget;
 pub mod decode;
 pub mod error;
+pub mod flight;
 pub mod load;
 pub mod metrics;
 pub mod reload;
@@ -20,7 +21,7 @@ use arrowport_config::Config;
 
 use budget::MemoryBudget;
 use error::IngestError;
-use load::Loader;
+use load::{Loader, QueryLimits};
 use server::AppState;
 
 /// How long a request waits for room in the memory budget before it gets 503.
@@ -29,6 +30,11 @@ const BUDGET_PATIENCE: Duration = Duration::from_secs(2);
 /// Opens the database and builds the state the server runs on.
 pub fn open(config: &Config) -> Result<Arc<AppState>, IngestError> {
     let budget = MemoryBudget::new(config.limits.memory_budget_bytes.0, BUDGET_PATIENCE);
-    let loader = Loader::open(&config.db_path, &config.duckdb_extensions, config.limits.max_concurrent_loads, budget)?;
+    let queries = QueryLimits {
+        max_concurrent: config.limits.max_concurrent_queries,
+        timeout: Duration::from_secs(config.limits.query_timeout_seconds),
+    };
+    let loader =
+        Loader::open(&config.db_path, &config.duckdb_extensions, config.limits.max_concurrent_loads, budget, queries)?;
     Ok(Arc::new(AppState::new(loader, settings::routes(config), config.limits.clone())))
 }

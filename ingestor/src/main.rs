@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the ingest server (HTTP on one port).
+    /// Run the ingest server (HTTP and Arrow Flight on one port).
     Serve(ServeArgs),
     /// Check a base config or streams file and exit non-zero on any problem.
     Validate {
@@ -36,9 +36,12 @@ struct ServeArgs {
     /// Address to listen on [default: 0.0.0.0].
     #[arg(long, env = "ARROWPORT_HOST")]
     host: Option<String>,
-    /// Port to listen on; 0 picks a free one [default: 8888].
+    /// Port to listen on, for HTTP and Flight; 0 picks a free one [default: 8888].
     #[arg(long, env = "ARROWPORT_PORT")]
     port: Option<u16>,
+    /// Serve Arrow Flight on this port instead of sharing the HTTP port; 0 picks a free one.
+    #[arg(long, env = "ARROWPORT_FLIGHT_PORT")]
+    flight_port: Option<u16>,
     /// DuckDB database file [default: ./arrowport.duckdb].
     #[arg(long, env = "ARROWPORT_DB")]
     db: Option<PathBuf>,
@@ -88,6 +91,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         db_path: args.db,
         host: args.host,
         port: args.port,
+        flight_port: args.flight_port,
         streams_path: args.streams_path,
         compression: args.compression.map(Into::into),
     };
@@ -102,9 +106,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
+        let flight_listener = match config.flight_port {
+            Some(port) => Some(
+                TcpListener::bind((config.host.as_str(), port))
+                    .await
+                    .with_context(|| format!("cannot listen for Flight on {}:{port}", config.host))?,
+            ),
+            None => None,
+        };
+        let flight_addr = match &flight_listener {
+            Some(listener) => listener.local_addr()?,
+            None => addr,
+        };
+        tracing::info!(%addr, flight = %flight_addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
         let reloader = tokio::spawn(Reloader::new(config_path, overrides, state.clone(), config).run());
-        arrowport::server::serve(listener, state, shutdown).await?;
+        arrowport::server::serve(listener, flight_listener, state, shutdown).await?;
         reloader.abort();
         tracing::info!("Stopped.");
         Ok(())

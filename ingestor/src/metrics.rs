@@ -13,13 +13,25 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Protocol {
     Http,
+    /// Arrow Flight `DoPut` with a stream path.
+    Flight,
+    /// Flight SQL bulk ingest (`CommandStatementIngest`).
+    FlightSql,
 }
 
 impl Protocol {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Http => "http",
+            Self::Flight => "flight",
+            Self::FlightSql => "flightsql",
         }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -109,6 +109,7 @@ fn restart_only_changes(active: &Config, new: &Config) -> Vec<&'static str> {
     check("db_path", active.db_path != new.db_path);
     check("host", active.host != new.host);
     check("port", active.port != new.port);
+    check("flight_port", active.flight_port != new.flight_port);
     check("duckdb_extensions", active.duckdb_extensions != new.duckdb_extensions);
     check("limits", active.limits != new.limits);
     keys

@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 
 use arrowport_config::{
-    Compression, DEFAULT_CHUNK_SIZE, SchemaPolicy, StreamConfig, StreamsFile, is_valid_stream_name,
+    Compression, DEFAULT_CHUNK_SIZE, FlushPolicy, SchemaPolicy, StreamConfig, StreamsFile, is_valid_stream_name,
 };
 
 use crate::error::IngestError;
+use crate::load::{TableMode, Target};
 
 /// The routing table in force. Requests take a snapshot of it when they start.
 #[derive(Debug, Clone)]
@@ -27,8 +28,22 @@ pub struct Route {
     pub chunk_size: usize,
     pub policy: SchemaPolicy,
     pub compression: Compression,
+    /// When a long Flight `DoPut` commits.
+    pub flush: FlushPolicy,
     /// Whether the route comes from configuration (or from auto-creation).
     pub configured: bool,
+}
+
+impl Route {
+    /// Where the loader puts this stream's rows.
+    pub fn target(&self) -> Target {
+        Target {
+            table: self.table.clone(),
+            chunk_size: self.chunk_size,
+            policy: self.policy,
+            mode: TableMode::default(),
+        }
+    }
 }
 
 impl Routes {
@@ -62,6 +77,7 @@ impl Routes {
             chunk_size: config.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             policy: config.schema_policy,
             compression: config.compression.unwrap_or(self.compression),
+            flush: config.flush.unwrap_or_default(),
             configured: configured.is_some(),
         })
     }

@@ -15,6 +15,7 @@ pub struct Overrides {
     pub db_path: Option<PathBuf>,
     pub host: Option<String>,
     pub port: Option<u16>,
+    pub flight_port: Option<u16>,
     pub streams_path: Option<PathBuf>,
     pub compression: Option<CompressionAlgorithm>,
 }
@@ -51,6 +52,9 @@ fn apply(config: &mut Config, overrides: &Overrides) {
     }
     if let Some(port) = o.port {
         config.port = port;
+    }
+    if let Some(port) = o.flight_port {
+        config.flight_port = Some(port);
     }
     if o.streams_path.is_some() {
         config.streams_path = o.streams_path;

@@ -51,6 +51,26 @@ def server(tmp_path):
         assert running.stop() == 0
 
 
+@pytest.fixture
+def start_server(tmp_path):
+    """Starts servers in `tmp_path`, each optionally with a YAML config file; stops them (exit 0) after."""
+    started = []
+
+    def start(config: str | None = None, *args: str) -> Server:
+        if config is not None:
+            path = tmp_path / f"arrowport-{len(started)}.yaml"
+            path.write_text(config)
+            args = ("--config", path.name, *args)
+        running = Server(tmp_path, *args)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            assert running.stop() == 0
+
+
 def readme_block(marker: str) -> str:
     """The fenced code block that follows `<!-- test: marker -->` in the README."""
     text = README.read_text()

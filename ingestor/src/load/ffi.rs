@@ -48,15 +48,20 @@ impl RawDatabase {
     }
 
     /// A raw connection whose default catalog is `catalog`, used only to register Arrow streams.
-    pub fn scan_connection(&self, catalog: &str) -> Result<ScanConnection, String> {
+    pub fn scan_connection(&self, catalog: &str) -> Result<RawConnection, String> {
+        let connection = self.raw_connection()?;
+        connection.execute(&format!("USE {}", super::sql::ident(catalog)))?;
+        Ok(connection)
+    }
+
+    /// A raw connection in the default catalog.
+    pub fn raw_connection(&self) -> Result<RawConnection, String> {
         let mut con: sys::duckdb_connection = ptr::null_mut();
         // SAFETY: `self.db` is open; out-pointer to a local.
         if unsafe { sys::duckdb_connect(self.db, &mut con) } != sys::duckdb_state_DuckDBSuccess {
             return Err("cannot open a DuckDB connection".to_owned());
         }
-        let connection = ScanConnection { con };
-        connection.execute(&format!("USE {}", super::sql::ident(catalog)))?;
-        Ok(connection)
+        Ok(RawConnection { con })
     }
 }
 
@@ -67,15 +72,15 @@ impl Drop for RawDatabase {
     }
 }
 
-/// A raw connection that registers Arrow streams as views in its default catalog.
-pub struct ScanConnection {
+/// A raw connection: registers Arrow streams as views in its default catalog, and classifies statements.
+pub struct RawConnection {
     con: sys::duckdb_connection,
 }
 
 // SAFETY: a DuckDB connection may move between threads; it is used by one thread at a time (`&mut`/owned).
-unsafe impl Send for ScanConnection {}
+unsafe impl Send for RawConnection {}
 
-impl ScanConnection {
+impl RawConnection {
     fn execute(&self, sql: &str) -> Result<(), String> {
         let c_sql = CString::new(sql).map_err(|e| e.to_string())?;
         // SAFETY: an all-zero duckdb_result is the documented initial state; it is destroyed below.
@@ -94,6 +99,28 @@ impl ScanConnection {
         outcome
     }
 
+    /// Whether `sql` is one statement that only reads (`SELECT`, `WITH`, `VALUES`, `DESCRIBE`, `SHOW`, …);
+    /// nothing is executed. duckdb-rs does not expose a prepared statement's type, hence the raw calls.
+    /// Errors are DuckDB's parse and bind messages.
+    pub fn is_read_only(&self, sql: &str) -> Result<bool, String> {
+        let c_sql = CString::new(sql).map_err(|_| "the query contains a NUL byte".to_owned())?;
+        let mut statement: sys::duckdb_prepared_statement = ptr::null_mut();
+        // SAFETY: open connection, valid C string, out-pointer to a local; destroyed below in all cases.
+        let state = unsafe { sys::duckdb_prepare(self.con, c_sql.as_ptr(), &mut statement) };
+        let outcome = if state == sys::duckdb_state_DuckDBSuccess {
+            // SAFETY: a successfully prepared statement.
+            let kind = unsafe { sys::duckdb_prepared_statement_type(statement) };
+            Ok(kind == sys::duckdb_statement_type_DUCKDB_STATEMENT_TYPE_SELECT)
+        } else {
+            // SAFETY: the statement carries the error until destroyed; the message is copied first.
+            let message = unsafe { sys::duckdb_prepare_error(statement) };
+            Err(copy_c_str(message).unwrap_or_else(|| "the query could not be prepared".to_owned()))
+        };
+        // SAFETY: destroys the statement from duckdb_prepare (also after a failure), exactly once.
+        unsafe { sys::duckdb_destroy_prepare(&mut statement) };
+        outcome
+    }
+
     /// Registers `reader` as view `view` (in this connection's default catalog). The returned stream must
     /// outlive every query that reads the view; drop it only after dropping the view.
     pub fn register(&self, view: &str, reader: Box<dyn RecordBatchReader + Send>) -> Result<ScanStream, String> {
@@ -109,7 +136,7 @@ impl ScanConnection {
     }
 }
 
-impl Drop for ScanConnection {
+impl Drop for RawConnection {
     fn drop(&mut self) {
         // SAFETY: we own the connection and disconnect it once.
         unsafe { sys::duckdb_disconnect(&mut self.con) };

@@ -6,6 +6,7 @@
 //! stream is complete; anything else (an error, a dropped session, a client gone) rolls it back.
 
 mod ffi;
+mod query;
 mod reader;
 mod schema;
 pub mod sql;
@@ -24,9 +25,10 @@ use tokio::task::JoinHandle;
 
 use crate::budget::MemoryBudget;
 use crate::error::IngestError;
-use ffi::{RawDatabase, ScanConnection};
+use ffi::{RawConnection, RawDatabase};
+pub use query::{QueryLimits, QueryResult, TableInfo};
 use reader::{ChannelReader, Feed};
-pub use schema::{Column, TablePlan, check_supported};
+pub use schema::{Column, IfExists, TableMode, TablePlan, check_supported};
 use tables::{TableGuard, TableLocks};
 
 /// In-memory catalog holding the per-session Arrow views, so nothing about them reaches the database file.
@@ -41,6 +43,7 @@ pub struct Target {
     /// Most rows handed to DuckDB per batch; larger batches are sliced (zero-copy).
     pub chunk_size: usize,
     pub policy: SchemaPolicy,
+    pub mode: TableMode,
 }
 
 /// What a committed session wrote.
@@ -61,6 +64,7 @@ struct Shared {
     admin: Mutex<Connection>,
     idle: Mutex<Vec<Worker>>,
     permits: Arc<Semaphore>,
+    queries: query::QuerySlots,
     tables: TableLocks,
     budget: MemoryBudget,
     catalog: String,
@@ -71,7 +75,7 @@ struct Shared {
 /// One loading slot: a SQL connection and the raw connection that registers its Arrow streams.
 struct Worker {
     sql: Connection,
-    scan: ScanConnection,
+    scan: RawConnection,
 }
 
 impl Loader {
@@ -81,6 +85,7 @@ impl Loader {
         extensions: &[String],
         max_concurrent: usize,
         budget: MemoryBudget,
+        queries: QueryLimits,
     ) -> Result<Self, IngestError> {
         let db = RawDatabase::open(path)
             .map_err(|e| IngestError::Database(format!("cannot open {}: {e}", path.display())))?;
@@ -100,6 +105,7 @@ impl Loader {
                 admin: Mutex::new(admin),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(max_concurrent)),
+                queries: query::QuerySlots::new(queries),
                 tables: TableLocks::default(),
                 budget,
                 catalog,
@@ -208,12 +214,17 @@ impl Shared {
         let lock = self.tables.lock_for(&target.table);
         // Appends share the table; creating or altering it takes it exclusively for the whole transaction.
         let mut guard = TableGuard::shared(&lock);
-        let mut plan = schema::plan(self.table_columns(conn, &target.table)?.as_deref(), &incoming, target.policy)?;
-        if plan.changes_table() {
+        let plan = |conn| {
+            let existing = self.table_columns(conn, &target.table)?;
+            schema::plan(&target.table, existing.as_deref(), &incoming, target.policy, target.mode)
+        };
+        let mut plan_now = plan(conn)?;
+        if plan_now.changes_table() {
             drop(guard);
             guard = TableGuard::exclusive(&lock);
-            plan = schema::plan(self.table_columns(conn, &target.table)?.as_deref(), &incoming, target.policy)?;
+            plan_now = plan(conn)?;
         }
+        let plan = plan_now;
         let table = sql::qualified(&self.catalog, "main", &target.table);
         conn.execute_batch("BEGIN TRANSACTION")?;
         let outcome = (|| {
@@ -264,6 +275,10 @@ fn apply(conn: &Connection, table: &str, plan: &TablePlan) -> Result<(), IngestE
         TablePlan::Create(columns) => {
             let columns: Vec<String> = columns.iter().map(definition).collect();
             conn.execute_batch(&format!("CREATE TABLE {table} ({})", columns.join(", ")))?;
+        }
+        TablePlan::Replace(columns) => {
+            let columns: Vec<String> = columns.iter().map(definition).collect();
+            conn.execute_batch(&format!("DROP TABLE {table}; CREATE TABLE {table} ({})", columns.join(", ")))?;
         }
         TablePlan::AddColumns(columns) => {
             for column in columns {

@@ -28,6 +28,31 @@ pub enum TablePlan {
     Append,
     /// Add these columns (policy `evolve`), then append.
     AddColumns(Vec<Column>),
+    /// Drop the table and create it anew with these columns (Flight SQL ingest, `if_exists: REPLACE`).
+    Replace(Vec<Column>),
+}
+
+/// What a load may do to its table besides appending. Streams always use the default; Flight SQL bulk
+/// ingest sets it from the client's table definition options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableMode {
+    /// Create the table if it does not exist (otherwise that is an error).
+    pub create: bool,
+    pub if_exists: IfExists,
+}
+
+impl Default for TableMode {
+    fn default() -> Self {
+        Self { create: true, if_exists: IfExists::Append }
+    }
+}
+
+/// What a load does to a table that already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfExists {
+    Append,
+    Fail,
+    Replace,
 }
 
 impl TablePlan {
@@ -103,14 +128,24 @@ fn field_part(field: &Field) -> Option<String> {
 
 /// Compares incoming columns with the table's (`None`: no table yet). Names match case-insensitively,
 /// as DuckDB resolves them; types must be equal.
-pub fn plan(existing: Option<&[Column]>, incoming: &[Column], policy: SchemaPolicy) -> Result<TablePlan, IngestError> {
+pub fn plan(
+    table: &str,
+    existing: Option<&[Column]>,
+    incoming: &[Column],
+    policy: SchemaPolicy,
+    mode: TableMode,
+) -> Result<TablePlan, IngestError> {
     if let Some(duplicate) = first_duplicate(incoming) {
         return Err(IngestError::SchemaMismatch(format!(
             "column {duplicate:?} appears more than once (names are case-insensitive)"
         )));
     }
-    let Some(existing) = existing else {
-        return Ok(TablePlan::Create(incoming.to_vec()));
+    let existing = match (existing, mode.if_exists) {
+        (None, _) if mode.create => return Ok(TablePlan::Create(incoming.to_vec())),
+        (None, _) => return Err(IngestError::TableNotFound(table.to_owned())),
+        (Some(_), IfExists::Fail) => return Err(IngestError::TableExists(table.to_owned())),
+        (Some(_), IfExists::Replace) => return Ok(TablePlan::Replace(incoming.to_vec())),
+        (Some(existing), IfExists::Append) => existing,
     };
     let mut mismatched = Vec::new();
     let mut missing = Vec::new();
@@ -156,24 +191,30 @@ mod tests {
     #[test]
     fn no_table_means_create() {
         let incoming = cols(&[("a", "INTEGER")]);
-        assert_eq!(plan(None, &incoming, SchemaPolicy::Reject).unwrap(), TablePlan::Create(incoming));
+        assert_eq!(
+            plan("t", None, &incoming, SchemaPolicy::Reject, TableMode::default()).unwrap(),
+            TablePlan::Create(incoming)
+        );
     }
 
     #[test]
     fn subset_with_same_types_appends() {
         let table = cols(&[("a", "INTEGER"), ("b", "VARCHAR")]);
         let incoming = cols(&[("B", "varchar")]);
-        assert_eq!(plan(Some(&table), &incoming, SchemaPolicy::Reject).unwrap(), TablePlan::Append);
+        assert_eq!(
+            plan("t", Some(&table), &incoming, SchemaPolicy::Reject, TableMode::default()).unwrap(),
+            TablePlan::Append
+        );
     }
 
     #[test]
     fn unknown_column_is_rejected_by_name_or_added_by_evolve() {
         let table = cols(&[("a", "INTEGER")]);
         let incoming = cols(&[("a", "INTEGER"), ("extra", "DOUBLE")]);
-        let err = plan(Some(&table), &incoming, SchemaPolicy::Reject).unwrap_err();
+        let err = plan("t", Some(&table), &incoming, SchemaPolicy::Reject, TableMode::default()).unwrap_err();
         assert!(err.to_string().contains("extra DOUBLE"), "{err}");
         assert_eq!(
-            plan(Some(&table), &incoming, SchemaPolicy::Evolve).unwrap(),
+            plan("t", Some(&table), &incoming, SchemaPolicy::Evolve, TableMode::default()).unwrap(),
             TablePlan::AddColumns(cols(&[("extra", "DOUBLE")]))
         );
     }
@@ -181,13 +222,16 @@ mod tests {
     #[test]
     fn type_change_is_rejected_even_with_evolve() {
         let table = cols(&[("a", "INTEGER")]);
-        let err = plan(Some(&table), &cols(&[("a", "VARCHAR")]), SchemaPolicy::Evolve).unwrap_err();
+        let err = plan("t", Some(&table), &cols(&[("a", "VARCHAR")]), SchemaPolicy::Evolve, TableMode::default())
+            .unwrap_err();
         assert!(err.to_string().contains("a is INTEGER in the table but VARCHAR in the data"), "{err}");
     }
 
     #[test]
     fn duplicate_names_are_rejected() {
-        let err = plan(None, &cols(&[("a", "INTEGER"), ("A", "INTEGER")]), SchemaPolicy::Evolve).unwrap_err();
+        let err =
+            plan("t", None, &cols(&[("a", "INTEGER"), ("A", "INTEGER")]), SchemaPolicy::Evolve, TableMode::default())
+                .unwrap_err();
         assert!(err.to_string().contains("more than once"), "{err}");
     }
 
@@ -221,5 +265,18 @@ mod tests {
         assert!(message.contains("half (Float16; cast it to float32)"), "{message}");
         assert!(message.contains("day_time (Interval(DayTime)"), "{message}");
         assert!(!message.contains("ok"), "{message}");
+    }
+
+    #[test]
+    fn table_modes_for_flight_sql_ingest() {
+        let table = cols(&[("a", "INTEGER")]);
+        let incoming = cols(&[("b", "VARCHAR")]);
+        let mode = |create, if_exists| TableMode { create, if_exists };
+        let missing = plan("t", None, &incoming, SchemaPolicy::Reject, mode(false, IfExists::Append));
+        assert!(matches!(missing, Err(IngestError::TableNotFound(t)) if t == "t"));
+        let exists = plan("t", Some(&table), &incoming, SchemaPolicy::Reject, mode(true, IfExists::Fail));
+        assert!(matches!(exists, Err(IngestError::TableExists(_))));
+        let replace = plan("t", Some(&table), &incoming, SchemaPolicy::Reject, mode(true, IfExists::Replace));
+        assert_eq!(replace.unwrap(), TablePlan::Replace(incoming));
     }
 }

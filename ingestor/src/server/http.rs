@@ -13,13 +13,12 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::AppState;
 use super::body::{ContentEncoding, decoded_bytes};
+use super::{AppState, InflightRequest};
 use crate::decode::{IpcDecoder, IpcFormat};
 use crate::error::IngestError;
-use crate::load::{LoadSession, Target};
-use crate::metrics::{OutcomeLabels, Protocol, StreamLabels};
-use crate::routing::Route;
+use crate::load::LoadSession;
+use crate::metrics::Protocol;
 
 /// The answer to a committed ingest request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +57,10 @@ pub async fn ingest(
     let inflight = InflightRequest::new(&state);
     let outcome = ingest_body(&state, &stream, &headers, body, &wire_bytes, started).await;
     drop(inflight);
-    record(&state, &stream, &outcome, wire_bytes.load(Ordering::Relaxed), started);
+    if let Ok(report) = &outcome {
+        state.record_commit(Protocol::Http, report);
+    }
+    state.record_request(Protocol::Http, &stream, outcome.as_ref().err(), wire_bytes.load(Ordering::Relaxed), started);
     outcome.map(Json)
 }
 
@@ -92,7 +94,7 @@ async fn ingest_body(
         if session.is_none()
             && let Some(schema) = decoder.schema()
         {
-            session = Some(state.loader.begin(target(&route), schema).await?);
+            session = Some(state.loader.begin(route.target(), schema).await?);
         }
         if let Some(session) = session.as_mut() {
             for batch in batches.drain(..) {
@@ -113,66 +115,8 @@ async fn ingest_body(
     })
 }
 
-/// Counts a request in `arrowport_inflight_requests` for as long as it lives (cancellation included).
-struct InflightRequest<'a>(&'a AppState);
-
-impl<'a> InflightRequest<'a> {
-    fn new(state: &'a AppState) -> Self {
-        state.metrics.inflight_requests.inc();
-        Self(state)
-    }
-}
-
-impl Drop for InflightRequest<'_> {
-    fn drop(&mut self) {
-        self.0.metrics.inflight_requests.dec();
-    }
-}
-
-fn target(route: &Route) -> Target {
-    Target { table: route.table.clone(), chunk_size: route.chunk_size, policy: route.policy }
-}
-
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|value| value.to_str().ok())
-}
-
-/// Counts the request in the metrics and logs it.
-fn record(state: &AppState, stream: &str, outcome: &Result<IngestReport, IngestError>, wire: u64, started: Instant) {
-    let metrics = &state.metrics;
-    // Names that never became a stream are not labels: that would let any client mint time series.
-    let label = match outcome {
-        Err(IngestError::InvalidStreamName(_) | IngestError::UnknownStream(_)) => "",
-        _ => stream,
-    };
-    let labels = StreamLabels { stream: label.to_owned(), protocol: Protocol::Http };
-    metrics.received_bytes.get_or_create(&labels).inc_by(wire);
-    metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    let code = match outcome {
-        Ok(report) => {
-            metrics.rows.get_or_create(&labels).inc_by(report.rows);
-            metrics.batches.get_or_create(&labels).inc_by(report.batches);
-            metrics.decoded_bytes.get_or_create(&labels).inc_by(report.bytes_decoded);
-            metrics.compression_ratio.get_or_create(&labels).set(state.add_commit(report));
-            tracing::debug!(stream, table = %report.table, rows = report.rows, elapsed_ms = report.elapsed_ms, "Ingested.");
-            "ok"
-        }
-        Err(error) => {
-            if matches!(error, IngestError::SchemaMismatch(_)) {
-                metrics.schema_mismatches.get_or_create(&labels).inc();
-                tracing::warn!(stream, %error, "Refused a request whose schema does not fit the table.");
-            } else if error.status_code().is_server_error() {
-                tracing::error!(stream, code = error.code(), %error, "Ingest failed; nothing of it was written.");
-            } else {
-                tracing::info!(stream, code = error.code(), %error, "Refused an ingest request.");
-            }
-            error.code()
-        }
-    };
-    metrics
-        .requests
-        .get_or_create(&OutcomeLabels { stream: labels.stream, protocol: Protocol::Http, outcome: code.to_owned() })
-        .inc();
 }
 
 pub async fn healthz() -> &'static str {

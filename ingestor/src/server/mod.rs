@@ -1,13 +1,14 @@
-//! The network front: one listener, one router. Flight joins this router later, on the same port.
+//! The network front: one listener, one router for HTTP and Arrow Flight (or a second listener for Flight).
 
 mod body;
 mod http;
 pub mod streams;
 
 use std::collections::BTreeMap;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use arrowport_config::Limits;
 use axum::Router;
@@ -15,8 +16,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use crate::error::IngestError;
 use crate::load::Loader;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OutcomeLabels, Protocol, StreamLabels};
 use crate::routing::Routes;
 
 pub use body::ContentEncoding;
@@ -72,16 +74,80 @@ impl AppState {
         self.stats.lock().expect("stats lock poisoned").clone()
     }
 
-    /// Records a committed request in the per-stream totals; returns the stream's compression ratio.
-    fn add_commit(&self, report: &IngestReport) -> f64 {
-        let mut stats = self.stats.lock().expect("stats lock poisoned");
-        streams::add_commit(&mut stats, &report.stream, report);
-        let totals = &stats[&report.stream];
-        totals.bytes_decoded as f64 / totals.bytes_received.max(1) as f64
+    /// Counts one commit (a whole HTTP request, or one flush of a Flight call) in the metrics and the
+    /// per-stream totals.
+    pub fn record_commit(&self, protocol: Protocol, report: &IngestReport) {
+        let ratio = {
+            let mut stats = self.stats.lock().expect("stats lock poisoned");
+            streams::add_commit(&mut stats, &report.stream, report);
+            let totals = &stats[&report.stream];
+            totals.bytes_decoded as f64 / totals.bytes_received.max(1) as f64
+        };
+        let labels = StreamLabels { stream: report.stream.clone(), protocol };
+        let metrics = &self.metrics;
+        metrics.rows.get_or_create(&labels).inc_by(report.rows);
+        metrics.batches.get_or_create(&labels).inc_by(report.batches);
+        metrics.decoded_bytes.get_or_create(&labels).inc_by(report.bytes_decoded);
+        metrics.compression_ratio.get_or_create(&labels).set(ratio);
+        tracing::debug!(stream = %report.stream, table = %report.table, rows = report.rows, %protocol, "Committed.");
+    }
+
+    /// Counts a finished request (its wire bytes, duration and outcome) and logs a failure.
+    pub fn record_request(
+        &self,
+        protocol: Protocol,
+        stream: &str,
+        error: Option<&IngestError>,
+        wire_bytes: u64,
+        started: Instant,
+    ) {
+        let metrics = &self.metrics;
+        // Names that never became a stream are not labels: that would let any client mint time series.
+        let label = match error {
+            Some(IngestError::InvalidStreamName(_) | IngestError::UnknownStream(_)) => "",
+            _ => stream,
+        };
+        let labels = StreamLabels { stream: label.to_owned(), protocol };
+        metrics.received_bytes.get_or_create(&labels).inc_by(wire_bytes);
+        metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        let outcome = match error {
+            None => "ok",
+            Some(error) => {
+                if matches!(error, IngestError::SchemaMismatch(_)) {
+                    metrics.schema_mismatches.get_or_create(&labels).inc();
+                    tracing::warn!(stream, %protocol, %error, "Refused data whose schema does not fit the table.");
+                } else if error.status_code().is_server_error() {
+                    tracing::error!(stream, %protocol, code = error.code(), %error, "Ingest failed; its uncommitted data was rolled back.");
+                } else {
+                    tracing::info!(stream, %protocol, code = error.code(), %error, "Refused an ingest request.");
+                }
+                error.code()
+            }
+        };
+        metrics
+            .requests
+            .get_or_create(&OutcomeLabels { stream: labels.stream, protocol, outcome: outcome.to_owned() })
+            .inc();
     }
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request in `arrowport_inflight_requests` for as long as it lives (cancellation included).
+pub struct InflightRequest<'a>(&'a AppState);
+
+impl<'a> InflightRequest<'a> {
+    pub fn new(state: &'a AppState) -> Self {
+        state.metrics.inflight_requests.inc();
+        Self(state)
+    }
+}
+
+impl Drop for InflightRequest<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.inflight_requests.dec();
     }
 }
 
@@ -98,21 +164,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` completes, then lets in-flight requests finish and checkpoints.
+/// Serves HTTP, and Arrow Flight on the same listener unless `flight_listener` is given, until
+/// `shutdown` completes; then lets in-flight requests finish and checkpoints.
 pub async fn serve(
     listener: TcpListener,
+    flight_listener: Option<TcpListener>,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let signal_state = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            signal_state.shutting_down.store(true, Ordering::Relaxed);
-            tracing::info!("Shutting down: no new connections; finishing in-flight requests.");
-        })
-        .await?;
+    tokio::spawn(async move {
+        shutdown.await;
+        signal_state.shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!("Shutting down: no new connections; finishing in-flight requests.");
+        let _ = stop.send(true);
+    });
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let flight = crate::flight::router(state.clone());
+    let outcome = match flight_listener {
+        None => {
+            axum::serve(listener, router(state.clone()).merge(flight)).with_graceful_shutdown(until_stopped()).await
+        }
+        Some(flight_listener) => {
+            let http = axum::serve(listener, router(state.clone())).with_graceful_shutdown(until_stopped());
+            let flight = axum::serve(flight_listener, flight).with_graceful_shutdown(until_stopped());
+            tokio::try_join!(http.into_future(), flight.into_future()).map(|_| ())
+        }
+    };
     let loader = state.loader.clone();
     match tokio::task::spawn_blocking(move || loader.checkpoint()).await {
         Ok(Ok(())) => tracing::info!("Checkpointed the database."),
@@ -121,5 +205,5 @@ pub async fn serve(
         }
         Err(error) => tracing::error!(%error, "Checkpoint task failed."),
     }
-    Ok(())
+    outcome
 }

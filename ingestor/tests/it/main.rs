@@ -1,6 +1,7 @@
-//! Integration tests: the real server on an ephemeral loopback port, a real HTTP client, real DuckDB.
+//! Integration tests: the real server on an ephemeral loopback port, real HTTP and Flight clients, real DuckDB.
 
 mod bad_input;
+mod flight;
 mod ingest;
 mod process;
 mod reload;

@@ -42,7 +42,7 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(arrowport::server::serve(listener, state.clone(), async {
+        let task = tokio::spawn(arrowport::server::serve(listener, None, state.clone(), async {
             let _ = stopped.await;
         }));
         Self { url, state, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: dir }

@@ -1,0 +1,296 @@
+//! `DoPut`: Flight data into the loader, committed at the stream's flush thresholds and at the end.
+//!
+//! One call may be one batch or hours of them. Each commit is one loader session (one DuckDB
+//! transaction); a failure rolls back only what is not yet committed, and every commit is acknowledged
+//! with a `PutResult` before the next one starts, so a producer knows exactly what is durable.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
+use arrow_flight::error::FlightError;
+use arrow_flight::{FlightData, PutResult};
+use arrowport_config::FlushPolicy;
+use futures::{Stream, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::decode::check_message_body;
+use crate::error::IngestError;
+use crate::load::{LoadSession, Target};
+use crate::metrics::Protocol;
+use crate::routing::Route;
+use crate::server::{AppState, IngestReport};
+
+/// The `app_metadata` of each `PutResult`, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Rows made durable by this commit.
+    pub rows_committed: u64,
+    pub batches_committed: u64,
+    /// Rows committed by this call so far.
+    pub rows_total: u64,
+    /// The highest `request_id` the producer attached to a batch that is now committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<u64>,
+}
+
+/// What one call wrote in total.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub rows: u64,
+    pub wire_bytes: u64,
+}
+
+/// One `DoPut` being received.
+pub struct Put<'a> {
+    state: &'a AppState,
+    route: Route,
+    target: Target,
+    /// `None` commits only at the end (Flight SQL ingest is one transaction).
+    flush: Option<FlushPolicy>,
+    protocol: Protocol,
+    acks: Option<mpsc::Sender<Result<PutResult, Status>>>,
+    started: Instant,
+    wire: Arc<AtomicU64>,
+    /// The highest `request_id` + 1 seen in a metadata-only message (0: none).
+    marked: Arc<AtomicU64>,
+    schema: Option<SchemaRef>,
+    session: Option<LoadSession>,
+    pending: Pending,
+    rows_total: u64,
+    committed_request_id: Option<u64>,
+}
+
+/// What the open session holds, not yet committed.
+#[derive(Default)]
+struct Pending {
+    rows: u64,
+    bytes: u64,
+    first_at: Option<Instant>,
+    wire_at_start: u64,
+    request_id: Option<u64>,
+}
+
+impl<'a> Put<'a> {
+    pub fn new(
+        state: &'a AppState,
+        route: Route,
+        target: Target,
+        flush: Option<FlushPolicy>,
+        protocol: Protocol,
+        acks: Option<mpsc::Sender<Result<PutResult, Status>>>,
+    ) -> Self {
+        Self {
+            state,
+            route,
+            target,
+            flush,
+            protocol,
+            acks,
+            started: Instant::now(),
+            wire: Arc::new(AtomicU64::new(0)),
+            marked: Arc::new(AtomicU64::new(0)),
+            schema: None,
+            session: None,
+            pending: Pending::default(),
+            rows_total: 0,
+            committed_request_id: None,
+        }
+    }
+
+    /// Receives the whole call. On error, whatever is not committed is rolled back.
+    pub async fn run<S>(mut self, data: S) -> (Totals, Result<(), IngestError>)
+    where
+        S: Stream<Item = Result<FlightData, Status>> + Send + 'static,
+    {
+        let outcome = self.receive(data).await;
+        // Dropping an uncommitted session rolls it back.
+        self.session.take();
+        (Totals { rows: self.rows_total, wire_bytes: self.wire.load(Ordering::Relaxed) }, outcome)
+    }
+
+    async fn receive<S>(&mut self, data: S) -> Result<(), IngestError>
+    where
+        S: Stream<Item = Result<FlightData, Status>> + Send + 'static,
+    {
+        let (wire, marked) = (self.wire.clone(), self.marked.clone());
+        let checked = data.map_err(|status| FlightError::Tonic(Box::new(status))).try_filter_map(move |d| {
+            let size = d.data_header.len() + d.data_body.len() + d.app_metadata.len();
+            wire.fetch_add(size as u64, Ordering::Relaxed);
+            let message = if d.data_header.is_empty() {
+                // Metadata alone (pyarrow's `write_metadata`) marks the producer's position; no IPC in it.
+                if let Some(id) = request_id(&d.app_metadata) {
+                    marked.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+                }
+                Ok(None)
+            } else {
+                check_message_body(&d.data_header, d.data_body.len())
+                    .map(|()| Some(d))
+                    .map_err(FlightError::DecodeError)
+            };
+            futures::future::ready(message)
+        });
+        let mut decoder = FlightDataDecoder::new(checked);
+        loop {
+            let deadline = match (self.flush, self.pending.first_at) {
+                (Some(flush), Some(first)) => Some(first + Duration::from_secs(flush.interval_seconds)),
+                _ => None,
+            };
+            let next = match deadline {
+                Some(deadline) => tokio::select! {
+                    next = decoder.next() => next,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        self.commit().await?;
+                        continue;
+                    }
+                },
+                None => decoder.next().await,
+            };
+            let Some(message) = next else { break };
+            let message = message.map_err(|e| self.flight_error(e))?;
+            let request_id = request_id(&message.inner.app_metadata);
+            match message.payload {
+                DecodedPayload::Schema(schema) => self.start(schema).await?,
+                DecodedPayload::RecordBatch(batch) => {
+                    let rows = batch.num_rows() as u64;
+                    if self.session.is_none() {
+                        self.session = Some(self.begin().await?);
+                    }
+                    let session = self.session.as_mut().expect("a session was just opened");
+                    let bytes = session.send(batch).await?;
+                    let pending = &mut self.pending;
+                    pending.rows += rows;
+                    pending.bytes += bytes;
+                    pending.first_at.get_or_insert_with(Instant::now);
+                    pending.request_id = pending.request_id.max(request_id);
+                    if let Some(flush) = self.flush
+                        && (pending.rows >= flush.rows || pending.bytes >= flush.bytes.0)
+                    {
+                        self.commit().await?;
+                    }
+                }
+                // Metadata alone: it still marks the producer's position.
+                DecodedPayload::None => self.pending.request_id = self.pending.request_id.max(request_id),
+            }
+        }
+        if self.schema.is_none() {
+            return Err(IngestError::EmptyBody);
+        }
+        if self.session.is_some() {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// The stream's schema arrived: open the first session, which checks it against the table.
+    async fn start(&mut self, schema: SchemaRef) -> Result<(), IngestError> {
+        if let Some(known) = &self.schema {
+            if known.fields() != schema.fields() {
+                return Err(IngestError::InvalidIpc(
+                    "the schema changed in the middle of the stream; send a new schema in a new DoPut".to_owned(),
+                ));
+            }
+            return Ok(());
+        }
+        self.schema = Some(schema);
+        let session = self.begin().await?;
+        self.session = Some(session);
+        Ok(())
+    }
+
+    async fn begin(&mut self) -> Result<LoadSession, IngestError> {
+        let schema = self.schema.clone().ok_or(IngestError::EmptyBody)?;
+        self.pending.wire_at_start = self.wire.load(Ordering::Relaxed);
+        self.state.loader.begin(self.target.clone(), schema).await
+    }
+
+    /// Commits the open session and acknowledges it.
+    async fn commit(&mut self) -> Result<(), IngestError> {
+        let Some(session) = self.session.take() else { return Ok(()) };
+        let pending = std::mem::take(&mut self.pending);
+        let committed = session.commit().await?;
+        self.rows_total += committed.rows;
+        // Every batch before a consumed metadata-only message is in this commit.
+        let marked = self.marked.load(Ordering::Relaxed).checked_sub(1);
+        self.committed_request_id = self.committed_request_id.max(pending.request_id).max(marked);
+        let wire_now = self.wire.load(Ordering::Relaxed);
+        self.state.record_commit(
+            self.protocol,
+            &IngestReport {
+                stream: self.route.stream.clone(),
+                table: self.route.table.clone(),
+                rows: committed.rows,
+                batches: committed.batches,
+                bytes_received: wire_now - pending.wire_at_start,
+                bytes_decoded: pending.bytes,
+                elapsed_ms: self.started.elapsed().as_millis() as u64,
+            },
+        );
+        if let Some(acks) = &self.acks {
+            let ack = Ack {
+                rows_committed: committed.rows,
+                batches_committed: committed.batches,
+                rows_total: self.rows_total,
+                request_id: self.committed_request_id,
+            };
+            let metadata = serde_json::to_vec(&ack).expect("an Ack always serialises");
+            let result = PutResult { app_metadata: metadata.into() };
+            // A client that stopped listening still has its data committed; only the ack is lost.
+            let _ = acks.send(Ok(result)).await;
+        }
+        Ok(())
+    }
+
+    fn flight_error(&self, error: FlightError) -> IngestError {
+        match error {
+            FlightError::Tonic(status) if status.code() == tonic::Code::OutOfRange => {
+                IngestError::MessageTooLarge { limit: self.state.limits.max_message_bytes.0 }
+            }
+            FlightError::Tonic(status) => IngestError::BodyRead(status.message().to_owned()),
+            FlightError::Arrow(e) => IngestError::InvalidIpc(e.to_string()),
+            FlightError::DecodeError(e) | FlightError::ProtocolError(e) | FlightError::NotYetImplemented(e) => {
+                IngestError::InvalidIpc(e)
+            }
+            FlightError::ExternalError(e) => IngestError::InvalidIpc(e.to_string()),
+        }
+    }
+}
+
+/// `{"request_id": 42}` (or a bare `42`) in a batch's `app_metadata`; anything else carries none.
+fn request_id(metadata: &[u8]) -> Option<u64> {
+    if metadata.is_empty() {
+        return None;
+    }
+    match serde_json::from_slice::<serde_json::Value>(metadata).ok()? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::Object(map) => map.get("request_id")?.as_u64(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_come_from_json_metadata() {
+        assert_eq!(request_id(br#"{"request_id": 42}"#), Some(42));
+        assert_eq!(request_id(b"7"), Some(7));
+        assert_eq!(request_id(b""), None);
+        assert_eq!(request_id(b"not json"), None);
+        assert_eq!(request_id(br#"{"request_id": "x"}"#), None);
+    }
+
+    #[test]
+    fn ack_leaves_out_a_missing_request_id() {
+        let ack = Ack { rows_committed: 2, batches_committed: 1, rows_total: 5, request_id: None };
+        assert_eq!(
+            serde_json::to_string(&ack).unwrap(),
+            r#"{"rows_committed":2,"batches_committed":1,"rows_total":5}"#
+        );
+    }
+}

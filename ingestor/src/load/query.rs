@@ -1,0 +1,261 @@
+//! Reading back: Flight SQL queries and whole-table reads, on their own connections and slots.
+//!
+//! Clients' SQL must be one statement that only reads (checked on the prepared statement's type), and
+//! runs in a `READ ONLY` transaction that is always rolled back. Queries take their own slots, never
+//! the loaders', and are interrupted after the timeout, so they cannot stall ingest for long. DuckDB's
+//! MVCC lets them read while loads append.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::compute::concat_batches;
+use arrow::datatypes::SchemaRef;
+use duckdb::{Connection, InterruptHandle};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{Loader, Shared, sql};
+use crate::error::IngestError;
+
+/// DuckDB hands out 2,048-row chunks; batches of about this many rows are cheaper to send.
+const TARGET_BATCH_ROWS: usize = 65_536;
+/// Batches buffered between DuckDB and the client, per query.
+const CHANNEL_DEPTH: usize = 2;
+
+/// How many queries may run at once, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    pub max_concurrent: usize,
+    pub timeout: Duration,
+}
+
+pub(super) struct QuerySlots {
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl QuerySlots {
+    pub(super) fn new(limits: QueryLimits) -> Self {
+        Self { permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))), timeout: limits.timeout }
+    }
+}
+
+/// A running query: its schema now, its batches as DuckDB produces them. Dropping it cancels the query.
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub batches: mpsc::Receiver<Result<RecordBatch, IngestError>>,
+}
+
+/// SQL written by a client (checked to be read-only) or by Arrowport itself.
+enum Sql {
+    Client(String),
+    Internal(String),
+}
+
+impl Loader {
+    /// Runs a client's read-only SQL statement.
+    pub async fn query(&self, sql: &str) -> Result<QueryResult, IngestError> {
+        self.run_query(Sql::Client(sql.to_owned())).await
+    }
+
+    /// The result schema of a client's read-only SQL statement, exactly as [`query`](Self::query) will
+    /// send it (drivers compare the two). Runs the statement under `LIMIT 0` where it nests, else
+    /// starts it and stops at the schema.
+    pub async fn query_schema(&self, sql: &str) -> Result<SchemaRef, IngestError> {
+        let shared = self.shared.clone();
+        let text = sql.to_owned();
+        blocking(move || shared.check_read_only(&text)).await?;
+        // Newlines keep a trailing `--` comment from swallowing the wrapper.
+        let statement = sql.trim_end().trim_end_matches(';');
+        let empty = format!("SELECT * FROM (\n{statement}\n) AS q LIMIT 0");
+        match self.run_query(Sql::Internal(empty)).await {
+            Ok(result) => Ok(result.schema),
+            Err(_) => Ok(self.run_query(Sql::Internal(sql.to_owned())).await?.schema),
+        }
+    }
+
+    /// Reads a whole table, `SELECT *`.
+    pub async fn read_table(&self, table: &str) -> Result<QueryResult, IngestError> {
+        let relation = sql::qualified(&self.shared.catalog, "main", table);
+        self.run_query(Sql::Internal(format!("SELECT * FROM {relation}"))).await
+    }
+
+    /// The database's catalog name (what Flight SQL calls the catalog).
+    pub fn catalog(&self) -> &str {
+        &self.shared.catalog
+    }
+
+    /// Every table of the main schema with its Arrow schema and row count, sorted by name.
+    pub async fn tables(&self) -> Result<Vec<TableInfo>, IngestError> {
+        self.table_infos(None).await
+    }
+
+    /// One table (names match case-insensitively, as in DuckDB), or `None` if it does not exist.
+    pub async fn table(&self, name: &str) -> Result<Option<TableInfo>, IngestError> {
+        Ok(self.table_infos(Some(name.to_owned())).await?.pop())
+    }
+
+    async fn table_infos(&self, only: Option<String>) -> Result<Vec<TableInfo>, IngestError> {
+        let shared = self.shared.clone();
+        blocking(move || {
+            let conn = shared.db.connect()?;
+            let mut statement = conn.prepare(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main' \
+                 AND (? IS NULL OR lower(table_name) = lower(?)) ORDER BY table_name",
+            )?;
+            let names = statement
+                .query_map(duckdb::params![shared.catalog, only, only], |row| row.get::<_, String>(0))?
+                .collect::<duckdb::Result<Vec<_>>>()?;
+            names
+                .into_iter()
+                .map(|name| {
+                    let relation = sql::qualified(&shared.catalog, "main", &name);
+                    let schema =
+                        conn.prepare(&format!("SELECT * FROM {relation} LIMIT 0"))?.query_arrow([])?.get_schema();
+                    let rows: i64 =
+                        conn.query_row(&format!("SELECT count(*) FROM {relation}"), [], |row| row.get(0))?;
+                    Ok(TableInfo { name, schema, rows: rows.max(0) as u64 })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn run_query(&self, sql: Sql) -> Result<QueryResult, IngestError> {
+        let slots = &self.shared.queries;
+        let permit = slots.permits.clone().acquire_owned().await.map_err(|_| IngestError::ShuttingDown)?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (batches_tx, batches_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (interrupt_tx, interrupt_rx) = oneshot::channel::<Arc<InterruptHandle>>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let timeout = slots.timeout;
+        let flag = timed_out.clone();
+        tokio::spawn(async move {
+            let Ok(interrupt) = interrupt_rx.await else { return };
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    flag.store(true, Ordering::Relaxed);
+                    interrupt.interrupt();
+                }
+                _ = done_rx => {}
+            }
+        });
+        let shared = self.shared.clone();
+        let seconds = timeout.as_secs();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _done = done_tx;
+            let outcome = shared.run_query(&sql, interrupt_tx, ready_tx, &batches_tx);
+            if let Err(error) = outcome {
+                let error =
+                    if timed_out.load(Ordering::Relaxed) { IngestError::QueryTimeout { seconds } } else { error };
+                // Before the schema went out, the error reaches the caller through `ready`.
+                let _ = batches_tx.blocking_send(Err(error));
+            }
+        });
+        match ready_rx.await {
+            Ok(schema) => Ok(QueryResult { schema, batches: batches_rx }),
+            Err(_) => {
+                let mut batches = batches_rx;
+                Err(match batches.recv().await {
+                    Some(Err(error)) => error,
+                    _ => IngestError::Database("the query stopped before it started".to_owned()),
+                })
+            }
+        }
+    }
+}
+
+/// A table as Flight lists it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: String,
+    pub schema: SchemaRef,
+    pub rows: u64,
+}
+
+impl Shared {
+    /// Refuses anything but one read-only statement.
+    fn check_read_only(&self, sql: &str) -> Result<(), IngestError> {
+        let raw = self.db.raw_connection().map_err(IngestError::Database)?;
+        if raw.is_read_only(sql).map_err(IngestError::InvalidQuery)? {
+            Ok(())
+        } else {
+            Err(IngestError::InvalidQuery(
+                "only one read-only statement (SELECT, WITH, VALUES, DESCRIBE, SHOW, ...) may run here".to_owned(),
+            ))
+        }
+    }
+
+    fn run_query(
+        &self,
+        sql: &Sql,
+        interrupt: oneshot::Sender<Arc<InterruptHandle>>,
+        ready: oneshot::Sender<SchemaRef>,
+        batches: &mpsc::Sender<Result<RecordBatch, IngestError>>,
+    ) -> Result<(), IngestError> {
+        let text = match sql {
+            Sql::Client(text) => {
+                self.check_read_only(text)?;
+                text
+            }
+            Sql::Internal(text) => text,
+        };
+        // A fresh connection per query: nothing a query sets can outlive it.
+        let conn = self.db.connect()?;
+        let _ = interrupt.send(conn.interrupt_handle());
+        conn.execute_batch("BEGIN TRANSACTION READ ONLY")?;
+        let outcome = stream_rows(&conn, text, ready, batches);
+        let _ = conn.execute_batch("ROLLBACK");
+        outcome
+    }
+}
+
+fn stream_rows(
+    conn: &Connection,
+    text: &str,
+    ready: oneshot::Sender<SchemaRef>,
+    batches: &mpsc::Sender<Result<RecordBatch, IngestError>>,
+) -> Result<(), IngestError> {
+    let mut statement = conn.prepare(text).map_err(|e| IngestError::InvalidQuery(e.to_string()))?;
+    // Executes lazily; the iterator itself is not used because it panics on errors.
+    drop(statement.stream_arrow([])?);
+    let schema = statement.schema();
+    if ready.send(schema.clone()).is_err() {
+        return Ok(());
+    }
+    let mut pending: Vec<RecordBatch> = Vec::new();
+    let mut pending_rows = 0;
+    loop {
+        let chunk = statement.step()?;
+        let done = chunk.is_none();
+        if let Some(chunk) = chunk {
+            let batch = RecordBatch::from(&chunk);
+            pending_rows += batch.num_rows();
+            pending.push(batch);
+        }
+        if (done && !pending.is_empty()) || pending_rows >= TARGET_BATCH_ROWS {
+            let arrow_error = |e: arrow::error::ArrowError| IngestError::Database(e.to_string());
+            let batch = concat_batches(&pending[0].schema(), &pending).map_err(arrow_error)?;
+            // Chunks carry their own field names; the reply promised the statement's schema.
+            let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec()).map_err(arrow_error)?;
+            pending.clear();
+            pending_rows = 0;
+            if batches.blocking_send(Ok(batch)).is_err() {
+                // The client went away: stop reading.
+                return Ok(());
+            }
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IngestError> + Send + 'static,
+) -> Result<T, IngestError> {
+    tokio::task::spawn_blocking(f).await.map_err(|join| IngestError::Database(format!("task failed: {join}")))?
+}
