@@ -1,7 +1,9 @@
-//! `arrowport-bench`: Arrowport's HTTP ingest against in-process DuckDB loading of the same data, on
-//! the same machine, in one run. Run it through `bench/run`, which builds the release binaries first.
+//! `arrowport-bench`: Arrowport's HTTP and Flight ingest against in-process DuckDB loading of the same
+//! data, on the same machine, in one run. Run it through `bench/run`, which builds the release binaries
+//! first.
 
 mod data;
+mod flight;
 mod server;
 
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arrow::array::RecordBatch;
+use arrow_flight::FlightData;
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrowport::budget::MemoryBudget;
@@ -18,7 +21,7 @@ use clap::Parser;
 
 use server::Server;
 
-/// Measures Arrowport's HTTP ingest against in-process DuckDB loading of the same batches.
+/// Measures Arrowport's HTTP and Flight ingest against in-process DuckDB loading of the same batches.
 #[derive(Parser)]
 struct Args {
     /// Rows loaded by each scenario.
@@ -27,7 +30,7 @@ struct Args {
     /// Rows per record batch (122,880 is one DuckDB row group).
     #[arg(long, default_value_t = 122_880)]
     batch_rows: usize,
-    /// The `arrowport` binary to start for the HTTP scenarios.
+    /// The `arrowport` binary to start for the HTTP and Flight scenarios.
     #[arg(long)]
     server: PathBuf,
     /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
@@ -60,14 +63,29 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut outcomes = vec![in_process_native(&batches).await?, in_process_appender(&batches)?];
-    let plain = ipc(&batches, None);
-    let zstd = ipc(&batches, Some(CompressionType::ZSTD));
-    let lz4 = ipc(&batches, Some(CompressionType::LZ4_FRAME));
-    outcomes.push(http(&args, "HTTP, 1 producer", std::slice::from_ref(&plain), args.rows, bytes).await?);
-    outcomes.push(http(&args, "HTTP, 1 producer, IPC zstd", std::slice::from_ref(&zstd), args.rows, bytes).await?);
-    outcomes.push(http(&args, "HTTP, 1 producer, IPC lz4", std::slice::from_ref(&lz4), args.rows, bytes).await?);
-    let eighths: Vec<Vec<u8>> = batches.chunks(batches.len().div_ceil(8)).map(|part| ipc(part, None)).collect();
-    outcomes.push(http(&args, "HTTP, 8 producers", &eighths, args.rows, bytes).await?);
+    let eighths: Vec<&[RecordBatch]> = batches.chunks(batches.len().div_ceil(8)).collect();
+    let http_scenarios = [
+        ("HTTP, 1 producer", vec![ipc(&batches, None)]),
+        ("HTTP, 1 producer, IPC zstd", vec![ipc(&batches, Some(CompressionType::ZSTD))]),
+        ("HTTP, 1 producer, IPC lz4", vec![ipc(&batches, Some(CompressionType::LZ4_FRAME))]),
+        ("HTTP, 8 producers", eighths.iter().map(|part| ipc(part, None)).collect()),
+    ];
+    for (scenario, bodies) in http_scenarios {
+        outcomes.push(remote(&args, scenario, Payloads::Http(bodies), bytes).await?);
+    }
+    let flight_scenarios = [
+        ("Flight DoPut, 1 producer", vec![&batches[..]], None),
+        ("Flight DoPut, 1 producer, IPC zstd", vec![&batches[..]], Some(CompressionType::ZSTD)),
+        ("Flight DoPut, 1 producer, IPC lz4", vec![&batches[..]], Some(CompressionType::LZ4_FRAME)),
+        ("Flight DoPut, 8 producers", eighths.clone(), None),
+    ];
+    for (scenario, parts, compression) in flight_scenarios {
+        let mut puts = Vec::new();
+        for part in parts {
+            puts.push(flight::messages("lineitem", part, compression).await?);
+        }
+        outcomes.push(remote(&args, scenario, Payloads::Flight(puts), bytes).await?);
+    }
     if args.upload_gib > 0.0 {
         outcomes.push(streamed_upload(&args).await?);
     }
@@ -127,14 +145,31 @@ fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration
     }
 }
 
-/// Posts each body concurrently to a fresh server, one producer per body.
-async fn http(args: &Args, scenario: &str, bodies: &[Vec<u8>], rows: u64, bytes: u64) -> anyhow::Result<Outcome> {
+/// What the producers of one scenario send, each encoded before the clock starts.
+enum Payloads {
+    /// One Arrow IPC stream body per producer.
+    Http(Vec<Vec<u8>>),
+    /// One `DoPut` per producer.
+    Flight(Vec<Vec<FlightData>>),
+}
+
+/// Sends every payload concurrently to a fresh server, one producer each, and waits for all commits.
+async fn remote(args: &Args, scenario: &str, payloads: Payloads, bytes: u64) -> anyhow::Result<Outcome> {
     let server = Server::start(&args.server)?;
     let client = reqwest::Client::new();
     let started = Instant::now();
-    let requests = bodies.iter().map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body.clone())));
-    let committed: u64 = futures::future::try_join_all(requests).await?.into_iter().sum();
+    let committed: Vec<u64> = match payloads {
+        Payloads::Http(bodies) => {
+            let requests = bodies.into_iter().map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body)));
+            futures::future::try_join_all(requests).await?
+        }
+        Payloads::Flight(puts) => {
+            let calls = puts.into_iter().map(|messages| flight::put(server.url(), messages));
+            futures::future::try_join_all(calls).await?
+        }
+    };
     let elapsed = started.elapsed();
+    let (committed, rows) = (committed.iter().sum::<u64>(), args.rows);
     anyhow::ensure!(committed == rows, "{scenario}: the server committed {committed} rows, expected {rows}");
     Ok(Outcome { scenario: scenario.to_owned(), rows, bytes, elapsed, peak_rss: Some(server.stop()?) })
 }

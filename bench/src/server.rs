@@ -33,6 +33,10 @@ impl Server {
         Ok(Self { child, url: format!("http://{addr}"), _dir: dir })
     }
 
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Posts one Arrow stream and returns the committed row count.
     pub async fn ingest(&self, client: &reqwest::Client, stream: &str, body: reqwest::Body) -> anyhow::Result<u64> {
         let response = client

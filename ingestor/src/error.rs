@@ -37,6 +37,8 @@ pub enum IngestError {
     ShuttingDown,
     #[error("table {0:?} does not exist and the request does not allow creating it")]
     TableNotFound(String),
+    #[error("stream {0:?} has no data yet: its table is created by the first write")]
+    NoData(String),
     #[error("table {0:?} already exists and the request does not allow writing to it")]
     TableExists(String),
     #[error("invalid request: {0}")]
@@ -60,7 +62,7 @@ impl IngestError {
             | Self::BodyRead(_)
             | Self::InvalidRequest(_)
             | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownStream(_) | Self::TableNotFound(_) => StatusCode::NOT_FOUND,
+            Self::UnknownStream(_) | Self::TableNotFound(_) | Self::NoData(_) => StatusCode::NOT_FOUND,
             Self::TableExists(_) => StatusCode::CONFLICT,
             Self::QueryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -89,6 +91,7 @@ impl IngestError {
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
             Self::TableNotFound(_) => "table_not_found",
+            Self::NoData(_) => "no_data",
             Self::TableExists(_) => "table_exists",
             Self::InvalidRequest(_) => "invalid_request",
             Self::InvalidQuery(_) => "invalid_query",

@@ -237,9 +237,9 @@ def test_reading_an_unknown_stream_is_not_found(server):
         lambda: flight.get_schema(fl.FlightDescriptor.for_path("nothing")),
         lambda: do_get(flight, "nothing"),
     ):
-        with pytest.raises(pa.ArrowKeyError, match="not found.*table \"nothing\" does not exist"):
+        with pytest.raises(pa.ArrowKeyError, match="not found.*stream \"nothing\" has no data yet"):
             call()
-    assert trailers.codes() == ["table_not_found"] * 3
+    assert trailers.codes() == ["no_data"] * 3
 
 
 # --- Flight: bad input ------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ pub async fn stream_schema(state: &AppState, stream: &str) -> Result<SchemaResul
 /// The stream's whole table, compressed as the stream is configured.
 pub async fn read_stream(state: &AppState, stream: &str) -> Result<BoxStream<FlightData>, IngestError> {
     let (route, table) = resolve(state, stream).await?;
-    let table = table.ok_or_else(|| IngestError::TableNotFound(route.table.clone()))?;
+    let table = table.ok_or_else(|| IngestError::NoData(route.stream.clone()))?;
     let result = state.loader.read_table(&table.name).await?;
     Ok(reply::query_reply(result, route.compression))
 }
@@ -55,7 +55,7 @@ async fn resolve(state: &AppState, stream: &str) -> Result<(Route, Option<TableI
     let route = state.routes().resolve(stream)?;
     let table = state.loader.table(&route.table).await?;
     if table.is_none() && !route.configured {
-        return Err(IngestError::TableNotFound(route.table));
+        return Err(IngestError::NoData(route.stream));
     }
     Ok((route, table))
 }

@@ -73,7 +73,7 @@ pub fn status(error: &IngestError) -> Status {
         | UnsupportedType(_)
         | UnsupportedMediaType(_)
         | UnsupportedEncoding(_) => Code::InvalidArgument,
-        UnknownStream(_) | TableNotFound(_) => Code::NotFound,
+        UnknownStream(_) | TableNotFound(_) | NoData(_) => Code::NotFound,
         TableExists(_) => Code::AlreadyExists,
         SchemaMismatch(_) => Code::FailedPrecondition,
         BodyTooLarge { .. } | MessageTooLarge { .. } | Overloaded => Code::ResourceExhausted,
@@ -170,8 +170,10 @@ impl FlightService for FlightFront {
         FlightService::do_action(&self.sql, request).await
     }
 
-    async fn list_actions(&self, request: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
-        FlightService::list_actions(&self.sql, request).await
+    async fn list_actions(&self, _request: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        // No actions are implemented (prepared statements, transactions, cancellation): advertise none, so
+        // clients do not try them.
+        Ok(Response::new(Box::pin(futures::stream::empty())))
     }
 
     async fn do_exchange(

@@ -223,6 +223,8 @@ async fn streams_are_listed_described_and_read_back() {
     put(&server, put_messages("events", &sent)).await.unwrap();
     let mut client = client(&server).await;
     let flights: Vec<_> = client.list_flights(vec![]).await.unwrap().try_collect().await.unwrap();
+    let actions: Vec<_> = client.list_actions().await.unwrap().try_collect().await.unwrap();
+    assert!(actions.is_empty(), "no actions are implemented, so none are advertised: {actions:?}");
     let events = flights.iter().find(|f| f.flight_descriptor.as_ref().unwrap().path == ["events"]).unwrap();
     assert_eq!(events.total_records, 500);
     let descriptor = FlightDescriptor::new_path(vec!["events".into()]);

@@ -1,0 +1,38 @@
+//! Arrow Flight `DoPut` producers, with their messages encoded before the clock starts (as the HTTP
+//! bodies are), so the figures measure the server rather than the client's encoder.
+
+use anyhow::Context;
+use arrow::array::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::{FlightClient, FlightData, FlightDescriptor, PutResult};
+use arrow_ipc::CompressionType;
+use arrow_ipc::writer::IpcWriteOptions;
+use futures::TryStreamExt;
+use tonic::transport::Channel;
+
+/// One `DoPut`'s messages: the schema with the stream's descriptor, then one message per batch (whole, as
+/// PyArrow sends them).
+pub async fn messages(
+    stream: &str,
+    batches: &[RecordBatch],
+    compression: Option<CompressionType>,
+) -> anyhow::Result<Vec<FlightData>> {
+    let options = IpcWriteOptions::default().try_with_compression(compression)?;
+    let encoder = FlightDataEncoderBuilder::new()
+        .with_options(options)
+        .with_max_flight_data_size(usize::MAX)
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![stream.to_owned()])))
+        .build(futures::stream::iter(batches.to_vec().into_iter().map(Ok)));
+    Ok(encoder.try_collect().await?)
+}
+
+/// Sends one `DoPut` and returns the rows the server acknowledged as committed.
+pub async fn put(url: &str, messages: Vec<FlightData>) -> anyhow::Result<u64> {
+    let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+    let mut client = FlightClient::new(channel);
+    let acks: Vec<PutResult> =
+        client.do_put(futures::stream::iter(messages.into_iter().map(Ok))).await?.try_collect().await?;
+    let last = acks.last().context("the DoPut ended without an ack")?;
+    let ack: serde_json::Value = serde_json::from_slice(&last.app_metadata)?;
+    ack["rows_total"].as_u64().context("rows_total in the ack")
+}
