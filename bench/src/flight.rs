@@ -18,11 +18,13 @@ pub async fn messages(
     compression: Option<CompressionType>,
 ) -> anyhow::Result<Vec<FlightData>> {
     let options = IpcWriteOptions::default().try_with_compression(compression)?;
+    // The encoder's stream must own its batches (they are cheap, reference-counted clones).
+    let owned: Vec<RecordBatch> = batches.to_vec();
     let encoder = FlightDataEncoderBuilder::new()
         .with_options(options)
         .with_max_flight_data_size(usize::MAX)
         .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![stream.to_owned()])))
-        .build(futures::stream::iter(batches.to_vec().into_iter().map(Ok)));
+        .build(futures::stream::iter(owned.into_iter().map(Ok)));
     Ok(encoder.try_collect().await?)
 }
 
