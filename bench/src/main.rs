@@ -15,7 +15,7 @@ use arrow_flight::FlightData;
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrowport::budget::MemoryBudget;
-use arrowport::load::{Loader, QueryLimits, TableMode, Target, decoded_size};
+use arrowport::load::{Loader, LoaderOptions, QueryLimits, TableMode, Target, decoded_size};
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
 
@@ -98,7 +98,8 @@ async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let queries = QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(60) };
-    let loader = Loader::open(&dir.path().join("native.duckdb"), &[], 1, budget, queries)?;
+    let options = LoaderOptions { extensions: vec![], memory_limit: None, max_concurrent_loads: 1, budget, queries };
+    let loader = Loader::open(&dir.path().join("native.duckdb"), options)?;
     let target = Target {
         table: "lineitem".into(),
         chunk_size: 122_880,

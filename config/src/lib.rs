@@ -7,6 +7,7 @@
 mod bytesize;
 mod error;
 mod ident;
+mod locate;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 pub use bytesize::ByteSize;
 pub use error::ConfigError;
 pub use ident::{is_valid_stream_name, is_valid_table_name};
+
+use locate::KeyLines;
 
 /// Default DuckDB file when nothing else is configured.
 pub const DEFAULT_DB_PATH: &str = "./arrowport.duckdb";
@@ -48,6 +51,8 @@ pub struct Config {
     pub auto_create: bool,
     /// Resource limits protecting the ingester.
     pub limits: Limits,
+    /// Settings of the embedded DuckDB database.
+    pub duckdb: DuckDbSettings,
     /// Per-stream routing, keyed by stream name.
     pub streams: BTreeMap<String, StreamConfig>,
 }
@@ -64,8 +69,26 @@ impl Default for Config {
             streams_path: None,
             auto_create: true,
             limits: Limits::default(),
+            duckdb: DuckDbSettings::default(),
             streams: BTreeMap::new(),
         }
+    }
+}
+
+/// Settings of the embedded DuckDB database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DuckDbSettings {
+    /// DuckDB's own `memory_limit` (its buffer pool); `None` keeps DuckDB's default, 80% of RAM.
+    pub memory_limit: Option<ByteSize>,
+    /// Arrowport runs `CHECKPOINT` this often (0: only at shutdown); DuckDB also checkpoints by itself
+    /// when its write-ahead log grows past 16 MiB.
+    pub checkpoint_interval_seconds: u64,
+}
+
+impl Default for DuckDbSettings {
+    fn default() -> Self {
+        Self { memory_limit: None, checkpoint_interval_seconds: 300 }
     }
 }
 
@@ -212,40 +235,67 @@ pub struct StreamsFile {
 }
 
 impl Config {
-    /// Parses and validates a base config file's text.
+    /// Parses and validates a base config file's text; the error is the first problem.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = error::parse_yaml(text)?;
-        config.validate()?;
+        Self::check_yaml(text).map_err(first)
+    }
+
+    /// Parses and validates like [`Config::from_yaml`], reporting every problem with its key path and
+    /// line. Bad YAML, an unknown key or a value of the wrong type stops the parser, so it comes alone.
+    pub fn check_yaml(text: &str) -> Result<Self, Vec<ConfigError>> {
+        let config: Self = error::parse_yaml(text).map_err(|error| vec![error])?;
+        locate(text, config.issues())?;
         Ok(config)
     }
 
-    /// Checks what the type system cannot: names, ranges and combinations.
+    /// Checks what the type system cannot: names, ranges and combinations. The error is the first of
+    /// [`Config::problems`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.limits.max_concurrent_loads == 0 {
-            return Err(ConfigError::invalid("limits.max_concurrent_loads", "must be at least 1"));
+        self.problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem [`Config::validate`] checks for, in the order of the keys (without lines: those
+    /// come from the text, see [`Config::check_yaml`]).
+    pub fn problems(&self) -> Vec<ConfigError> {
+        self.issues().into_iter().map(|issue| issue.error(None)).collect()
+    }
+
+    fn issues(&self) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        let limits = &self.limits;
+        for (field, value, message) in [
+            ("max_concurrent_loads", limits.max_concurrent_loads as u64, "must be at least 1"),
+            ("max_concurrent_queries", limits.max_concurrent_queries as u64, "must be at least 1"),
+            ("query_timeout_seconds", limits.query_timeout_seconds, "must be at least 1"),
+            ("memory_budget_bytes", limits.memory_budget_bytes.0, "must be greater than 0"),
+        ] {
+            if value == 0 {
+                issues.push(Issue::new(&["limits", field], message));
+            }
         }
-        if self.limits.max_concurrent_queries == 0 {
-            return Err(ConfigError::invalid("limits.max_concurrent_queries", "must be at least 1"));
-        }
-        if self.limits.query_timeout_seconds == 0 {
-            return Err(ConfigError::invalid("limits.query_timeout_seconds", "must be at least 1"));
-        }
-        if self.limits.memory_budget_bytes.0 == 0 {
-            return Err(ConfigError::invalid("limits.memory_budget_bytes", "must be greater than 0"));
-        }
-        validate_compression("compression", &self.compression)?;
-        validate_streams(&self.streams)
+        check_compression(&mut issues, &["compression"], &self.compression);
+        check_streams(&mut issues, &self.streams);
+        issues
     }
 }
 
 impl StreamsFile {
-    /// Parses and validates a streams file's text. An empty document is an empty map.
+    /// Parses and validates a streams file's text; the error is the first problem. An empty document
+    /// is an empty map.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::check_yaml(text).map_err(first)
+    }
+
+    /// Parses and validates like [`StreamsFile::from_yaml`], reporting every problem (see
+    /// [`Config::check_yaml`]).
+    pub fn check_yaml(text: &str) -> Result<Self, Vec<ConfigError>> {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        let file: Self = error::parse_yaml(text)?;
-        validate_streams(&file.streams)?;
+        let file: Self = error::parse_yaml(text).map_err(|error| vec![error])?;
+        let mut issues = Vec::new();
+        check_streams(&mut issues, &file.streams);
+        locate(text, issues)?;
         Ok(file)
     }
 
@@ -255,52 +305,84 @@ impl StreamsFile {
     }
 }
 
-fn validate_streams(streams: &BTreeMap<String, StreamConfig>) -> Result<(), ConfigError> {
+/// A value that parsed but is not acceptable. The path is kept in segments because stream names may
+/// contain dots.
+struct Issue {
+    path: Vec<String>,
+    message: &'static str,
+}
+
+impl Issue {
+    fn new(path: &[&str], message: &'static str) -> Self {
+        Self { path: path.iter().map(|segment| (*segment).to_owned()).collect(), message }
+    }
+
+    fn error(self, line: Option<u64>) -> ConfigError {
+        ConfigError::Invalid { key: self.path.join("."), message: self.message.to_owned(), line }
+    }
+}
+
+/// Gives each issue the line of its key in `text`.
+fn locate(text: &str, issues: Vec<Issue>) -> Result<(), Vec<ConfigError>> {
+    if issues.is_empty() {
+        return Ok(());
+    }
+    let lines = KeyLines::parse(text);
+    Err(issues
+        .into_iter()
+        .map(|issue| {
+            let line = lines.line(&issue.path);
+            issue.error(line)
+        })
+        .collect())
+}
+
+fn first(mut problems: Vec<ConfigError>) -> ConfigError {
+    problems.swap_remove(0)
+}
+
+fn check_streams(issues: &mut Vec<Issue>, streams: &BTreeMap<String, StreamConfig>) {
     for (name, stream) in streams {
-        let key = format!("streams.{name}");
+        let at = |field: &[&str]| [&["streams", name.as_str()], field].concat();
         if !is_valid_stream_name(name) {
-            return Err(ConfigError::invalid(
-                &key,
+            issues.push(Issue::new(
+                &at(&[]),
                 "stream names are 1-128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'",
             ));
         }
         if let Some(table) = &stream.target_table
             && !is_valid_table_name(table)
         {
-            return Err(ConfigError::invalid(
-                &format!("{key}.target_table"),
+            issues.push(Issue::new(
+                &at(&["target_table"]),
                 "table names are 1-128 characters of [A-Za-z0-9_], not starting with a digit",
             ));
         }
         if stream.chunk_size == Some(0) {
-            return Err(ConfigError::invalid(&format!("{key}.chunk_size"), "must be at least 1"));
+            issues.push(Issue::new(&at(&["chunk_size"]), "must be at least 1"));
         }
         if let Some(compression) = &stream.compression {
-            validate_compression(&format!("{key}.compression"), compression)?;
+            check_compression(issues, &at(&["compression"]), compression);
         }
         if let Some(flush) = &stream.flush {
             for (field, value) in
                 [("rows", flush.rows), ("bytes", flush.bytes.0), ("interval_seconds", flush.interval_seconds)]
             {
                 if value == 0 {
-                    return Err(ConfigError::invalid(&format!("{key}.flush.{field}"), "must be at least 1"));
+                    issues.push(Issue::new(&at(&["flush", field]), "must be at least 1"));
                 }
             }
         }
     }
-    Ok(())
 }
 
-fn validate_compression(key: &str, compression: &Compression) -> Result<(), ConfigError> {
-    match (compression.algorithm, compression.level) {
-        (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => {
-            Err(ConfigError::invalid(&format!("{key}.level"), "zstd levels run from 1 to 22"))
-        }
-        (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => {
-            Err(ConfigError::invalid(&format!("{key}.level"), "a level applies only to zstd"))
-        }
-        _ => Ok(()),
-    }
+fn check_compression(issues: &mut Vec<Issue>, key: &[&str], compression: &Compression) {
+    let message = match (compression.algorithm, compression.level) {
+        (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => "zstd levels run from 1 to 22",
+        (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => "a level applies only to zstd",
+        _ => return,
+    };
+    issues.push(Issue::new(&[key, &["level"]].concat(), message));
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use arrowport_config::Config;
 
 use budget::MemoryBudget;
 use error::IngestError;
-use load::{Loader, QueryLimits};
+use load::{Loader, LoaderOptions, QueryLimits};
 use server::AppState;
 
 /// How long a request waits for room in the memory budget before it gets 503.
@@ -34,7 +34,13 @@ pub fn open(config: &Config) -> Result<Arc<AppState>, IngestError> {
         max_concurrent: config.limits.max_concurrent_queries,
         timeout: Duration::from_secs(config.limits.query_timeout_seconds),
     };
-    let loader =
-        Loader::open(&config.db_path, &config.duckdb_extensions, config.limits.max_concurrent_loads, budget, queries)?;
-    Ok(Arc::new(AppState::new(loader, settings::routes(config), config.limits.clone())))
+    let options = LoaderOptions {
+        extensions: config.duckdb_extensions.clone(),
+        memory_limit: config.duckdb.memory_limit.map(|limit| limit.0),
+        max_concurrent_loads: config.limits.max_concurrent_loads,
+        budget,
+        queries,
+    };
+    let loader = Loader::open(&config.db_path, options)?;
+    Ok(Arc::new(AppState::new(loader, settings::routes(config), config.limits.clone(), config.duckdb.clone())))
 }

@@ -1,4 +1,5 @@
-//! Prometheus metrics. Labels are fixed and low-cardinality: `stream`, `protocol`, `outcome`.
+//! Prometheus metrics. Labels are fixed and low-cardinality: `stream`, `protocol`, `outcome`. The README's
+//! "Metrics" section is the specification; a test scrapes `/metrics` after known traffic.
 
 use std::fmt::Write;
 
@@ -55,6 +56,12 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckpointLabels {
+    /// `ok` or `failed`.
+    pub outcome: &'static str,
+}
+
 type LatencyFamily = Family<StreamLabels, Histogram, fn() -> Histogram>;
 
 /// Everything `/metrics` reports.
@@ -66,7 +73,9 @@ pub struct Metrics {
     pub received_bytes: Family<StreamLabels, Counter>,
     pub decoded_bytes: Family<StreamLabels, Counter>,
     pub schema_mismatches: Family<StreamLabels, Counter>,
+    pub overloaded: Family<StreamLabels, Counter>,
     pub request_duration: LatencyFamily,
+    pub commit_duration: LatencyFamily,
     pub inflight_bytes: Gauge,
     pub inflight_requests: Gauge,
     pub memory_budget_bytes: Gauge,
@@ -74,6 +83,22 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
+    pub checkpoints: Family<CheckpointLabels, Counter>,
+    pub checkpoint_duration: Histogram,
+    /// Read at each scrape (see [`Metrics::set_resources`]).
+    pub resident_memory_bytes: Gauge,
+    pub duckdb_memory_bytes: Gauge,
+    pub database_file_bytes: Gauge,
+    pub wal_file_bytes: Gauge,
+}
+
+/// Resource readings taken at scrape time.
+#[derive(Debug, Default)]
+pub struct Resources {
+    pub resident_memory_bytes: Option<u64>,
+    pub duckdb_memory_bytes: Option<u64>,
+    pub database_file_bytes: u64,
+    pub wal_file_bytes: u64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -90,7 +115,15 @@ impl Default for Metrics {
         let received_bytes = Family::<StreamLabels, Counter>::default();
         let decoded_bytes = Family::<StreamLabels, Counter>::default();
         let schema_mismatches = Family::<StreamLabels, Counter>::default();
+        let overloaded = Family::<StreamLabels, Counter>::default();
         let request_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        let commit_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        let checkpoints = Family::<CheckpointLabels, Counter>::default();
+        let checkpoint_duration = latency_histogram();
+        let resident_memory_bytes = Gauge::default();
+        let duckdb_memory_bytes = Gauge::default();
+        let database_file_bytes = Gauge::default();
+        let wal_file_bytes = Gauge::default();
         let inflight_bytes = Gauge::default();
         let memory_budget_bytes = Gauge::default();
         let inflight_requests = Gauge::default();
@@ -109,9 +142,19 @@ impl Default for Metrics {
             schema_mismatches.clone(),
         );
         registry.register(
+            "overloaded_requests",
+            "Requests refused because the in-flight memory budget stayed full",
+            overloaded.clone(),
+        );
+        registry.register(
             "request_duration_seconds",
             "Time from request start to commit (or failure)",
             request_duration.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "Time from the end of a commit's data to the end of its COMMIT",
+            commit_duration.clone(),
         );
         registry.register("inflight_bytes", "Decoded Arrow bytes held by in-flight requests", inflight_bytes.clone());
         registry.register(
@@ -140,6 +183,24 @@ impl Default for Metrics {
             "Configuration changes refused because they did not parse or validate",
             config_reload_failures.clone(),
         );
+        registry.register("checkpoints", "CHECKPOINTs Arrowport ran, by outcome", checkpoints.clone());
+        registry.register(
+            "checkpoint_duration_seconds",
+            "Duration of successful CHECKPOINTs Arrowport ran",
+            checkpoint_duration.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the ingester process",
+            resident_memory_bytes.clone(),
+        );
+        registry.register(
+            "duckdb_memory_bytes",
+            "Memory DuckDB's buffer manager holds (duckdb_memory())",
+            duckdb_memory_bytes.clone(),
+        );
+        registry.register("database_file_bytes", "Size of the DuckDB database file", database_file_bytes.clone());
+        registry.register("wal_file_bytes", "Size of DuckDB's write-ahead log (0 when absent)", wal_file_bytes.clone());
         Self {
             registry,
             requests,
@@ -148,7 +209,9 @@ impl Default for Metrics {
             received_bytes,
             decoded_bytes,
             schema_mismatches,
+            overloaded,
             request_duration,
+            commit_duration,
             inflight_bytes,
             inflight_requests,
             memory_budget_bytes,
@@ -156,15 +219,44 @@ impl Default for Metrics {
             config_generation,
             config_reloads,
             config_reload_failures,
+            checkpoints,
+            checkpoint_duration,
+            resident_memory_bytes,
+            duckdb_memory_bytes,
+            database_file_bytes,
+            wal_file_bytes,
         }
     }
 }
 
 impl Metrics {
+    /// Sets the gauges read at scrape time; a reading that could not be taken keeps its last value.
+    pub fn set_resources(&self, resources: &Resources) {
+        let set = |gauge: &Gauge, value: u64| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        if let Some(bytes) = resources.resident_memory_bytes {
+            set(&self.resident_memory_bytes, bytes);
+        }
+        if let Some(bytes) = resources.duckdb_memory_bytes {
+            set(&self.duckdb_memory_bytes, bytes);
+        }
+        set(&self.database_file_bytes, resources.database_file_bytes);
+        set(&self.wal_file_bytes, resources.wal_file_bytes);
+    }
+
     /// The Prometheus/OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
+}
+
+/// The process's resident memory, from `/proc/self/status` (Linux; `None` elsewhere).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 =
+        status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -228,6 +228,7 @@ impl<'a> Put<'a> {
                 bytes_received: wire_now - pending.wire_at_start,
                 bytes_decoded: pending.bytes,
                 elapsed_ms: self.started.elapsed().as_millis() as u64,
+                commit_time: committed.commit_time,
             },
         );
         if let Some(acks) = &self.acks {

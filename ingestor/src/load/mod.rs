@@ -12,9 +12,10 @@ mod schema;
 pub mod sql;
 mod tables;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
@@ -46,11 +47,26 @@ pub struct Target {
     pub mode: TableMode,
 }
 
+/// How a [`Loader`] opens its database and shares it.
+pub struct LoaderOptions {
+    /// DuckDB extensions to `LOAD` (built in or installed beforehand).
+    pub extensions: Vec<String>,
+    /// DuckDB's `memory_limit` in bytes; `None` keeps DuckDB's default.
+    pub memory_limit: Option<u64>,
+    /// Sessions loading at once; further ones wait for a slot.
+    pub max_concurrent_loads: usize,
+    /// The memory budget sessions reserve decoded batches against.
+    pub budget: MemoryBudget,
+    pub queries: QueryLimits,
+}
+
 /// What a committed session wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
     pub rows: u64,
     pub batches: u64,
+    /// From the end of the data to the end of `COMMIT`: what the producer waited for after its last byte.
+    pub commit_time: Duration,
 }
 
 /// Loads Arrow data into one DuckDB database. Cheap to clone.
@@ -69,6 +85,7 @@ struct Shared {
     budget: MemoryBudget,
     catalog: String,
     next_view: AtomicU64,
+    path: PathBuf,
     db: RawDatabase,
 }
 
@@ -79,18 +96,15 @@ struct Worker {
 }
 
 impl Loader {
-    /// Opens (or creates) the database, loads `extensions`, and allows `max_concurrent` sessions at once.
-    pub fn open(
-        path: &Path,
-        extensions: &[String],
-        max_concurrent: usize,
-        budget: MemoryBudget,
-        queries: QueryLimits,
-    ) -> Result<Self, IngestError> {
+    /// Opens (or creates) the database and prepares it as `options` say.
+    pub fn open(path: &Path, options: LoaderOptions) -> Result<Self, IngestError> {
         let db = RawDatabase::open(path)
             .map_err(|e| IngestError::Database(format!("cannot open {}: {e}", path.display())))?;
         let admin = db.connect()?;
-        for extension in extensions {
+        if let Some(limit) = options.memory_limit {
+            admin.execute_batch(&format!("SET memory_limit = '{limit}B'"))?;
+        }
+        for extension in &options.extensions {
             admin.execute_batch(&format!("LOAD {}", sql::ident(extension))).map_err(|e| {
                 IngestError::Database(format!(
                     "cannot load DuckDB extension {extension:?} (it must be built in or installed beforehand; \
@@ -104,12 +118,13 @@ impl Loader {
             shared: Arc::new(Shared {
                 admin: Mutex::new(admin),
                 idle: Mutex::new(Vec::new()),
-                permits: Arc::new(Semaphore::new(max_concurrent)),
-                queries: query::QuerySlots::new(queries),
+                permits: Arc::new(Semaphore::new(options.max_concurrent_loads)),
+                queries: query::QuerySlots::new(options.queries),
                 tables: TableLocks::default(),
-                budget,
+                budget: options.budget,
                 catalog,
                 next_view: AtomicU64::new(0),
+                path: path.to_owned(),
                 db,
             }),
         })
@@ -150,6 +165,24 @@ impl Loader {
         let admin = self.shared.admin.lock().expect("admin connection lock poisoned");
         admin.execute_batch("CHECKPOINT")?;
         Ok(())
+    }
+
+    /// Sizes of the database file and its write-ahead log (0 when a file is absent).
+    pub fn file_sizes(&self) -> (u64, u64) {
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
+        let mut wal = self.shared.path.clone().into_os_string();
+        wal.push(".wal");
+        (size(&self.shared.path), size(Path::new(&wal)))
+    }
+
+    /// Bytes DuckDB's buffer manager holds, on a connection of its own (never waiting for a checkpoint).
+    pub fn duckdb_memory_bytes(&self) -> Result<u64, IngestError> {
+        let conn = self.shared.db.connect()?;
+        let bytes: i64 =
+            conn.query_row("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()", [], |row| {
+                row.get(0)
+            })?;
+        Ok(bytes.max(0) as u64)
     }
 
     /// Runs `f` with a connection to the database for reading (for status endpoints and tests).
@@ -200,7 +233,7 @@ impl Shared {
             tracing::warn!(%view, %error, "Could not drop a scan view.");
         }
         drop(stream);
-        outcome.map(|rows| Committed { rows, batches: batches.load(Ordering::Relaxed) })
+        outcome.map(|rows| Committed { rows, batches: batches.load(Ordering::Relaxed), commit_time: Duration::ZERO })
     }
 
     fn load_view(
@@ -319,11 +352,12 @@ impl LoadSession {
 
     /// Ends the stream and waits until its rows are committed.
     pub async fn commit(self) -> Result<Committed, IngestError> {
+        let started = Instant::now();
         if self.feed.send(Feed::End).await.is_err() {
             // The worker already stopped; its result says why.
         }
         match self.handle.await {
-            Ok(result) => result,
+            Ok(result) => result.map(|committed| Committed { commit_time: started.elapsed(), ..committed }),
             Err(join) => Err(IngestError::Database(format!("load task failed: {join}"))),
         }
     }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
@@ -32,6 +32,9 @@ pub struct IngestReport {
     /// Arrow bytes after decoding.
     pub bytes_decoded: u64,
     pub elapsed_ms: u64,
+    /// Time the commit took (reported in the commit latency histogram, not in the answer).
+    #[serde(skip)]
+    pub commit_time: Duration,
 }
 
 impl IntoResponse for IngestError {
@@ -112,6 +115,7 @@ async fn ingest_body(
         bytes_received: wire_bytes.load(Ordering::Relaxed),
         bytes_decoded,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        commit_time: committed.commit_time,
     })
 }
 
@@ -133,8 +137,8 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.refresh_resources().await;
     let metrics = &state.metrics;
-    metrics.inflight_bytes.set(state.loader.budget().used() as i64);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
         .into_response()
 }

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use arrowport_config::Limits;
+use arrowport_config::{DuckDbSettings, Limits};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::error::IngestError;
 use crate::load::Loader;
-use crate::metrics::{Metrics, OutcomeLabels, Protocol, StreamLabels};
+use crate::metrics::{self, CheckpointLabels, Metrics, OutcomeLabels, Protocol, Resources, StreamLabels};
 use crate::routing::Routes;
 
 pub use body::ContentEncoding;
@@ -30,13 +30,14 @@ pub struct AppState {
     pub loader: Loader,
     routes: RwLock<Arc<Routes>>,
     pub limits: Limits,
+    pub duckdb: DuckDbSettings,
     pub metrics: Metrics,
     stats: Mutex<BTreeMap<String, StreamStats>>,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(loader: Loader, routes: Routes, limits: Limits) -> Self {
+    pub fn new(loader: Loader, routes: Routes, limits: Limits, duckdb: DuckDbSettings) -> Self {
         let metrics = Metrics::default();
         metrics.memory_budget_bytes.set(loader.budget().capacity() as i64);
         metrics.config_generation.set(routes.generation as i64);
@@ -44,6 +45,7 @@ impl AppState {
             loader,
             routes: RwLock::new(Arc::new(routes)),
             limits,
+            duckdb,
             metrics,
             stats: Mutex::new(BTreeMap::new()),
             shutting_down: AtomicBool::new(false),
@@ -89,6 +91,7 @@ impl AppState {
         metrics.batches.get_or_create(&labels).inc_by(report.batches);
         metrics.decoded_bytes.get_or_create(&labels).inc_by(report.bytes_decoded);
         metrics.compression_ratio.get_or_create(&labels).set(ratio);
+        metrics.commit_duration.get_or_create(&labels).observe(report.commit_time.as_secs_f64());
         tracing::debug!(stream = %report.stream, table = %report.table, rows = report.rows, %protocol, "Committed.");
     }
 
@@ -113,6 +116,9 @@ impl AppState {
         let outcome = match error {
             None => "ok",
             Some(error) => {
+                if matches!(error, IngestError::Overloaded) {
+                    metrics.overloaded.get_or_create(&labels).inc();
+                }
                 if matches!(error, IngestError::SchemaMismatch(_)) {
                     metrics.schema_mismatches.get_or_create(&labels).inc();
                     tracing::warn!(stream, %protocol, %error, "Refused data whose schema does not fit the table.");
@@ -132,6 +138,53 @@ impl AppState {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Runs `CHECKPOINT` (folding the WAL into the database file) and counts it. A checkpoint DuckDB
+    /// cannot take now (other writes in progress) fails harmlessly and is tried again next time.
+    pub async fn checkpoint(&self) -> Result<(), IngestError> {
+        let loader = self.loader.clone();
+        let started = Instant::now();
+        let outcome = match tokio::task::spawn_blocking(move || loader.checkpoint()).await {
+            Ok(outcome) => outcome,
+            Err(join) => Err(IngestError::Database(format!("checkpoint task failed: {join}"))),
+        };
+        let label = CheckpointLabels { outcome: if outcome.is_ok() { "ok" } else { "failed" } };
+        self.metrics.checkpoints.get_or_create(&label).inc();
+        if outcome.is_ok() {
+            self.metrics.checkpoint_duration.observe(started.elapsed().as_secs_f64());
+        }
+        outcome
+    }
+
+    /// Reads the resource gauges (memory, file sizes) for a scrape.
+    pub async fn refresh_resources(&self) {
+        let loader = self.loader.clone();
+        let resources = tokio::task::spawn_blocking(move || {
+            let (database_file_bytes, wal_file_bytes) = loader.file_sizes();
+            Resources {
+                resident_memory_bytes: metrics::resident_memory_bytes(),
+                duckdb_memory_bytes: loader.duckdb_memory_bytes().ok(),
+                database_file_bytes,
+                wal_file_bytes,
+            }
+        })
+        .await
+        .unwrap_or_default();
+        self.metrics.set_resources(&resources);
+        self.metrics.inflight_bytes.set(self.loader.budget().used() as i64);
+    }
+}
+
+/// Checkpoints every `interval` until the process stops; failures are logged and retried next time.
+async fn checkpoint_periodically(state: Arc<AppState>, interval: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = state.checkpoint().await {
+            tracing::info!(%error, "Periodic checkpoint not taken; trying again next interval.");
+        }
     }
 }
 
@@ -186,6 +239,10 @@ pub async fn serve(
             let _ = stopped.wait_for(|stop| *stop).await;
         }
     };
+    let checkpointer = match state.duckdb.checkpoint_interval_seconds {
+        0 => None,
+        seconds => Some(tokio::spawn(checkpoint_periodically(state.clone(), Duration::from_secs(seconds)))),
+    };
     let flight = crate::flight::router(state.clone());
     let outcome = match flight_listener {
         None => {
@@ -197,13 +254,12 @@ pub async fn serve(
             tokio::try_join!(http.into_future(), flight.into_future()).map(|_| ())
         }
     };
-    let loader = state.loader.clone();
-    match tokio::task::spawn_blocking(move || loader.checkpoint()).await {
-        Ok(Ok(())) => tracing::info!("Checkpointed the database."),
-        Ok(Err(error)) => {
-            tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start.")
-        }
-        Err(error) => tracing::error!(%error, "Checkpoint task failed."),
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.abort();
+    }
+    match state.checkpoint().await {
+        Ok(()) => tracing::info!("Checkpointed the database."),
+        Err(error) => tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start."),
     }
     outcome
 }

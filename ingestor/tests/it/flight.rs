@@ -26,7 +26,7 @@ async fn client(server: &TestServer) -> FlightClient {
 }
 
 /// A DoPut for `stream`: the schema message carries the descriptor, each batch its `request_id`.
-fn put_messages(stream: &str, batches: &[RecordBatch]) -> Vec<FlightData> {
+pub fn put_messages(stream: &str, batches: &[RecordBatch]) -> Vec<FlightData> {
     let mut messages = arrow_flight::utils::batches_to_flight_data(&batches[0].schema(), batches.to_vec()).unwrap();
     messages[0].flight_descriptor = Some(FlightDescriptor::new_path(vec![stream.to_owned()]));
     for (i, message) in messages.iter_mut().skip(1).enumerate() {
@@ -36,7 +36,7 @@ fn put_messages(stream: &str, batches: &[RecordBatch]) -> Vec<FlightData> {
 }
 
 /// Sends `messages` as one DoPut and returns the acks, or the status the call ended with.
-async fn put(server: &TestServer, messages: Vec<FlightData>) -> Result<Vec<Ack>, tonic::Status> {
+pub async fn put(server: &TestServer, messages: Vec<FlightData>) -> Result<Vec<Ack>, tonic::Status> {
     let mut client = client(server).await;
     let replies = client.do_put(futures::stream::iter(messages.into_iter().map(Ok))).await;
     let replies: Result<Vec<PutResult>, FlightError> = match replies {

@@ -3,6 +3,7 @@
 mod bad_input;
 mod flight;
 mod ingest;
+mod metrics;
 mod process;
 mod reload;
 mod support;
