@@ -33,6 +33,12 @@ struct Args {
     /// The `arrowport` binary to start for the HTTP and Flight scenarios.
     #[arg(long)]
     server: PathBuf,
+    /// Rows per request in the small-request scenario.
+    #[arg(long, default_value_t = 1_000)]
+    small_rows: usize,
+    /// Concurrent producers in the small-request scenario.
+    #[arg(long, default_value_t = 32)]
+    small_producers: usize,
     /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
     #[arg(long, default_value_t = 1.0)]
     upload_gib: f64,
@@ -44,6 +50,8 @@ struct Outcome {
     bytes: u64,
     elapsed: Duration,
     peak_rss: Option<u64>,
+    /// Median and 99th-percentile time from sending a request to its commit answer.
+    latency: Option<(Duration, Duration)>,
 }
 
 #[tokio::main]
@@ -86,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         }
         outcomes.push(remote(&args, scenario, Payloads::Flight(puts), bytes).await?);
     }
+    outcomes.push(small_requests(&args, &batches, bytes).await?);
     if args.upload_gib > 0.0 {
         outcomes.push(streamed_upload(&args).await?);
     }
@@ -143,6 +152,7 @@ fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration
         bytes: batches.iter().map(decoded_size).sum(),
         elapsed,
         peak_rss: None,
+        latency: None,
     }
 }
 
@@ -172,7 +182,57 @@ async fn remote(args: &Args, scenario: &str, payloads: Payloads, bytes: u64) -> 
     let elapsed = started.elapsed();
     let (committed, rows) = (committed.iter().sum::<u64>(), args.rows);
     anyhow::ensure!(committed == rows, "{scenario}: the server committed {committed} rows, expected {rows}");
-    Ok(Outcome { scenario: scenario.to_owned(), rows, bytes, elapsed, peak_rss: Some(server.stop()?) })
+    Ok(Outcome { scenario: scenario.to_owned(), rows, bytes, elapsed, peak_rss: Some(server.stop()?), latency: None })
+}
+
+/// Many small requests (`small_rows` each) from `small_producers` concurrent producers, each waiting for
+/// its answer before sending the next: where per-request overhead (one transaction each) shows.
+async fn small_requests(args: &Args, batches: &[RecordBatch], bytes: u64) -> anyhow::Result<Outcome> {
+    let bodies: Vec<Vec<u8>> = batches
+        .iter()
+        .flat_map(|batch| {
+            (0..batch.num_rows()).step_by(args.small_rows).map(|start| {
+                let piece = batch.slice(start, args.small_rows.min(batch.num_rows() - start));
+                ipc(std::slice::from_ref(&piece), None)
+            })
+        })
+        .collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(bodies));
+    let server = Server::start(&args.server)?;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let producers = (0..args.small_producers).map(|_| {
+        let (queue, client, server) = (queue.clone(), client.clone(), &server);
+        async move {
+            let mut latencies = Vec::new();
+            let mut rows = 0;
+            loop {
+                let Some(body) = queue.lock().expect("queue lock").pop() else { break };
+                let sent = Instant::now();
+                rows += server.ingest(&client, "lineitem", reqwest::Body::from(body)).await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok((rows, latencies))
+        }
+    });
+    let results = futures::future::try_join_all(producers).await?;
+    let elapsed = started.elapsed();
+    let rows: u64 = results.iter().map(|(rows, _)| rows).sum();
+    anyhow::ensure!(rows == args.rows, "small requests: the server committed {rows} rows, expected {}", args.rows);
+    let mut latencies: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
+    latencies.sort();
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    Ok(Outcome {
+        scenario: format!(
+            "HTTP, {}-row requests from {} producers",
+            args.small_rows, args.small_producers
+        ),
+        rows,
+        bytes,
+        elapsed,
+        peak_rss: Some(server.stop()?),
+        latency: Some((percentile(0.5), percentile(0.99))),
+    })
 }
 
 /// One upload of `upload_gib` GiB, generated and sent batch by batch so neither side holds it whole.
@@ -209,6 +269,7 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
         bytes: sent,
         elapsed,
         peak_rss: Some(server.stop()?),
+        latency: None,
     })
 }
 
@@ -228,21 +289,27 @@ fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8>
 fn report(outcomes: &[Outcome]) {
     let baseline = outcomes[0].rows as f64 / outcomes[0].elapsed.as_secs_f64();
     println!();
-    println!("| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server peak RSS |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server peak RSS | ack latency p50 / p99 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let seconds = o.elapsed.as_secs_f64();
         let rate = o.rows as f64 / seconds;
         let rss = o.peak_rss.map_or("-".to_owned(), |kb| format!("{} MB", kb / 1024));
+        let latency = o.latency.map_or("-".to_owned(), |(p50, p99)| {
+            format!("{:.1} / {:.1} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
+        });
         println!(
-            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} |",
+            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} |",
             o.scenario,
             o.rows,
             seconds,
             rate / 1e6,
             o.bytes as f64 / 1e6 / seconds,
             rate / baseline,
-            rss
+            rss,
+            latency
         );
     }
 }
