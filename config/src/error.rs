@@ -6,18 +6,12 @@ pub enum ConfigError {
     /// The text is not valid YAML for the expected shape (unknown key, wrong type, ...).
     #[error("{message}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
     Parse { message: String, line: Option<u64> },
-    /// The YAML parsed but a value is not acceptable.
-    #[error("{key}: {message}")]
-    Invalid { key: String, message: String },
+    /// The YAML parsed but a value is not acceptable; `key` is its dotted path.
+    #[error("{key}: {message}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid { key: String, message: String, line: Option<u64> },
     /// Rendering a config back to YAML failed.
     #[error("cannot render YAML: {0}")]
     Render(String),
-}
-
-impl ConfigError {
-    pub(crate) fn invalid(key: &str, message: &str) -> Self {
-        Self::Invalid { key: key.to_owned(), message: message.to_owned() }
-    }
 }
 
 pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
