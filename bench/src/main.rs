@@ -223,10 +223,7 @@ async fn small_requests(args: &Args, batches: &[RecordBatch], bytes: u64) -> any
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     Ok(Outcome {
-        scenario: format!(
-            "HTTP, {}-row requests from {} producers",
-            args.small_rows, args.small_producers
-        ),
+        scenario: format!("HTTP, {}-row requests from {} producers", args.small_rows, args.small_producers),
         rows,
         bytes,
         elapsed,
