@@ -270,10 +270,10 @@ impl Config {
             ("memory_budget_bytes", limits.memory_budget_bytes.0, "must be greater than 0"),
         ] {
             if value == 0 {
-                issues.push(Issue::new(&["limits", field], message));
+                issues.push(Issue::new(key(&["limits", field]), message));
             }
         }
-        check_compression(&mut issues, &["compression"], &self.compression);
+        check_compression(&mut issues, key(&["compression"]), &self.compression);
         check_streams(&mut issues, &self.streams);
         issues
     }
@@ -313,8 +313,8 @@ struct Issue {
 }
 
 impl Issue {
-    fn new(path: &[&str], message: &'static str) -> Self {
-        Self { path: path.iter().map(|segment| (*segment).to_owned()).collect(), message }
+    fn new(path: Vec<String>, message: &'static str) -> Self {
+        Self { path, message }
     }
 
     fn error(self, line: Option<u64>) -> ConfigError {
@@ -343,10 +343,10 @@ fn first(mut problems: Vec<ConfigError>) -> ConfigError {
 
 fn check_streams(issues: &mut Vec<Issue>, streams: &BTreeMap<String, StreamConfig>) {
     for (name, stream) in streams {
-        let at = |field: &[&str]| [&["streams", name.as_str()], field].concat();
+        let at = |field: &[&str]| [key(&["streams", name]), key(field)].concat();
         if !is_valid_stream_name(name) {
             issues.push(Issue::new(
-                &at(&[]),
+                at(&[]),
                 "stream names are 1-128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'",
             ));
         }
@@ -354,35 +354,40 @@ fn check_streams(issues: &mut Vec<Issue>, streams: &BTreeMap<String, StreamConfi
             && !is_valid_table_name(table)
         {
             issues.push(Issue::new(
-                &at(&["target_table"]),
+                at(&["target_table"]),
                 "table names are 1-128 characters of [A-Za-z0-9_], not starting with a digit",
             ));
         }
         if stream.chunk_size == Some(0) {
-            issues.push(Issue::new(&at(&["chunk_size"]), "must be at least 1"));
+            issues.push(Issue::new(at(&["chunk_size"]), "must be at least 1"));
         }
         if let Some(compression) = &stream.compression {
-            check_compression(issues, &at(&["compression"]), compression);
+            check_compression(issues, at(&["compression"]), compression);
         }
         if let Some(flush) = &stream.flush {
             for (field, value) in
                 [("rows", flush.rows), ("bytes", flush.bytes.0), ("interval_seconds", flush.interval_seconds)]
             {
                 if value == 0 {
-                    issues.push(Issue::new(&at(&["flush", field]), "must be at least 1"));
+                    issues.push(Issue::new(at(&["flush", field]), "must be at least 1"));
                 }
             }
         }
     }
 }
 
-fn check_compression(issues: &mut Vec<Issue>, key: &[&str], compression: &Compression) {
+fn check_compression(issues: &mut Vec<Issue>, mut path: Vec<String>, compression: &Compression) {
     let message = match (compression.algorithm, compression.level) {
         (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => "zstd levels run from 1 to 22",
         (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => "a level applies only to zstd",
         _ => return,
     };
-    issues.push(Issue::new(&[key, &["level"]].concat(), message));
+    path.push("level".to_owned());
+    issues.push(Issue::new(path, message));
+}
+
+fn key(segments: &[&str]) -> Vec<String> {
+    segments.iter().map(|segment| (*segment).to_owned()).collect()
 }
 
 #[cfg(test)]
@@ -452,6 +457,43 @@ mod tests {
         assert_eq!((flush.rows, flush.bytes, flush.interval_seconds), (500, ByteSize::mib(256), 2));
         let err = Config::from_yaml("streams:\n  a: {flush: {rows: 0}}\n").unwrap_err();
         assert!(err.to_string().contains("streams.a.flush.rows"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_and_line() {
+        let text = "limits:\n  max_concurrent_loads: 0\ncompression: {algorithm: lz4, level: 3}\nstreams:\n  \
+                    events:\n    chunk_size: 0\n    target_table: 'a-b'\n  sensors.v2: {flush: {rows: 0}}\n";
+        let problems: Vec<String> = Config::check_yaml(text).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            problems,
+            [
+                "limits.max_concurrent_loads: must be at least 1 (line 2)",
+                "compression.level: a level applies only to zstd (line 3)",
+                "streams.events.target_table: table names are 1-128 characters of [A-Za-z0-9_], not starting with a digit (line 7)",
+                "streams.events.chunk_size: must be at least 1 (line 6)",
+                "streams.sensors.v2.flush.rows: must be at least 1 (line 8)",
+            ]
+        );
+        // The single-error API keeps returning the first problem.
+        let first = Config::from_yaml(text).unwrap_err();
+        assert!(
+            matches!(&first, ConfigError::Invalid { key, line: Some(2), .. } if key == "limits.max_concurrent_loads")
+        );
+        let config: Config = error::parse_yaml(text).unwrap();
+        assert_eq!(config.problems().len(), 5);
+        assert_eq!(config.validate().unwrap_err().to_string(), "limits.max_concurrent_loads: must be at least 1");
+    }
+
+    #[test]
+    fn a_parse_error_comes_alone() {
+        let problems = StreamsFile::check_yaml("streams:\n  a: {chunk_size: 0}\n  b: {chunk_sise: 1}\n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(matches!(&problems[0], ConfigError::Parse { message, .. } if message.contains("chunk_sise")));
+        let problems = StreamsFile::check_yaml("streams:\n  a: {chunk_size: 0}\n  -b: {}\n").unwrap_err();
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("streams.-b: stream names") && problems[0].ends_with("(line 3)"));
+        assert_eq!(problems[1], "streams.a.chunk_size: must be at least 1 (line 2)");
     }
 
     #[test]
