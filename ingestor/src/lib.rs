@@ -2,8 +2,10 @@
 //!
 //! Request path: [`server`] (HTTP) or [`flight`] (gRPC, same port) → [`routing`] (stream → table) →
 //! [`decode`] (IPC bytes → batches) → [`load`] (batches → one DuckDB transaction per commit).
+//! [`cli`] holds the binary's client commands (`ingest`, `streams`, `validate`).
 
 pub mod budget;
+pub mod cli;
 pub mod decode;
 pub mod error;
 pub mod flight;

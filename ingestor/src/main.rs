@@ -1,16 +1,17 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
+use arrowport::cli::{self, CompressionArg};
 use arrowport::reload::Reloader;
 use arrowport::settings::{self, Overrides};
-use arrowport_config::CompressionAlgorithm;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 /// Arrowport: land Apache Arrow streams in DuckDB.
 #[derive(Parser)]
-#[command(name = "arrowport", version)]
+#[command(name = "arrowport", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,12 +21,12 @@ struct Cli {
 enum Command {
     /// Run the ingest server (HTTP and Arrow Flight on one port).
     Serve(ServeArgs),
-    /// Check a base config or streams file and exit non-zero on any problem.
-    Validate {
-        /// The file to check.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    /// Send Arrow IPC, Parquet, CSV or JSON-lines files to a running server.
+    Ingest(cli::ingest::IngestArgs),
+    /// List a running server's streams, or what a config file would route.
+    Streams(cli::streams::StreamsArgs),
+    /// Check a base config or streams file: print every problem, exit non-zero if there is any.
+    Validate(cli::validate::ValidateArgs),
 }
 
 #[derive(clap::Args)]
@@ -50,38 +51,27 @@ struct ServeArgs {
     streams_path: Option<PathBuf>,
     /// Default compression for Arrow data Arrowport sends.
     #[arg(long, env = "ARROWPORT_COMPRESSION", value_enum)]
-    compression: Option<Algorithm>,
+    compression: Option<CompressionArg>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Algorithm {
-    Zstd,
-    Lz4,
-    None,
-}
-
-impl From<Algorithm> for CompressionAlgorithm {
-    fn from(algorithm: Algorithm) -> Self {
-        match algorithm {
-            Algorithm::Zstd => Self::Zstd,
-            Algorithm::Lz4 => Self::Lz4,
-            Algorithm::None => Self::None,
-        }
-    }
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
-    match Cli::parse().command {
+    let outcome = match Cli::parse().command {
         Command::Serve(args) => serve(args),
-        Command::Validate { config } => {
-            settings::load(Some(&config), &Overrides::default())?;
-            println!("{}: ok", config.display());
-            Ok(())
+        Command::Ingest(args) => cli::ingest::run(args).map_err(Into::into),
+        Command::Streams(args) => cli::streams::run(args).map_err(Into::into),
+        Command::Validate(args) => cli::validate::run(args).map_err(Into::into),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Red only where stderr takes colours (a terminal, NO_COLOR unset).
+            eprintln!("{} {error:#}", console::style("error:").for_stderr().red().bold());
+            ExitCode::FAILURE
         }
     }
 }

@@ -77,6 +77,30 @@ pub fn load_streams(path: &Path) -> Result<BTreeMap<String, StreamConfig>, Setti
     }
 }
 
+/// Every problem of the base or streams file at `path`, and of the streams file it names, each with
+/// its file; empty if both are fine. A streams file parses as a base file holding only `streams:`.
+/// The error is for a base file that cannot be read.
+pub fn problems(path: &Path) -> Result<Vec<SettingsError>, SettingsError> {
+    let config = match Config::check_yaml(&read(path)?) {
+        Ok(config) => config,
+        Err(errors) => return Ok(errors.into_iter().map(|error| invalid(path, error)).collect()),
+    };
+    let Some(streams_path) = config.streams_path else {
+        return Ok(Vec::new());
+    };
+    Ok(match std::fs::read_to_string(&streams_path) {
+        Ok(text) => StreamsFile::check_yaml(&text)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|error| invalid(&streams_path, error))
+            .collect(),
+        // As when loading: a streams file not written yet means no streams.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => vec![SettingsError::Read { path: streams_path, error }],
+    })
+}
+
 /// Streams-file entries win over base-file entries of the same name.
 fn merge_streams(base: &mut BTreeMap<String, StreamConfig>, file: BTreeMap<String, StreamConfig>) {
     for (name, stream) in file {
@@ -142,6 +166,23 @@ mod tests {
         let config = load(Some(&base), &Overrides::default()).unwrap();
         assert_eq!(config.streams["a"].target_table.as_deref(), Some("from_file"));
         assert!(config.streams.contains_key("b"));
+    }
+
+    #[test]
+    fn problems_cover_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, streams) = (dir.path().join("config.yaml"), dir.path().join("streams.yaml"));
+        std::fs::write(&base, "").unwrap();
+        assert!(problems(&base).unwrap().is_empty(), "an empty file is the default config");
+        std::fs::write(&base, format!("streams_path: {}\nlimits: {{max_concurrent_loads: 0}}\n", streams.display()))
+            .unwrap();
+        assert_eq!(problems(&base).unwrap().len(), 1, "the base file's problem; the streams file is not there yet");
+        std::fs::write(&base, format!("streams_path: {}\n", streams.display())).unwrap();
+        std::fs::write(&streams, "streams:\n  a: {chunk_size: 0}\n  b: {target_table: '1'}\n").unwrap();
+        let found: Vec<String> = problems(&base).unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|problem| problem.starts_with(&streams.display().to_string())), "{found:?}");
+        assert!(matches!(problems(&dir.path().join("missing.yaml")), Err(SettingsError::Read { .. })));
     }
 
     #[test]

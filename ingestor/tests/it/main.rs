@@ -1,6 +1,7 @@
 //! Integration tests: the real server on an ephemeral loopback port, real HTTP and Flight clients, real DuckDB.
 
 mod bad_input;
+mod cli;
 mod flight;
 mod ingest;
 mod metrics;
