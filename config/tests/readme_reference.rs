@@ -6,9 +6,15 @@ use std::collections::BTreeMap;
 use arrowport_config::{Compression, Config, FlushPolicy, SchemaPolicy, StreamConfig};
 use serde_json::Value;
 
+/// The repository's README, found at run time: a test binary reused from another checkout's build cache
+/// must read this checkout's README, not the path it was compiled in.
+fn readme_path() -> std::path::PathBuf {
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../README.md")
+}
+
 /// `key → default` from the README's table rows of the form ``| `key` | default | meaning |``.
 fn readme_rows() -> BTreeMap<String, String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(readme_path()).unwrap();
     let section = readme.split("## Configuration").nth(1).expect("a Configuration section");
     let section = section.split("\n## ").next().unwrap();
     section

@@ -122,7 +122,11 @@ impl Install {
 /// The chart in this checkout, installed as the release `arrowport`: the chart names the main ingester
 /// after the release and an ArrowportStream routes to the ingester `arrowport` by default, so the
 /// scenarios find the ingester and its ConfigMap `arrowport-streams` as in-process.
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/arrowport");
+/// Found at run time (cargo sets `CARGO_MANIFEST_DIR` for tests): a build reused from another checkout's
+/// cache must install this checkout's chart.
+fn chart_dir() -> std::path::PathBuf {
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../helm/arrowport")
+}
 const RELEASE: &str = "arrowport";
 
 /// The `helm` binary (`ARROWPORT_E2E_HELM`, default `helm` on `PATH`) and the image the chart runs
@@ -167,8 +171,9 @@ impl Helm {
         ));
         // --set-string: with --set, a tag such as `2` would become a number, which the values schema refuses.
         let image = format!("image.repository={},image.tag={}", self.repository, self.tag);
+        let chart = chart_dir().to_string_lossy().into_owned();
         let args =
-            ["install", RELEASE, CHART, "--namespace", namespace, "--skip-crds", "--wait", "--set-string", &image];
+            ["install", RELEASE, &chart, "--namespace", namespace, "--skip-crds", "--wait", "--set-string", &image];
         run_helm(&self.binary, &args).await.map(drop)
     }
 

@@ -440,7 +440,7 @@ async fn version_and_help() {
 /// The README's `<!-- test: cli -->` block, line by line, in a directory holding the files it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_examples_run_as_written() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(readme_path()).unwrap();
     let block = readme.split("<!-- test: cli -->\n```sh\n").nth(1).expect("the README's cli block");
     let block = block.split("```").next().unwrap();
     let server = TestServer::start().await;

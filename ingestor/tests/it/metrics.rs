@@ -7,11 +7,11 @@ use arrow_ipc::CompressionType;
 use arrowport_config::Config;
 
 use crate::flight::{put, put_messages};
-use crate::support::{STREAM_TYPE, TestServer, batch, ipc_stream, metric};
+use crate::support::{STREAM_TYPE, TestServer, batch, ipc_stream, metric, readme_path};
 
 /// `name → type` of every metric family the README's metrics table specifies.
 fn specified() -> BTreeMap<String, String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(readme_path()).unwrap();
     let table = readme.split("<!-- metrics-spec").nth(1).expect("the metrics table marker");
     table
         .lines()

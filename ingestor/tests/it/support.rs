@@ -25,7 +25,7 @@ pub struct TestServer {
     pub state: Arc<AppState>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    task: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -99,7 +99,7 @@ impl TestServer {
     /// Stops accepting, waits for in-flight requests, checkpoints.
     pub async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
-        self.task.take().unwrap().await.unwrap().unwrap();
+        self.task.take().unwrap().await.unwrap();
     }
 }
 
@@ -209,4 +209,10 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     started.elapsed()
+}
+
+/// The repository's README. Found at run time (cargo sets `CARGO_MANIFEST_DIR` for tests), not baked in
+/// at compile time, so a test binary reused from another checkout's build cache reads this checkout.
+pub fn readme_path() -> std::path::PathBuf {
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../README.md")
 }
