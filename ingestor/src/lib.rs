@@ -10,6 +10,7 @@ pub mod decode;
 pub mod error;
 pub mod flight;
 pub mod load;
+pub mod malloc;
 pub mod metrics;
 pub mod reload;
 pub mod routing;

@@ -55,6 +55,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    arrowport::malloc::keep_large_buffers_mapped();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -110,7 +111,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(%addr, flight = %flight_addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
         let reloader = tokio::spawn(Reloader::new(config_path, overrides, state.clone(), config).run());
-        arrowport::server::serve(listener, flight_listener, state, shutdown).await?;
+        arrowport::server::serve(listener, flight_listener, state, shutdown).await;
         reloader.abort();
         tracing::info!("Stopped.");
         Ok(())

@@ -2,10 +2,11 @@
 
 mod body;
 mod http;
+mod listen;
 pub mod streams;
 
 use std::collections::BTreeMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -224,7 +225,7 @@ pub async fn serve(
     flight_listener: Option<TcpListener>,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signal_state = state.clone();
     tokio::spawn(async move {
@@ -244,16 +245,14 @@ pub async fn serve(
         seconds => Some(tokio::spawn(checkpoint_periodically(state.clone(), Duration::from_secs(seconds)))),
     };
     let flight = crate::flight::router(state.clone());
-    let outcome = match flight_listener {
-        None => {
-            axum::serve(listener, router(state.clone()).merge(flight)).with_graceful_shutdown(until_stopped()).await
-        }
+    match flight_listener {
+        None => listen::serve(listener, router(state.clone()).merge(flight), until_stopped()).await,
         Some(flight_listener) => {
-            let http = axum::serve(listener, router(state.clone())).with_graceful_shutdown(until_stopped());
-            let flight = axum::serve(flight_listener, flight).with_graceful_shutdown(until_stopped());
-            tokio::try_join!(http.into_future(), flight.into_future()).map(|_| ())
+            let http = listen::serve(listener, router(state.clone()), until_stopped());
+            let flight = listen::serve(flight_listener, flight, until_stopped());
+            tokio::join!(http, flight);
         }
-    };
+    }
     if let Some(checkpointer) = checkpointer {
         checkpointer.abort();
     }
@@ -261,5 +260,4 @@ pub async fn serve(
         Ok(()) => tracing::info!("Checkpointed the database."),
         Err(error) => tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start."),
     }
-    outcome
 }

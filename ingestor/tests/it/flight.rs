@@ -420,7 +420,7 @@ async fn flight_can_have_its_own_port() {
     };
     assert!(listed.is_err(), "no Flight service on the HTTP port");
     stop.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    task.await.unwrap();
 }
 
 /// FlightDataEncoder output for `batches`, as a client library would send it.
