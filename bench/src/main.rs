@@ -42,7 +42,22 @@ struct Args {
     /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
     #[arg(long, default_value_t = 1.0)]
     upload_gib: f64,
+    /// Runs of each scenario; the table shows the median run (and the highest peak RSS of all runs).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Run only the scenarios whose name contains this text (the in-process baseline always runs).
+    #[arg(long)]
+    only: Option<String>,
 }
+
+impl Args {
+    fn selects(&self, scenario: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| scenario.to_lowercase().contains(&only.to_lowercase()))
+    }
+}
+
+const SMALL_REQUESTS: &str = "HTTP, small requests";
+const STREAMED_UPLOAD: &str = "HTTP, streamed upload";
 
 struct Outcome {
     scenario: String,
@@ -70,7 +85,11 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    let mut outcomes = vec![in_process_native(&batches).await?, in_process_appender(&batches)?];
+    let runs = args.runs.max(1);
+    let mut outcomes = vec![
+        median(runs, || in_process_native(&batches)).await?,
+        median(runs, || async { in_process_appender(&batches) }).await?,
+    ];
     let eighths: Vec<&[RecordBatch]> = batches.chunks(batches.len().div_ceil(8)).collect();
     let http_scenarios = [
         ("HTTP, 1 producer", vec![ipc(&batches, None)]),
@@ -78,8 +97,9 @@ async fn main() -> anyhow::Result<()> {
         ("HTTP, 1 producer, IPC lz4", vec![ipc(&batches, Some(CompressionType::LZ4_FRAME))]),
         ("HTTP, 8 producers", eighths.iter().map(|part| ipc(part, None)).collect()),
     ];
-    for (scenario, bodies) in http_scenarios {
-        outcomes.push(remote(&args, scenario, Payloads::Http(bodies), bytes).await?);
+    for (scenario, bodies) in http_scenarios.into_iter().filter(|(scenario, _)| args.selects(scenario)) {
+        let payloads = Payloads::Http(bodies);
+        outcomes.push(median(runs, || remote(&args, scenario, &payloads, bytes)).await?);
     }
     let flight_scenarios = [
         ("Flight DoPut, 1 producer", vec![&batches[..]], None),
@@ -87,19 +107,39 @@ async fn main() -> anyhow::Result<()> {
         ("Flight DoPut, 1 producer, IPC lz4", vec![&batches[..]], Some(CompressionType::LZ4_FRAME)),
         ("Flight DoPut, 8 producers", eighths.clone(), None),
     ];
-    for (scenario, parts, compression) in flight_scenarios {
+    for (scenario, parts, compression) in flight_scenarios.into_iter().filter(|(scenario, ..)| args.selects(scenario)) {
         let mut puts = Vec::new();
         for part in parts {
             puts.push(flight::messages("lineitem", part, compression).await?);
         }
-        outcomes.push(remote(&args, scenario, Payloads::Flight(puts), bytes).await?);
+        let payloads = Payloads::Flight(puts);
+        outcomes.push(median(runs, || remote(&args, scenario, &payloads, bytes)).await?);
     }
-    outcomes.push(small_requests(&args, &batches, bytes).await?);
-    if args.upload_gib > 0.0 {
-        outcomes.push(streamed_upload(&args).await?);
+    if args.selects(SMALL_REQUESTS) {
+        outcomes.push(median(runs, || small_requests(&args, &batches, bytes)).await?);
+    }
+    if args.upload_gib > 0.0 && args.selects(STREAMED_UPLOAD) {
+        outcomes.push(median(runs, || streamed_upload(&args)).await?);
     }
     report(&outcomes);
     Ok(())
+}
+
+/// Runs a scenario `runs` times: the median run by time, with the highest peak RSS seen in any run.
+async fn median<F, Fut>(runs: usize, mut scenario: F) -> anyhow::Result<Outcome>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+{
+    let mut outcomes = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        outcomes.push(scenario().await?);
+    }
+    let peak_rss = outcomes.iter().filter_map(|o| o.peak_rss).max();
+    outcomes.sort_by_key(|o| o.elapsed);
+    let mut median = outcomes.swap_remove(runs / 2);
+    median.peak_rss = peak_rss;
+    Ok(median)
 }
 
 /// DuckDB scanning the Arrow stream in-process: the same loader the server uses, without the network.
@@ -157,6 +197,7 @@ fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration
 }
 
 /// What the producers of one scenario send, each encoded before the clock starts.
+#[derive(Clone)]
 enum Payloads {
     /// One Arrow IPC stream body per producer.
     Http(Vec<Vec<u8>>),
@@ -165,9 +206,11 @@ enum Payloads {
 }
 
 /// Sends every payload concurrently to a fresh server, one producer each, and waits for all commits.
-async fn remote(args: &Args, scenario: &str, payloads: Payloads, bytes: u64) -> anyhow::Result<Outcome> {
+async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) -> anyhow::Result<Outcome> {
     let server = Server::start(&args.server)?;
     let client = reqwest::Client::new();
+    // Copied before the clock starts: each run sends its own.
+    let payloads = payloads.clone();
     let started = Instant::now();
     let committed: Vec<u64> = match payloads {
         Payloads::Http(bodies) => {
@@ -223,7 +266,7 @@ async fn small_requests(args: &Args, batches: &[RecordBatch], bytes: u64) -> any
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     Ok(Outcome {
-        scenario: format!("HTTP, {}-row requests from {} producers", args.small_rows, args.small_producers),
+        scenario: format!("{SMALL_REQUESTS}: {} rows each from {} producers", args.small_rows, args.small_producers),
         rows,
         bytes,
         elapsed,
@@ -261,7 +304,7 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
     let (rows, sent) = producer.await.context("producer task")??;
     anyhow::ensure!(committed == rows, "committed {committed} of {rows} rows");
     Ok(Outcome {
-        scenario: format!("HTTP, one {:.1} GiB streamed upload", sent as f64 / (1u64 << 30) as f64),
+        scenario: format!("{STREAMED_UPLOAD} of {:.1} GiB", sent as f64 / (1u64 << 30) as f64),
         rows,
         bytes: sent,
         elapsed,
