@@ -164,7 +164,7 @@ impl Default for FlushPolicy {
 }
 
 /// What to do with a batch whose columns are not all in the target table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SchemaPolicy {
     /// Refuse the whole request with 422, naming the offending columns.

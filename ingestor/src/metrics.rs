@@ -74,6 +74,7 @@ pub struct Metrics {
     pub decoded_bytes: Family<StreamLabels, Counter>,
     pub schema_mismatches: Family<StreamLabels, Counter>,
     pub overloaded: Family<StreamLabels, Counter>,
+    pub grouped_requests: Family<StreamLabels, Counter>,
     pub request_duration: LatencyFamily,
     pub commit_duration: LatencyFamily,
     pub inflight_bytes: Gauge,
@@ -116,6 +117,7 @@ impl Default for Metrics {
         let decoded_bytes = Family::<StreamLabels, Counter>::default();
         let schema_mismatches = Family::<StreamLabels, Counter>::default();
         let overloaded = Family::<StreamLabels, Counter>::default();
+        let grouped_requests = Family::<StreamLabels, Counter>::default();
         let request_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let commit_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let checkpoints = Family::<CheckpointLabels, Counter>::default();
@@ -145,6 +147,11 @@ impl Default for Metrics {
             "overloaded_requests",
             "Requests refused because the in-flight memory budget stayed full",
             overloaded.clone(),
+        );
+        registry.register(
+            "grouped_requests",
+            "Requests committed in one transaction together with other small requests (group commit)",
+            grouped_requests.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -210,6 +217,7 @@ impl Default for Metrics {
             decoded_bytes,
             schema_mismatches,
             overloaded,
+            grouped_requests,
             request_duration,
             commit_duration,
             inflight_bytes,

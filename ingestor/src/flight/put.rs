@@ -229,6 +229,7 @@ impl<'a> Put<'a> {
                 bytes_decoded: pending.bytes,
                 elapsed_ms: self.started.elapsed().as_millis() as u64,
                 commit_time: committed.commit_time,
+                grouped: committed.grouped,
             },
         );
         if let Some(acks) = &self.acks {

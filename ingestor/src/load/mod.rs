@@ -6,11 +6,13 @@
 //! stream is complete; anything else (an error, a dropped session, a client gone) rolls it back.
 
 mod ffi;
+mod group;
 mod query;
 mod reader;
 mod schema;
 pub mod sql;
 mod tables;
+mod upload;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,16 +23,17 @@ use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use arrowport_config::SchemaPolicy;
 use duckdb::Connection;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::budget::MemoryBudget;
+use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
 use ffi::{RawConnection, RawDatabase};
 pub use query::{QueryLimits, QueryResult, TableInfo};
 use reader::{ChannelReader, Feed};
 pub use schema::{Column, IfExists, TableMode, TablePlan, check_supported};
 use tables::{TableGuard, TableLocks};
+pub use upload::{SMALL_REQUEST_BYTES, Upload};
 
 /// In-memory catalog holding the per-session Arrow views, so nothing about them reaches the database file.
 const SCRATCH: &str = "arrowport_scratch";
@@ -67,6 +70,8 @@ pub struct Committed {
     pub batches: u64,
     /// From the end of the data to the end of `COMMIT`: what the producer waited for after its last byte.
     pub commit_time: Duration,
+    /// Committed in one transaction with other requests (group commit).
+    pub grouped: bool,
 }
 
 /// Loads Arrow data into one DuckDB database. Cheap to clone.
@@ -82,6 +87,7 @@ struct Shared {
     permits: Arc<Semaphore>,
     queries: query::QuerySlots,
     tables: TableLocks,
+    groups: group::GroupQueues,
     budget: MemoryBudget,
     catalog: String,
     next_view: AtomicU64,
@@ -121,6 +127,7 @@ impl Loader {
                 permits: Arc::new(Semaphore::new(options.max_concurrent_loads)),
                 queries: query::QuerySlots::new(options.queries),
                 tables: TableLocks::default(),
+                groups: group::GroupQueues::default(),
                 budget: options.budget,
                 catalog,
                 next_view: AtomicU64::new(0),
@@ -140,7 +147,22 @@ impl Loader {
     /// here, before the caller reads any data.
     pub async fn begin(&self, target: Target, schema: SchemaRef) -> Result<LoadSession, IngestError> {
         check_supported(&schema)?;
-        let permit = self.shared.permits.clone().acquire_owned().await.map_err(|_| IngestError::ShuttingDown)?;
+        let slot = self.load_slot().await?;
+        self.begin_in(slot, target, schema).await
+    }
+
+    /// Waits for one of the `max_concurrent_loads` slots.
+    async fn load_slot(&self) -> Result<OwnedSemaphorePermit, IngestError> {
+        self.shared.permits.clone().acquire_owned().await.map_err(|_| IngestError::ShuttingDown)
+    }
+
+    /// [`begin`](Self::begin) in a slot already taken.
+    async fn begin_in(
+        &self,
+        permit: OwnedSemaphorePermit,
+        target: Target,
+        schema: SchemaRef,
+    ) -> Result<LoadSession, IngestError> {
         let (feed, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (ready_tx, ready_rx) = oneshot::channel();
         let shared = self.shared.clone();
@@ -233,7 +255,12 @@ impl Shared {
             tracing::warn!(%view, %error, "Could not drop a scan view.");
         }
         drop(stream);
-        outcome.map(|rows| Committed { rows, batches: batches.load(Ordering::Relaxed), commit_time: Duration::ZERO })
+        outcome.map(|rows| Committed {
+            rows,
+            batches: batches.load(Ordering::Relaxed),
+            commit_time: Duration::ZERO,
+            grouped: false,
+        })
     }
 
     fn load_view(
@@ -342,12 +369,18 @@ impl LoadSession {
             offset += len;
             let size = decoded_size(&piece);
             let reservation = self.budget.reserve(size).await.ok_or(IngestError::Overloaded)?;
-            if self.feed.send(Feed::Batch(piece, reservation)).await.is_err() {
-                return Err(self.failure().await);
-            }
+            self.feed(piece, Some(reservation)).await?;
             queued += size;
         }
         Ok(queued)
+    }
+
+    /// Queues a batch of at most the chunk size as it is, with the reservation that covers it (if any).
+    async fn feed(&mut self, batch: RecordBatch, reservation: Option<Reservation>) -> Result<(), IngestError> {
+        if self.feed.send(Feed::Batch(batch, reservation)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
     }
 
     /// Ends the stream and waits until its rows are committed.

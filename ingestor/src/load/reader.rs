@@ -12,8 +12,8 @@ use crate::budget::Reservation;
 
 /// What a session sends to DuckDB.
 pub enum Feed {
-    /// A batch, holding its share of the memory budget until DuckDB takes it.
-    Batch(RecordBatch, Reservation),
+    /// A batch, holding its share of the memory budget until DuckDB takes it (unless its request holds it).
+    Batch(RecordBatch, Option<Reservation>),
     /// The stream is complete: the transaction may commit.
     End,
 }

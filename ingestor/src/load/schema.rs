@@ -34,7 +34,7 @@ pub enum TablePlan {
 
 /// What a load may do to its table besides appending. Streams always use the default; Flight SQL bulk
 /// ingest sets it from the client's table definition options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TableMode {
     /// Create the table if it does not exist (otherwise that is an error).
     pub create: bool,
@@ -48,7 +48,7 @@ impl Default for TableMode {
 }
 
 /// What a load does to a table that already exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IfExists {
     Append,
     Fail,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use super::body::{ContentEncoding, decoded_bytes};
 use super::{AppState, InflightRequest};
 use crate::decode::{IpcDecoder, IpcFormat};
 use crate::error::IngestError;
-use crate::load::LoadSession;
+use crate::load::Upload;
 use crate::metrics::Protocol;
 
 /// The answer to a committed ingest request.
@@ -35,6 +35,9 @@ pub struct IngestReport {
     /// Time the commit took (reported in the commit latency histogram, not in the answer).
     #[serde(skip)]
     pub commit_time: Duration,
+    /// Committed in one transaction with other requests (counted in the metrics, not in the answer).
+    #[serde(skip)]
+    pub grouped: bool,
 }
 
 impl IntoResponse for IngestError {
@@ -52,9 +55,10 @@ impl IntoResponse for IngestError {
 pub async fn ingest(
     State(state): State<Arc<AppState>>,
     Path(stream): Path<String>,
+    version: Version,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<IngestReport>, IngestError> {
+) -> Response {
     let started = Instant::now();
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let inflight = InflightRequest::new(&state);
@@ -64,7 +68,18 @@ pub async fn ingest(
         state.record_commit(Protocol::Http, report);
     }
     state.record_request(Protocol::Http, &stream, outcome.as_ref().err(), wire_bytes.load(Ordering::Relaxed), started);
-    outcome.map(Json)
+    match outcome {
+        Ok(report) => Json(report).into_response(),
+        Err(error) => {
+            let mut response = error.into_response();
+            // The rest of the body may be unread, so the connection cannot carry another request: say so,
+            // or an HTTP/1.1 client may reuse it and see its next request fail.
+            if version < Version::HTTP_2 {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
 }
 
 async fn ingest_body(
@@ -89,24 +104,24 @@ async fn ingest_body(
 
     let mut bytes = decoded_bytes(body, encoding, limit, wire_bytes.clone());
     let mut decoder = IpcDecoder::new(format, state.limits.max_message_bytes.0);
-    let mut session: Option<LoadSession> = None;
+    let mut upload: Option<Upload> = None;
     let mut batches = Vec::new();
     let mut bytes_decoded = 0;
     while let Some(chunk) = bytes.next().await {
         decoder.push(chunk?, &mut batches)?;
-        if session.is_none()
+        if upload.is_none()
             && let Some(schema) = decoder.schema()
         {
-            session = Some(state.loader.begin(route.target(), schema).await?);
+            upload = Some(state.loader.upload(route.target(), schema)?);
         }
-        if let Some(session) = session.as_mut() {
+        if let Some(upload) = upload.as_mut() {
             for batch in batches.drain(..) {
-                bytes_decoded += session.send(batch).await?;
+                bytes_decoded += upload.send(batch).await?;
             }
         }
     }
     decoder.finish()?;
-    let committed = session.ok_or(IngestError::EmptyBody)?.commit().await?;
+    let committed = upload.ok_or(IngestError::EmptyBody)?.commit().await?;
     Ok(IngestReport {
         stream: route.stream,
         table: route.table,
@@ -116,6 +131,7 @@ async fn ingest_body(
         bytes_decoded,
         elapsed_ms: started.elapsed().as_millis() as u64,
         commit_time: committed.commit_time,
+        grouped: committed.grouped,
     })
 }
 

@@ -93,6 +93,9 @@ impl AppState {
         metrics.decoded_bytes.get_or_create(&labels).inc_by(report.bytes_decoded);
         metrics.compression_ratio.get_or_create(&labels).set(ratio);
         metrics.commit_duration.get_or_create(&labels).observe(report.commit_time.as_secs_f64());
+        if report.grouped {
+            metrics.grouped_requests.get_or_create(&labels).inc();
+        }
         tracing::debug!(stream = %report.stream, table = %report.table, rows = report.rows, %protocol, "Committed.");
     }
 

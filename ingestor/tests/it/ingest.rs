@@ -1,6 +1,7 @@
 //! Data that should land: formats, compression, routing, schema policies, concurrency.
 
 use std::io::Write;
+use std::time::Duration;
 
 use arrow_ipc::CompressionType;
 use arrowport_config::Config;
@@ -127,6 +128,46 @@ async fn concurrent_requests_to_one_table_all_land() {
     assert_eq!(rows, 32_000);
     assert_eq!(server.count("shared"), Some(32_000));
     assert_eq!(server.scalar::<i64>("SELECT count(DISTINCT id) FROM shared"), 32_000);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_share_commits_and_each_is_answered_after_its_rows_are_committed() {
+    let mut config = Config::default();
+    one_load_slot(&mut config);
+    let server = TestServer::with_config(config).await;
+    // While another load holds the only slot, eight small requests arrive and queue for a group commit.
+    let holder = SlotHolder::take(&server).await;
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let requests = (0..8).map(|i| {
+        let (server, answered) = (&server, &answered);
+        let (start, rows) = (i * 1000, i as usize + 1);
+        async move {
+            let report = server.ingest_ok("small", ipc_stream(&[batch(start, rows)], None)).await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Answered only after its commit: its rows are visible the moment the answer arrives.
+            let sql = format!("SELECT count(*) FROM small WHERE id >= {start} AND id < {start} + 1000");
+            (report.rows, server.scalar::<i64>(&sql))
+        }
+    });
+    let release = async {
+        wait_until("all requests in flight", Duration::from_secs(30), || async {
+            metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(9.0)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing is answered before its commit");
+        holder.release().await
+    };
+    let (answers, holder_status) = tokio::join!(futures::future::join_all(requests), release);
+    assert_eq!(holder_status, 200);
+    for (i, (rows, visible)) in answers.into_iter().enumerate() {
+        assert_eq!((rows, visible), (i as u64 + 1, i as i64 + 1), "request {i}");
+    }
+    assert_eq!(server.count("small"), Some(36));
+    let grouped =
+        metric(&server.metrics().await, r#"arrowport_grouped_requests_total{stream="small",protocol="http"}"#);
+    assert!(grouped.is_some_and(|n| n >= 2.0), "small requests were committed together: {grouped:?}");
     server.stop().await;
 }
 

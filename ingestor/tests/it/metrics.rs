@@ -7,7 +7,9 @@ use arrow_ipc::CompressionType;
 use arrowport_config::Config;
 
 use crate::flight::{put, put_messages};
-use crate::support::{STREAM_TYPE, TestServer, batch, ipc_stream, metric, readme_path};
+use crate::support::{
+    STREAM_TYPE, SlotHolder, TestServer, batch, ipc_stream, metric, one_load_slot, readme_path, wait_until,
+};
 
 /// `name → type` of every metric family the README's metrics table specifies.
 fn specified() -> BTreeMap<String, String> {
@@ -45,9 +47,22 @@ fn value(text: &str, sample: &str) -> f64 {
 async fn the_readme_specifies_every_metric_exposed() {
     let mut config = Config::default();
     config.limits.memory_budget_bytes = arrowport_config::ByteSize(64 << 10);
+    one_load_slot(&mut config);
     let server = TestServer::with_config(config).await;
     // Traffic first, of every kind: families with labels only appear once they have a series.
     server.ingest_ok("spec", ipc_stream(&[batch(0, 10)], None)).await;
+    // Two small requests queued behind another load are committed together.
+    let holder = SlotHolder::take(&server).await;
+    let small = (0..2).map(|i| server.ingest_ok("spec", ipc_stream(&[batch(100 + i, 1)], None)));
+    let release = async {
+        wait_until("both requests in flight", std::time::Duration::from_secs(30), || async {
+            metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(3.0)
+        })
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        holder.release().await
+    };
+    tokio::join!(futures::future::join_all(small), release);
     assert_eq!(server.ingest("spec", ipc_stream(&[batch(0, 100_000)], None)).await.status(), 503);
     let mismatch = ipc_stream(
         &[RecordBatch::try_from_iter([("id", std::sync::Arc::new(Int32Array::from(vec![1])) as _)]).unwrap()],

@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
 use arrowport::server::{AppState, IngestReport};
-use arrowport_config::Config;
+use arrowport_config::{Config, StreamConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -103,6 +103,48 @@ impl TestServer {
     }
 }
 
+/// Lets a [`SlotHolder`] take the server's only load slot: one load at a time, and a stream whose
+/// requests stream in a session of their own from the first row.
+pub fn one_load_slot(config: &mut Config) {
+    config.limits.max_concurrent_loads = 1;
+    config.streams.insert("slot_holder".to_owned(), StreamConfig { chunk_size: Some(1), ..Default::default() });
+}
+
+/// A request holding the only load slot of a server configured with [`one_load_slot`] until released,
+/// so that other requests queue behind it.
+pub struct SlotHolder {
+    rest: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    end_of_stream: Vec<u8>,
+    response: JoinHandle<reqwest::Response>,
+}
+
+impl SlotHolder {
+    /// Starts the request and returns once its load is running (its scan view exists).
+    pub async fn take(server: &TestServer) -> Self {
+        let mut body = ipc_stream(&[batch(0, 2)], None);
+        let end_of_stream = body.split_off(body.len() - 8);
+        let (rest, received) = tokio::sync::mpsc::channel(2);
+        rest.send(Ok(body)).await.unwrap();
+        let request = server
+            .client
+            .post(format!("{}/ingest/slot_holder", server.url))
+            .header("content-type", STREAM_TYPE)
+            .body(reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(received)));
+        let response = tokio::spawn(async move { request.send().await.unwrap() });
+        let views = "SELECT count(*) FROM duckdb_views() WHERE database_name = 'arrowport_scratch'";
+        wait_until("the slot holder's load", Duration::from_secs(30), || async { server.scalar::<i64>(views) > 0 })
+            .await;
+        Self { rest, end_of_stream, response }
+    }
+
+    /// Ends the request and lets its load commit.
+    pub async fn release(self) -> reqwest::StatusCode {
+        self.rest.send(Ok(self.end_of_stream)).await.unwrap();
+        drop(self.rest);
+        self.response.await.unwrap().status()
+    }
+}
+
 /// The value of the metric line starting with `prefix` (name and labels), if present.
 pub fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -146,6 +188,8 @@ pub fn ipc_file(batches: &[RecordBatch]) -> Vec<u8> {
 /// The JSON error body of a response, checked for shape.
 pub async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
+    // The body may be partly unread: an HTTP/1.1 client must not reuse the connection.
+    assert_eq!(response.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
     let body: serde_json::Value = response.json().await.unwrap();
     let code = body["error"]["code"].as_str().expect("error.code").to_owned();
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");

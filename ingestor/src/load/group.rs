@@ -1,0 +1,285 @@
+//! Group commit: small requests to one table with one schema share a transaction.
+//!
+//! Every transaction has a fixed cost — describing the scan view, planning the insert, merging local
+//! storage at commit — of a few milliseconds of CPU, which dominates a 1,000-row request. Requests that
+//! end below the small-request threshold (see [`Upload`](super::Upload)) queue here by table and schema;
+//! one runner per queue commits everything queued in one session and then answers each request. While it
+//! commits, the next group gathers, so groups grow with load and nobody waits on a timer. When a group
+//! fails, its requests are retried one at a time, so one bad request cannot fail the others.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrowport_config::SchemaPolicy;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use super::{Committed, LoadSession, Loader, TableMode, Target};
+use crate::budget::Reservation;
+use crate::error::IngestError;
+
+/// Most rows one group commits; the requests after them form the next group.
+const MAX_GROUP_ROWS: u64 = 1 << 20;
+
+/// Requests waiting for a group commit, by what they write to. A key is present while its runner runs.
+#[derive(Default)]
+pub(super) struct GroupQueues {
+    queues: std::sync::Mutex<HashMap<GroupKey, Vec<Member>>>,
+}
+
+/// Requests can share a transaction when they write the same columns to the same table the same way.
+#[derive(Clone, Hash, PartialEq, Eq)]
+struct GroupKey {
+    table: String,
+    policy: SchemaPolicy,
+    mode: TableMode,
+    schema: SchemaRef,
+}
+
+/// A complete small request: its batches (holding their share of the memory budget) and where to answer.
+struct Member {
+    batches: Vec<RecordBatch>,
+    /// Held until the request is answered.
+    _reservations: Vec<Reservation>,
+    rows: u64,
+    answer: oneshot::Sender<Result<Committed, IngestError>>,
+}
+
+impl Loader {
+    /// Commits a complete small request, together with whatever else is waiting for the same table and
+    /// schema, and answers once its rows are committed.
+    pub(super) async fn commit_in_group(
+        &self,
+        target: Target,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+        reservations: Vec<Reservation>,
+    ) -> Result<Committed, IngestError> {
+        let started = Instant::now();
+        let (answer, answered) = oneshot::channel();
+        let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
+        let member = Member { batches, _reservations: reservations, rows, answer };
+        let key = GroupKey { table: target.table.clone(), policy: target.policy, mode: target.mode, schema };
+        let start_runner = match self.shared.groups.lock().entry(key.clone()) {
+            Entry::Occupied(mut queue) => {
+                queue.get_mut().push(member);
+                false
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(vec![member]);
+                true
+            }
+        };
+        if start_runner {
+            tokio::spawn(self.clone().run_groups(key, target));
+        }
+        let committed = answered
+            .await
+            .map_err(|_| IngestError::Database("the group commit ended without an answer".to_owned()))??;
+        Ok(Committed { commit_time: started.elapsed(), ..committed })
+    }
+
+    /// Commits the queue of `key` group by group until it is empty.
+    async fn run_groups(self, key: GroupKey, target: Target) {
+        let mut runner = Runner { loader: &self, key: &key, done: false };
+        loop {
+            // Requests keep gathering while the runner waits for a load slot.
+            let Ok(slot) = self.load_slot().await else { return };
+            let group = {
+                let mut queues = self.shared.groups.lock();
+                let queue = queues.get_mut(&key).expect("a running group queue stays in the map");
+                if queue.is_empty() {
+                    queues.remove(&key);
+                    runner.done = true;
+                    return;
+                }
+                next_group(queue)
+            };
+            runner.loader.commit_group(slot, &target, &key.schema, group).await;
+        }
+    }
+
+    async fn commit_group(&self, slot: OwnedSemaphorePermit, target: &Target, schema: &SchemaRef, group: Vec<Member>) {
+        let session = self.begin_in(slot, target.clone(), schema.clone()).await;
+        let alone = group.len() == 1;
+        match load_members(session, &group).await {
+            Ok(_) => {
+                for member in group {
+                    let rows = member.rows;
+                    let batches = member.batches.len() as u64;
+                    let committed = Committed { rows, batches, commit_time: Duration::ZERO, grouped: !alone };
+                    let _ = member.answer.send(Ok(committed));
+                }
+            }
+            Err(error) if alone => {
+                if let Some(member) = group.into_iter().next() {
+                    let _ = member.answer.send(Err(error));
+                }
+            }
+            Err(error) => {
+                tracing::debug!(table = %target.table, requests = group.len(), %error,
+                    "A group commit failed; committing its requests one at a time.");
+                for member in group {
+                    let session = self.begin(target.clone(), schema.clone()).await;
+                    let outcome = load_members(session, std::slice::from_ref(&member)).await;
+                    let _ = member.answer.send(outcome);
+                }
+            }
+        }
+    }
+}
+
+/// Loads the members' batches in `session` and commits. The members keep their budget reservations until
+/// they are answered, so the batches go without one.
+async fn load_members(session: Result<LoadSession, IngestError>, members: &[Member]) -> Result<Committed, IngestError> {
+    let mut session = session?;
+    for batch in members.iter().flat_map(|member| &member.batches) {
+        session.feed(batch.clone(), None).await?;
+    }
+    session.commit().await
+}
+
+/// Takes the oldest requests up to [`MAX_GROUP_ROWS`] (always at least one).
+fn next_group(queue: &mut Vec<Member>) -> Vec<Member> {
+    let mut rows = 0;
+    let count = queue
+        .iter()
+        .take_while(|member| {
+            rows += member.rows;
+            rows <= MAX_GROUP_ROWS
+        })
+        .count()
+        .max(1);
+    queue.drain(..count).collect()
+}
+
+impl GroupQueues {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Vec<Member>>> {
+        self.queues.lock().expect("group queue lock poisoned")
+    }
+}
+
+/// Removes its queue if the runner stops without finishing (a panic), so later requests start a new
+/// runner instead of waiting for one that is gone; the requests in the queue get an error.
+struct Runner<'a> {
+    loader: &'a Loader,
+    key: &'a GroupKey,
+    done: bool,
+}
+
+impl Drop for Runner<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.loader.shared.groups.lock().remove(self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::budget::MemoryBudget;
+    use crate::load::{LoaderOptions, QueryLimits};
+
+    fn loader(dir: &tempfile::TempDir) -> Loader {
+        let options = LoaderOptions {
+            extensions: Vec::new(),
+            memory_limit: None,
+            max_concurrent_loads: 4,
+            budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)),
+            queries: QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(10) },
+        };
+        Loader::open(&dir.path().join("group.duckdb"), options).unwrap()
+    }
+
+    fn target() -> Target {
+        Target { table: "t".to_owned(), chunk_size: 122_880, policy: SchemaPolicy::Reject, mode: TableMode::default() }
+    }
+
+    fn ids(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    /// Sends each request as a small upload; on this single-threaded runtime all of them queue before the
+    /// group runner first runs, so they meet in one group.
+    async fn upload_together(loader: &Loader, requests: &[&[i64]]) -> Vec<Result<Committed, IngestError>> {
+        let uploads = requests.iter().map(|values| async move {
+            let batch = ids(values);
+            let mut upload = loader.upload(target(), batch.schema()).unwrap();
+            upload.send(batch).await?;
+            upload.commit().await
+        });
+        futures::future::join_all(uploads).await
+    }
+
+    fn table(loader: &Loader) -> Vec<i64> {
+        loader
+            .with_connection(|conn| {
+                let mut statement = conn.prepare("SELECT id FROM t ORDER BY id")?;
+                statement.query_map([], |row| row.get(0))?.collect()
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn small_requests_share_one_commit_and_each_gets_its_own_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let loader = loader(&dir);
+        let outcomes = upload_together(&loader, &[&[1, 2], &[3], &[4, 5, 6]]).await;
+        let answers: Vec<_> = outcomes.into_iter().map(|outcome| outcome.unwrap()).collect();
+        assert_eq!(
+            answers.iter().map(|c| (c.rows, c.batches, c.grouped)).collect::<Vec<_>>(),
+            [(2, 1, true), (1, 1, true), (3, 1, true)]
+        );
+        assert_eq!(table(&loader), [1, 2, 3, 4, 5, 6]);
+        assert!(loader.shared.groups.lock().is_empty(), "the runner leaves no queue behind");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_fails_does_not_fail_the_others_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let loader = loader(&dir);
+        loader.with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT PRIMARY KEY)")).unwrap();
+        // The second request violates the primary key on its own: the group fails, then each is retried alone.
+        let outcomes = upload_together(&loader, &[&[1, 2], &[10, 10], &[20]]).await;
+        assert_eq!(outcomes[0].as_ref().unwrap().rows, 2);
+        assert!(!outcomes[0].as_ref().unwrap().grouped, "committed alone on the retry");
+        let error = outcomes[1].as_ref().unwrap_err().to_string();
+        assert!(error.contains("duplicate key \"10\""), "{error}");
+        assert_eq!(outcomes[2].as_ref().unwrap().rows, 1);
+        assert_eq!(table(&loader), [1, 2, 20]);
+    }
+
+    #[tokio::test]
+    async fn a_request_of_a_chunk_or_more_streams_in_a_session_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let loader = loader(&dir);
+        let target = Target { chunk_size: 3, ..target() };
+        let batch = ids(&[1, 2]);
+        let mut upload = loader.upload(target, batch.schema()).unwrap();
+        upload.send(batch).await.unwrap();
+        upload.send(ids(&[3, 4])).await.unwrap();
+        let committed = upload.commit().await.unwrap();
+        assert_eq!((committed.rows, committed.grouped), (4, false));
+        assert_eq!(table(&loader), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_next_group_stops_at_the_row_limit() {
+        let member =
+            |rows| Member { batches: Vec::new(), _reservations: Vec::new(), rows, answer: oneshot::channel().0 };
+        let mut queue = vec![member(MAX_GROUP_ROWS / 2), member(MAX_GROUP_ROWS / 2), member(1)];
+        assert_eq!(next_group(&mut queue).len(), 2);
+        assert_eq!(next_group(&mut queue).len(), 1);
+        let mut oversized = vec![member(MAX_GROUP_ROWS + 1), member(1)];
+        assert_eq!(next_group(&mut oversized).len(), 1, "one request alone may exceed the limit");
+    }
+}
