@@ -147,7 +147,15 @@ async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let queries = QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(60) };
-    let options = LoaderOptions { extensions: vec![], memory_limit: None, max_concurrent_loads: 1, budget, queries };
+    let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
+    let options = LoaderOptions {
+        extensions: vec![],
+        memory_limit: None,
+        checkpoint_threshold,
+        max_concurrent_loads: 1,
+        budget,
+        queries,
+    };
     let loader = Loader::open(&dir.path().join("native.duckdb"), options)?;
     let target = Target {
         table: "lineitem".into(),

@@ -82,13 +82,18 @@ pub struct DuckDbSettings {
     /// DuckDB's own `memory_limit` (its buffer pool); `None` keeps DuckDB's default, 80% of RAM.
     pub memory_limit: Option<ByteSize>,
     /// Arrowport runs `CHECKPOINT` this often (0: only at shutdown); DuckDB also checkpoints by itself
-    /// when its write-ahead log grows past 16 MiB.
+    /// when its write-ahead log grows past `checkpoint_threshold`.
     pub checkpoint_interval_seconds: u64,
+    /// DuckDB's `checkpoint_threshold`: the write-ahead log size at which a commit checkpoints. Small
+    /// commits go through the log, and checkpointing a few of them at a time costs far more than a larger
+    /// batch of them (DuckDB's own default, 16 MiB, halves small-request throughput); a larger log takes
+    /// more memory until it is checkpointed and longer to replay after a crash.
+    pub checkpoint_threshold: ByteSize,
 }
 
 impl Default for DuckDbSettings {
     fn default() -> Self {
-        Self { memory_limit: None, checkpoint_interval_seconds: 300 }
+        Self { memory_limit: None, checkpoint_interval_seconds: 300, checkpoint_threshold: ByteSize::mib(64) }
     }
 }
 

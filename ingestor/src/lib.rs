@@ -40,6 +40,7 @@ pub fn open(config: &Config) -> Result<Arc<AppState>, IngestError> {
     let options = LoaderOptions {
         extensions: config.duckdb_extensions.clone(),
         memory_limit: config.duckdb.memory_limit.map(|limit| limit.0),
+        checkpoint_threshold: config.duckdb.checkpoint_threshold.0,
         max_concurrent_loads: config.limits.max_concurrent_loads,
         budget,
         queries,

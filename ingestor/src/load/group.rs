@@ -192,6 +192,7 @@ mod tests {
         let options = LoaderOptions {
             extensions: Vec::new(),
             memory_limit: None,
+            checkpoint_threshold: 16 << 20,
             max_concurrent_loads: 4,
             budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)),
             queries: QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(10) },

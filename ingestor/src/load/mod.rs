@@ -56,6 +56,8 @@ pub struct LoaderOptions {
     pub extensions: Vec<String>,
     /// DuckDB's `memory_limit` in bytes; `None` keeps DuckDB's default.
     pub memory_limit: Option<u64>,
+    /// DuckDB's `checkpoint_threshold` in bytes: the WAL size at which a commit checkpoints.
+    pub checkpoint_threshold: u64,
     /// Sessions loading at once; further ones wait for a slot.
     pub max_concurrent_loads: usize,
     /// The memory budget sessions reserve decoded batches against.
@@ -110,6 +112,7 @@ impl Loader {
         if let Some(limit) = options.memory_limit {
             admin.execute_batch(&format!("SET memory_limit = '{limit}B'"))?;
         }
+        admin.execute_batch(&format!("SET checkpoint_threshold = '{}B'", options.checkpoint_threshold))?;
         for extension in &options.extensions {
             admin.execute_batch(&format!("LOAD {}", sql::ident(extension))).map_err(|e| {
                 IngestError::Database(format!(

@@ -238,3 +238,15 @@ async fn duckdb_extensions_load_at_start_or_fail_clearly() {
     let message = arrowport::open(&config).err().expect("an unknown extension fails the start").to_string();
     assert!(message.contains("no_such_extension") && message.contains("does not download"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_settings_reach_the_database() {
+    let mut config = Config::default();
+    config.duckdb.checkpoint_threshold = arrowport_config::ByteSize::mib(32);
+    config.duckdb.memory_limit = Some(arrowport_config::ByteSize::mib(512));
+    let server = TestServer::with_config(config).await;
+    let setting = |name: &str| server.scalar::<String>(&format!("SELECT current_setting('{name}')::VARCHAR"));
+    assert_eq!(setting("checkpoint_threshold"), "32.0 MiB");
+    assert_eq!(setting("memory_limit"), "512.0 MiB");
+    server.stop().await;
+}
