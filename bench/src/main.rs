@@ -19,7 +19,7 @@ use arrowport::load::{Loader, LoaderOptions, QueryLimits, TableMode, Target, dec
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
 
-use server::Server;
+use server::{Server, Usage, own_cpu_time};
 
 /// Measures Arrowport's HTTP and Flight ingest against in-process DuckDB loading of the same batches.
 #[derive(Parser)]
@@ -42,7 +42,8 @@ struct Args {
     /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
     #[arg(long, default_value_t = 1.0)]
     upload_gib: f64,
-    /// Runs of each scenario; the table shows the median run (and the highest peak RSS of all runs).
+    /// Runs of each scenario, each right after a run of the in-process baseline; the table shows the
+    /// run with the median ratio to its baseline (and the highest peak RSS of all runs).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Run only the scenarios whose name contains this text (the in-process baseline always runs).
@@ -64,7 +65,12 @@ struct Outcome {
     rows: u64,
     bytes: u64,
     elapsed: Duration,
-    peak_rss: Option<u64>,
+    /// Rate against the in-process Arrow scan run just before it.
+    ratio: f64,
+    /// CPU time of the server, or of this process for in-process loading.
+    cpu: Option<Duration>,
+    /// Peak resident memory of the server, KiB.
+    peak_rss_kib: Option<u64>,
     /// Median and 99th-percentile time from sending a request to its commit answer.
     latency: Option<(Duration, Duration)>,
 }
@@ -85,11 +91,8 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    let runs = args.runs.max(1);
-    let mut outcomes = vec![
-        median(runs, || in_process_native(&batches)).await?,
-        median(runs, || async { in_process_appender(&batches) }).await?,
-    ];
+    let mut bench = Bench { runs: args.runs.max(1), batches: &batches, baselines: Vec::new() };
+    let mut outcomes = vec![bench.median(|| async { in_process_appender(&batches) }).await?];
     let eighths: Vec<&[RecordBatch]> = batches.chunks(batches.len().div_ceil(8)).collect();
     let http_scenarios = [
         ("HTTP, 1 producer", vec![ipc(&batches, None)]),
@@ -99,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     ];
     for (scenario, bodies) in http_scenarios.into_iter().filter(|(scenario, _)| args.selects(scenario)) {
         let payloads = Payloads::Http(bodies);
-        outcomes.push(median(runs, || remote(&args, scenario, &payloads, bytes)).await?);
+        outcomes.push(bench.median(|| remote(&args, scenario, &payloads, bytes)).await?);
     }
     let flight_scenarios = [
         ("Flight DoPut, 1 producer", vec![&batches[..]], None),
@@ -113,33 +116,62 @@ async fn main() -> anyhow::Result<()> {
             puts.push(flight::messages("lineitem", part, compression).await?);
         }
         let payloads = Payloads::Flight(puts);
-        outcomes.push(median(runs, || remote(&args, scenario, &payloads, bytes)).await?);
+        outcomes.push(bench.median(|| remote(&args, scenario, &payloads, bytes)).await?);
     }
     if args.selects(SMALL_REQUESTS) {
-        outcomes.push(median(runs, || small_requests(&args, &batches, bytes)).await?);
+        outcomes.push(bench.median(|| small_requests(&args, &batches, bytes)).await?);
     }
     if args.upload_gib > 0.0 && args.selects(STREAMED_UPLOAD) {
-        outcomes.push(median(runs, || streamed_upload(&args)).await?);
+        outcomes.push(bench.median(|| streamed_upload(&args)).await?);
     }
+    outcomes.insert(0, bench.baseline()?);
     report(&outcomes);
     Ok(())
 }
 
-/// Runs a scenario `runs` times: the median run by time, with the highest peak RSS seen in any run.
-async fn median<F, Fut>(runs: usize, mut scenario: F) -> anyhow::Result<Outcome>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
-{
-    let mut outcomes = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        outcomes.push(scenario().await?);
+/// Pairs every run of a scenario with a run of the in-process baseline just before it. The speed of a
+/// shared virtual machine drifts by more than ±15% over minutes, so a ratio is only meaningful between
+/// runs that saw the same machine.
+struct Bench<'a> {
+    runs: usize,
+    batches: &'a [RecordBatch],
+    /// Every baseline run so far.
+    baselines: Vec<Outcome>,
+}
+
+impl Bench<'_> {
+    /// Runs a scenario `runs` times, each after a baseline run: the run with the median ratio, with the
+    /// highest peak RSS seen in any run.
+    async fn median<F, Fut>(&mut self, mut scenario: F) -> anyhow::Result<Outcome>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+    {
+        let mut outcomes = Vec::with_capacity(self.runs);
+        for _ in 0..self.runs {
+            let baseline = in_process_native(self.batches).await?;
+            let mut outcome = scenario().await?;
+            outcome.ratio = rate(&outcome) / rate(&baseline);
+            self.baselines.push(baseline);
+            outcomes.push(outcome);
+        }
+        let peak_rss_kib = outcomes.iter().filter_map(|o| o.peak_rss_kib).max();
+        outcomes.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+        let mut median = outcomes.swap_remove(self.runs / 2);
+        median.peak_rss_kib = peak_rss_kib;
+        Ok(median)
     }
-    let peak_rss = outcomes.iter().filter_map(|o| o.peak_rss).max();
-    outcomes.sort_by_key(|o| o.elapsed);
-    let mut median = outcomes.swap_remove(runs / 2);
-    median.peak_rss = peak_rss;
-    Ok(median)
+
+    /// The median of all baseline runs.
+    fn baseline(mut self) -> anyhow::Result<Outcome> {
+        self.baselines.sort_by_key(|o| o.elapsed);
+        let middle = self.baselines.len() / 2;
+        self.baselines.into_iter().nth(middle).context("no scenario ran")
+    }
+}
+
+fn rate(outcome: &Outcome) -> f64 {
+    outcome.rows as f64 / outcome.elapsed.as_secs_f64()
 }
 
 /// DuckDB scanning the Arrow stream in-process: the same loader the server uses, without the network.
@@ -163,13 +195,14 @@ async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
         policy: SchemaPolicy::Reject,
         mode: TableMode::default(),
     };
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), own_cpu_time()?);
     let mut session = loader.begin(target, batches[0].schema()).await?;
     for batch in batches {
         session.send(batch.clone()).await?;
     }
     let committed = session.commit().await?;
-    Ok(outcome("in-process, DuckDB Arrow scan", committed.rows, batches, started.elapsed()))
+    let (elapsed, cpu) = (started.elapsed(), own_cpu_time()? - cpu);
+    Ok(Outcome::in_process("in-process, DuckDB Arrow scan", committed.rows, batches, elapsed, cpu))
 }
 
 /// duckdb-rs's Appender, the other common in-process way (single-threaded in DuckDB).
@@ -182,7 +215,7 @@ fn in_process_appender(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
          l_returnflag VARCHAR, l_linestatus VARCHAR, l_shipdate DATE, l_commitdate DATE, l_receiptdate DATE, \
          l_shipinstruct VARCHAR, l_shipmode VARCHAR, l_comment VARCHAR)",
     )?;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), own_cpu_time()?);
     let mut appender = connection.appender("lineitem")?;
     for batch in batches {
         appender.append_record_batch(batch.clone())?;
@@ -190,17 +223,38 @@ fn in_process_appender(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     appender.flush()?;
     drop(appender);
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-    Ok(outcome("in-process, duckdb-rs Appender", rows, batches, started.elapsed()))
+    let (elapsed, cpu) = (started.elapsed(), own_cpu_time()? - cpu);
+    Ok(Outcome::in_process("in-process, duckdb-rs Appender", rows, batches, elapsed, cpu))
 }
 
-fn outcome(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration) -> Outcome {
-    Outcome {
-        scenario: scenario.to_owned(),
-        rows,
-        bytes: batches.iter().map(decoded_size).sum(),
-        elapsed,
-        peak_rss: None,
-        latency: None,
+impl Outcome {
+    /// A load in this process, which used `cpu` of this process's CPU time.
+    fn in_process(scenario: &str, rows: u64, batches: &[RecordBatch], elapsed: Duration, cpu: Duration) -> Self {
+        let bytes = batches.iter().map(decoded_size).sum();
+        Self {
+            scenario: scenario.to_owned(),
+            rows,
+            bytes,
+            elapsed,
+            ratio: 1.0,
+            cpu: Some(cpu),
+            peak_rss_kib: None,
+            latency: None,
+        }
+    }
+
+    /// A load by a server process, which used `server`.
+    fn remote(scenario: String, rows: u64, bytes: u64, elapsed: Duration, server: Usage) -> Self {
+        Self {
+            scenario,
+            rows,
+            bytes,
+            elapsed,
+            ratio: 1.0,
+            cpu: Some(server.cpu),
+            peak_rss_kib: Some(server.peak_rss_kib),
+            latency: None,
+        }
     }
 }
 
@@ -233,7 +287,7 @@ async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) ->
     let elapsed = started.elapsed();
     let (committed, rows) = (committed.iter().sum::<u64>(), args.rows);
     anyhow::ensure!(committed == rows, "{scenario}: the server committed {committed} rows, expected {rows}");
-    Ok(Outcome { scenario: scenario.to_owned(), rows, bytes, elapsed, peak_rss: Some(server.stop()?), latency: None })
+    Ok(Outcome::remote(scenario.to_owned(), rows, bytes, elapsed, server.stop()?))
 }
 
 /// Many small requests (`small_rows` each) from `small_producers` concurrent producers, each waiting for
@@ -273,14 +327,9 @@ async fn small_requests(args: &Args, batches: &[RecordBatch], bytes: u64) -> any
     let mut latencies: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    Ok(Outcome {
-        scenario: format!("{SMALL_REQUESTS}: {} rows each from {} producers", args.small_rows, args.small_producers),
-        rows,
-        bytes,
-        elapsed,
-        peak_rss: Some(server.stop()?),
-        latency: Some((percentile(0.5), percentile(0.99))),
-    })
+    let scenario = format!("{SMALL_REQUESTS}: {} rows each from {} producers", args.small_rows, args.small_producers);
+    let outcome = Outcome::remote(scenario, rows, bytes, elapsed, server.stop()?);
+    Ok(Outcome { latency: Some((percentile(0.5), percentile(0.99))), ..outcome })
 }
 
 /// One upload of `upload_gib` GiB, generated and sent batch by batch so neither side holds it whole.
@@ -311,14 +360,8 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
     let elapsed = started.elapsed();
     let (rows, sent) = producer.await.context("producer task")??;
     anyhow::ensure!(committed == rows, "committed {committed} of {rows} rows");
-    Ok(Outcome {
-        scenario: format!("{STREAMED_UPLOAD} of {:.1} GiB", sent as f64 / (1u64 << 30) as f64),
-        rows,
-        bytes: sent,
-        elapsed,
-        peak_rss: Some(server.stop()?),
-        latency: None,
-    })
+    let scenario = format!("{STREAMED_UPLOAD} of {:.1} GiB", sent as f64 / (1u64 << 30) as f64);
+    Ok(Outcome::remote(scenario, rows, sent, elapsed, server.stop()?))
 }
 
 fn tokio_stream<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
@@ -335,27 +378,27 @@ fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8>
 }
 
 fn report(outcomes: &[Outcome]) {
-    let baseline = outcomes[0].rows as f64 / outcomes[0].elapsed.as_secs_f64();
     println!();
     println!(
-        "| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server peak RSS | ack latency p50 / p99 |"
+        "| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server CPU | server peak RSS | ack latency p50 / p99 |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let seconds = o.elapsed.as_secs_f64();
-        let rate = o.rows as f64 / seconds;
-        let rss = o.peak_rss.map_or("-".to_owned(), |kb| format!("{} MB", kb / 1024));
+        let cpu = o.cpu.map_or("-".to_owned(), |cpu| format!("{:.2} s", cpu.as_secs_f64()));
+        let rss = o.peak_rss_kib.map_or("-".to_owned(), |kib| format!("{} MB", kib / 1024));
         let latency = o.latency.map_or("-".to_owned(), |(p50, p99)| {
             format!("{:.1} / {:.1} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
         });
         println!(
-            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} |",
+            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} | {} |",
             o.scenario,
             o.rows,
             seconds,
-            rate / 1e6,
+            rate(o) / 1e6,
             o.bytes as f64 / 1e6 / seconds,
-            rate / baseline,
+            o.ratio,
+            cpu,
             rss,
             latency
         );

@@ -1,8 +1,9 @@
-//! A freshly started `arrowport serve` process with its own database, and its peak memory.
+//! A freshly started `arrowport serve` process with its own database, and what it cost.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -51,16 +52,52 @@ impl Server {
         report["rows"].as_u64().context("rows in the report")
     }
 
-    /// Peak resident memory (KiB) of the server, read before stopping it.
-    pub fn stop(mut self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let peak = status
+    /// The server's peak memory and CPU time so far, read before stopping it.
+    pub fn stop(mut self) -> anyhow::Result<Usage> {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let peak_rss_kib = status
             .lines()
             .find_map(|line| line.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .context("VmHWM in /proc/<pid>/status")?;
-        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        let cpu = cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?).context("/proc/<pid>/stat")?;
+        Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
         self.child.wait()?;
-        Ok(peak)
+        Ok(Usage { peak_rss_kib, cpu })
+    }
+}
+
+/// What a server process used.
+pub struct Usage {
+    /// Peak resident memory (`VmHWM`), KiB.
+    pub peak_rss_kib: u64,
+    /// User and system CPU time of all its threads.
+    pub cpu: Duration,
+}
+
+/// CPU time this process has used so far.
+pub fn own_cpu_time() -> anyhow::Result<Duration> {
+    cpu_time(&std::fs::read_to_string("/proc/self/stat")?).context("/proc/self/stat")
+}
+
+/// `utime + stime` from a `/proc/<pid>/stat` line. Their unit is USER_HZ, 100 per second on Linux.
+fn cpu_time(stat: &str) -> Option<Duration> {
+    // The command name (field 2) may contain spaces, but it ends at the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11); // field 3 (state) is the first here; 14 is utime
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_adds_user_and_system_ticks_after_the_command_name() {
+        let stat = "4242 (arrow port) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 31 0 0 20 0 9 0";
+        assert_eq!(cpu_time(stat), Some(Duration::from_millis(2810)));
+        assert_eq!(cpu_time("4242 (truncated"), None);
     }
 }
