@@ -45,6 +45,8 @@ pub enum IngestError {
     InvalidRequest(String),
     #[error("query refused: {0}")]
     InvalidQuery(String),
+    #[error("the data violates a constraint of the table: {0}")]
+    ConstraintViolation(String),
     #[error("query cancelled after the limit of {seconds} s")]
     QueryTimeout { seconds: u64 },
     #[error("DuckDB error: {0}")]
@@ -63,7 +65,7 @@ impl IngestError {
             | Self::InvalidRequest(_)
             | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             Self::UnknownStream(_) | Self::TableNotFound(_) | Self::NoData(_) => StatusCode::NOT_FOUND,
-            Self::TableExists(_) => StatusCode::CONFLICT,
+            Self::TableExists(_) | Self::ConstraintViolation(_) => StatusCode::CONFLICT,
             Self::QueryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -95,6 +97,7 @@ impl IngestError {
             Self::TableExists(_) => "table_exists",
             Self::InvalidRequest(_) => "invalid_request",
             Self::InvalidQuery(_) => "invalid_query",
+            Self::ConstraintViolation(_) => "constraint_violation",
             Self::QueryTimeout { .. } => "query_timeout",
             Self::Database(_) => "database_error",
         }
@@ -103,6 +106,13 @@ impl IngestError {
 
 impl From<duckdb::Error> for IngestError {
     fn from(error: duckdb::Error) -> Self {
-        Self::Database(error.to_string())
+        let message = error.to_string();
+        // DuckDB names its error class first ("Constraint Error: Duplicate key ..."): a primary key,
+        // unique, NOT NULL or CHECK constraint of a table the user created refused the data, which is
+        // the client's to fix, not a server fault.
+        match message.strip_prefix("Constraint Error: ") {
+            Some(detail) => Self::ConstraintViolation(detail.to_owned()),
+            None => Self::Database(message),
+        }
     }
 }

@@ -75,7 +75,7 @@ pub fn status(error: &IngestError) -> Status {
         | UnsupportedEncoding(_) => Code::InvalidArgument,
         UnknownStream(_) | TableNotFound(_) | NoData(_) => Code::NotFound,
         TableExists(_) => Code::AlreadyExists,
-        SchemaMismatch(_) => Code::FailedPrecondition,
+        SchemaMismatch(_) | ConstraintViolation(_) => Code::FailedPrecondition,
         BodyTooLarge { .. } | MessageTooLarge { .. } | Overloaded => Code::ResourceExhausted,
         ShuttingDown => Code::Unavailable,
         QueryTimeout { .. } => Code::DeadlineExceeded,

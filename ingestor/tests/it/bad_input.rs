@@ -155,6 +155,26 @@ async fn exhausted_memory_budget_is_503_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraint_violations_are_409_and_write_nothing() {
+    let server = TestServer::start().await;
+    let create = "CREATE TABLE keyed (id BIGINT PRIMARY KEY, name VARCHAR, price DOUBLE)";
+    server.state.loader.with_connection(|c| c.execute_batch(create)).unwrap();
+    server.ingest_ok("keyed", ipc_stream(&[batch(0, 10)], None)).await;
+    // Ids 5..15 clash with the table; a request small enough to share a group commit, and one large
+    // enough to stream in a session of its own whose last batch clashes.
+    let small = ipc_stream(&[batch(5, 10)], None);
+    let large = ipc_stream(&[batch(1_000, 150_000), batch(9, 1)], None);
+    for body in [small, large] {
+        let (status, code) = error_code(server.ingest("keyed", body).await).await;
+        assert_eq!((status, code.as_str()), (409, "constraint_violation"));
+        assert_eq!(server.count("keyed"), Some(10), "nothing of a refused request may land");
+    }
+    server.ingest_ok("keyed", ipc_stream(&[batch(10, 5)], None)).await;
+    assert_eq!(server.count("keyed"), Some(15));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_after_some_batches_rolls_everything_back() {
     let server = server_with_victim(Config::default()).await;
     // Valid batches stream in, then garbage: the batches already handed to DuckDB must not stay.

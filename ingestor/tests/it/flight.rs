@@ -132,6 +132,19 @@ async fn a_batch_that_does_not_fit_the_table_fails_its_precondition() {
 }
 
 #[tokio::test]
+async fn a_batch_that_breaks_a_table_constraint_fails_its_precondition() {
+    let server = TestServer::start().await;
+    let create = "CREATE TABLE checked (id BIGINT CHECK (id < 100), name VARCHAR, price DOUBLE)";
+    server.state.loader.with_connection(|c| c.execute_batch(create)).unwrap();
+    let status = put(&server, put_messages("checked", &[batch(0, 50), batch(95, 10)])).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert_eq!(status.metadata().get("x-arrowport-code").unwrap(), "constraint_violation");
+    assert!(status.message().contains("CHECK constraint failed"), "{status}");
+    assert_eq!(server.count("checked"), Some(0));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn garbage_flight_data_is_invalid_and_the_server_keeps_serving() {
     let server = TestServer::start().await;
     let mut messages = put_messages("events", &[batch(0, 5)]);
