@@ -1,8 +1,9 @@
 //! `DoPut`: Flight data into the loader, committed at the stream's flush thresholds and at the end.
 //!
-//! One call may be one batch or hours of them. Each commit is one loader session (one DuckDB
-//! transaction); a failure rolls back only what is not yet committed, and every commit is acknowledged
-//! with a `PutResult` before the next one starts, so a producer knows exactly what is durable.
+//! One call may be one batch or hours of them. Each commit is one loader [`Upload`] (one DuckDB
+//! transaction, which a small one shares with other small requests to the table); a failure rolls back
+//! only what is not yet committed, and every commit is acknowledged with a `PutResult` before the next
+//! one starts, so a producer knows exactly what is durable.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use tonic::Status;
 
 use crate::decode::check_message_body;
 use crate::error::IngestError;
-use crate::load::{LoadSession, Target};
+use crate::load::{Target, Upload};
 use crate::metrics::Protocol;
 use crate::routing::Route;
 use crate::server::{AppState, IngestReport};
@@ -59,13 +60,13 @@ pub struct Put<'a> {
     /// The highest `request_id` + 1 seen in a metadata-only message (0: none).
     marked: Arc<AtomicU64>,
     schema: Option<SchemaRef>,
-    session: Option<LoadSession>,
+    upload: Option<Upload>,
     pending: Pending,
     rows_total: u64,
     committed_request_id: Option<u64>,
 }
 
-/// What the open session holds, not yet committed.
+/// What the open upload holds, not yet committed.
 #[derive(Default)]
 struct Pending {
     rows: u64,
@@ -95,7 +96,7 @@ impl<'a> Put<'a> {
             wire: Arc::new(AtomicU64::new(0)),
             marked: Arc::new(AtomicU64::new(0)),
             schema: None,
-            session: None,
+            upload: None,
             pending: Pending::default(),
             rows_total: 0,
             committed_request_id: None,
@@ -108,8 +109,8 @@ impl<'a> Put<'a> {
         S: Stream<Item = Result<FlightData, Status>> + Send + 'static,
     {
         let outcome = self.receive(data).await;
-        // Dropping an uncommitted session rolls it back.
-        self.session.take();
+        // Dropping an uncommitted upload rolls it back.
+        self.upload.take();
         (Totals { rows: self.rows_total, wire_bytes: self.wire.load(Ordering::Relaxed) }, outcome)
     }
 
@@ -154,14 +155,14 @@ impl<'a> Put<'a> {
             let message = message.map_err(|e| self.flight_error(e))?;
             let request_id = request_id(&message.inner.app_metadata);
             match message.payload {
-                DecodedPayload::Schema(schema) => self.start(schema).await?,
+                DecodedPayload::Schema(schema) => self.start(schema)?,
                 DecodedPayload::RecordBatch(batch) => {
                     let rows = batch.num_rows() as u64;
-                    if self.session.is_none() {
-                        self.session = Some(self.begin().await?);
+                    if self.upload.is_none() {
+                        self.upload = Some(self.begin()?);
                     }
-                    let session = self.session.as_mut().expect("a session was just opened");
-                    let bytes = session.send(batch).await?;
+                    let upload = self.upload.as_mut().expect("an upload was just opened");
+                    let bytes = upload.send(batch).await?;
                     let pending = &mut self.pending;
                     pending.rows += rows;
                     pending.bytes += bytes;
@@ -180,14 +181,14 @@ impl<'a> Put<'a> {
         if self.schema.is_none() {
             return Err(IngestError::EmptyBody);
         }
-        if self.session.is_some() {
+        if self.upload.is_some() {
             self.commit().await?;
         }
         Ok(())
     }
 
-    /// The stream's schema arrived: open the first session, which checks it against the table.
-    async fn start(&mut self, schema: SchemaRef) -> Result<(), IngestError> {
+    /// The stream's schema arrived: open the first upload, which refuses unsupported types at once.
+    fn start(&mut self, schema: SchemaRef) -> Result<(), IngestError> {
         if let Some(known) = &self.schema {
             if known.fields() != schema.fields() {
                 return Err(IngestError::InvalidIpc(
@@ -197,22 +198,21 @@ impl<'a> Put<'a> {
             return Ok(());
         }
         self.schema = Some(schema);
-        let session = self.begin().await?;
-        self.session = Some(session);
+        self.upload = Some(self.begin()?);
         Ok(())
     }
 
-    async fn begin(&mut self) -> Result<LoadSession, IngestError> {
+    fn begin(&mut self) -> Result<Upload, IngestError> {
         let schema = self.schema.clone().ok_or(IngestError::EmptyBody)?;
         self.pending.wire_at_start = self.wire.load(Ordering::Relaxed);
-        self.state.loader.begin(self.target.clone(), schema).await
+        self.state.loader.upload(self.target.clone(), schema)
     }
 
-    /// Commits the open session and acknowledges it.
+    /// Commits the open upload and acknowledges it.
     async fn commit(&mut self) -> Result<(), IngestError> {
-        let Some(session) = self.session.take() else { return Ok(()) };
+        let Some(upload) = self.upload.take() else { return Ok(()) };
         let pending = std::mem::take(&mut self.pending);
-        let committed = session.commit().await?;
+        let committed = upload.commit().await?;
         self.rows_total += committed.rows;
         // Every batch before a consumed metadata-only message is in this commit.
         let marked = self.marked.load(Ordering::Relaxed).checked_sub(1);

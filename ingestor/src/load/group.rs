@@ -186,7 +186,7 @@ mod tests {
 
     use super::*;
     use crate::budget::MemoryBudget;
-    use crate::load::{LoaderOptions, QueryLimits};
+    use crate::load::{IfExists, LoaderOptions, QueryLimits};
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
         let options = LoaderOptions {
@@ -211,10 +211,14 @@ mod tests {
 
     /// Sends each request as a small upload; on this single-threaded runtime all of them queue before the
     /// group runner first runs, so they meet in one group.
-    async fn upload_together(loader: &Loader, requests: &[&[i64]]) -> Vec<Result<Committed, IngestError>> {
-        let uploads = requests.iter().map(|values| async move {
+    async fn upload_together(
+        loader: &Loader,
+        target: Target,
+        requests: &[&[i64]],
+    ) -> Vec<Result<Committed, IngestError>> {
+        let uploads = requests.iter().map(|values| async {
             let batch = ids(values);
-            let mut upload = loader.upload(target(), batch.schema()).unwrap();
+            let mut upload = loader.upload(target.clone(), batch.schema()).unwrap();
             upload.send(batch).await?;
             upload.commit().await
         });
@@ -234,7 +238,7 @@ mod tests {
     async fn small_requests_share_one_commit_and_each_gets_its_own_answer() {
         let dir = tempfile::tempdir().unwrap();
         let loader = loader(&dir);
-        let outcomes = upload_together(&loader, &[&[1, 2], &[3], &[4, 5, 6]]).await;
+        let outcomes = upload_together(&loader, target(), &[&[1, 2], &[3], &[4, 5, 6]]).await;
         let answers: Vec<_> = outcomes.into_iter().map(|outcome| outcome.unwrap()).collect();
         assert_eq!(
             answers.iter().map(|c| (c.rows, c.batches, c.grouped)).collect::<Vec<_>>(),
@@ -250,13 +254,26 @@ mod tests {
         let loader = loader(&dir);
         loader.with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT PRIMARY KEY)")).unwrap();
         // The second request violates the primary key on its own: the group fails, then each is retried alone.
-        let outcomes = upload_together(&loader, &[&[1, 2], &[10, 10], &[20]]).await;
+        let outcomes = upload_together(&loader, target(), &[&[1, 2], &[10, 10], &[20]]).await;
         assert_eq!(outcomes[0].as_ref().unwrap().rows, 2);
         assert!(!outcomes[0].as_ref().unwrap().grouped, "committed alone on the retry");
         let error = outcomes[1].as_ref().unwrap_err().to_string();
         assert!(error.contains("duplicate key \"10\""), "{error}");
         assert_eq!(outcomes[2].as_ref().unwrap().rows, 1);
         assert_eq!(table(&loader), [1, 2, 20]);
+    }
+
+    #[tokio::test]
+    async fn requests_that_replace_the_table_are_never_grouped() {
+        let dir = tempfile::tempdir().unwrap();
+        let loader = loader(&dir);
+        let replace = Target { mode: TableMode { create: true, if_exists: IfExists::Replace }, ..target() };
+        let outcomes = upload_together(&loader, replace, &[&[1, 2], &[3]]).await;
+        let answers: Vec<_> = outcomes.into_iter().map(|outcome| outcome.unwrap()).collect();
+        assert_eq!(answers.iter().map(|c| (c.rows, c.grouped)).collect::<Vec<_>>(), [(2, false), (1, false)]);
+        // One replaced the other: in one transaction both would have landed.
+        let rows = table(&loader);
+        assert!(rows == [1, 2] || rows == [3], "{rows:?}");
     }
 
     #[tokio::test]

@@ -3,11 +3,13 @@
 //! A request starts out small: its batches are held (against the memory budget) and, if it ends that way,
 //! committed together with other small requests (see [`group`](super::group)). Once it reaches a chunk of
 //! rows or [`SMALL_REQUEST_BYTES`] it gets a session of its own and streams, never held whole in memory.
+//! Only appends are grouped: a request that replaces the table, or must create it, has to find the table
+//! as the requests before it left it, so it always has a transaction of its own.
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use super::{Committed, LoadSession, Loader, Target, check_supported, decoded_size};
+use super::{Committed, IfExists, LoadSession, Loader, Target, check_supported, decoded_size};
 use crate::budget::Reservation;
 use crate::error::IngestError;
 
@@ -52,7 +54,8 @@ impl Upload {
             Some(session) => session,
             None => {
                 let size = decoded_size(&batch);
-                if self.held_rows + batch.num_rows() < self.target.chunk_size
+                if self.target.mode.if_exists == IfExists::Append
+                    && self.held_rows + batch.num_rows() < self.target.chunk_size
                     && self.held_bytes + size < SMALL_REQUEST_BYTES
                 {
                     let reservation = self.loader.budget().reserve(size).await.ok_or(IngestError::Overloaded)?;

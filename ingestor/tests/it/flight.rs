@@ -15,7 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{TestServer, batch, ipc_stream, metric, schema};
+use crate::support::{SlotHolder, TestServer, batch, ipc_stream, metric, one_load_slot, schema, wait_until};
 
 async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap()
@@ -74,6 +74,43 @@ async fn do_put_acks_every_commit_with_the_highest_committed_request_id() {
     let text = server.metrics().await;
     assert_eq!(metric(&text, r#"arrowport_rows_total{stream="events",protocol="flight"}"#), Some(500.0));
     assert_eq!(metric(&text, r#"arrowport_requests_total{stream="events",protocol="flight",outcome="ok"}"#), Some(1.0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_do_puts_share_commits_and_each_is_acked_after_its_rows_are_committed() {
+    let mut config = Config::default();
+    one_load_slot(&mut config);
+    let server = TestServer::with_config(config).await;
+    // While another load holds the only slot, six one-batch calls arrive and queue for a group commit.
+    let holder = SlotHolder::take(&server).await;
+    let calls = (0..6).map(|i| {
+        let server = &server;
+        let (start, rows) = (i * 1000, i as u64 + 1);
+        async move {
+            let acks = put(server, put_messages("small", &[batch(start, rows as usize)])).await.unwrap();
+            // Acked only after its commit: its rows are visible the moment the ack arrives.
+            let sql = format!("SELECT count(*) FROM small WHERE id >= {start} AND id < {start} + 1000");
+            (rows, acks, server.scalar::<i64>(&sql))
+        }
+    });
+    let release = async {
+        wait_until("all calls in flight", Duration::from_secs(30), || async {
+            metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(7.0)
+        })
+        .await;
+        holder.release().await
+    };
+    let (answers, holder_status) = tokio::join!(futures::future::join_all(calls), release);
+    assert_eq!(holder_status, 200);
+    for (rows, acks, visible) in answers {
+        let ack = Ack { rows_committed: rows, batches_committed: 1, rows_total: rows, request_id: Some(0) };
+        assert_eq!((acks, visible), (vec![ack], rows as i64));
+    }
+    assert_eq!(server.count("small"), Some(21));
+    let grouped =
+        metric(&server.metrics().await, r#"arrowport_grouped_requests_total{stream="small",protocol="flight"}"#);
+    assert!(grouped.is_some_and(|n| n >= 2.0), "small calls were committed together: {grouped:?}");
     server.stop().await;
 }
 
