@@ -28,10 +28,18 @@ pub async fn messages(
     Ok(encoder.try_collect().await?)
 }
 
-/// Sends one `DoPut` and returns the rows the server acknowledged as committed.
+/// A Flight client with a connection of its own.
+pub async fn connect(url: &str) -> anyhow::Result<FlightClient> {
+    Ok(FlightClient::new(Channel::from_shared(url.to_owned())?.connect().await?))
+}
+
+/// Sends one `DoPut` on a connection of its own and returns the rows the server acknowledged as committed.
 pub async fn put(url: &str, messages: Vec<FlightData>) -> anyhow::Result<u64> {
-    let channel = Channel::from_shared(url.to_owned())?.connect().await?;
-    let mut client = FlightClient::new(channel);
+    put_on(&mut connect(url).await?, messages).await
+}
+
+/// Sends one `DoPut` with `client` and returns the rows the server acknowledged as committed.
+pub async fn put_on(client: &mut FlightClient, messages: Vec<FlightData>) -> anyhow::Result<u64> {
     let acks: Vec<PutResult> =
         client.do_put(futures::stream::iter(messages.into_iter().map(Ok))).await?.try_collect().await?;
     let last = acks.last().context("the DoPut ended without an ack")?;

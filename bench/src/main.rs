@@ -58,6 +58,7 @@ impl Args {
 }
 
 const SMALL_REQUESTS: &str = "HTTP, small requests";
+const SMALL_CALLS: &str = "Flight DoPut, small calls";
 const STREAMED_UPLOAD: &str = "HTTP, streamed upload";
 
 struct Outcome {
@@ -119,7 +120,18 @@ async fn main() -> anyhow::Result<()> {
         outcomes.push(bench.median(|| remote(&args, scenario, &payloads, bytes)).await?);
     }
     if args.selects(SMALL_REQUESTS) {
-        outcomes.push(bench.median(|| small_requests(&args, &batches, bytes)).await?);
+        let requests: Vec<Request> = small_pieces(&args, &batches)
+            .iter()
+            .map(|piece| Request::Http(ipc(std::slice::from_ref(piece), None)))
+            .collect();
+        outcomes.push(bench.median(|| small_requests(&args, SMALL_REQUESTS, &requests, bytes)).await?);
+    }
+    if args.selects(SMALL_CALLS) {
+        let mut requests = Vec::new();
+        for piece in small_pieces(&args, &batches) {
+            requests.push(Request::Flight(flight::messages("lineitem", &[piece], None).await?));
+        }
+        outcomes.push(bench.median(|| small_requests(&args, SMALL_CALLS, &requests, bytes)).await?);
     }
     if args.upload_gib > 0.0 && args.selects(STREAMED_UPLOAD) {
         outcomes.push(bench.median(|| streamed_upload(&args)).await?);
@@ -291,30 +303,33 @@ async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) ->
 }
 
 /// Many small requests (`small_rows` each) from `small_producers` concurrent producers, each waiting for
-/// its answer before sending the next: where per-request overhead (one transaction each) shows.
-async fn small_requests(args: &Args, batches: &[RecordBatch], bytes: u64) -> anyhow::Result<Outcome> {
-    let bodies: Vec<Vec<u8>> = batches
-        .iter()
-        .flat_map(|batch| {
-            (0..batch.num_rows()).step_by(args.small_rows).map(|start| {
-                let piece = batch.slice(start, args.small_rows.min(batch.num_rows() - start));
-                ipc(std::slice::from_ref(&piece), None)
-            })
-        })
-        .collect();
-    let queue = std::sync::Arc::new(std::sync::Mutex::new(bodies));
+/// its answer before sending the next: where per-request overhead (one transaction each) shows. Over
+/// Flight each request is one `DoPut`, and each producer keeps its own connection.
+async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes: u64) -> anyhow::Result<Outcome> {
+    // Copied before the clock starts: each run sends its own.
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(requests.to_vec()));
     let server = Server::start(&args.server)?;
     let client = reqwest::Client::new();
     let started = Instant::now();
     let producers = (0..args.small_producers).map(|_| {
         let (queue, client, server) = (queue.clone(), client.clone(), &server);
         async move {
+            let mut flight = None;
             let mut latencies = Vec::new();
             let mut rows = 0;
             loop {
-                let Some(body) = queue.lock().expect("queue lock").pop() else { break };
+                let Some(request) = queue.lock().expect("queue lock").pop() else { break };
                 let sent = Instant::now();
-                rows += server.ingest(&client, "lineitem", reqwest::Body::from(body)).await?;
+                rows += match request {
+                    Request::Http(body) => server.ingest(&client, "lineitem", reqwest::Body::from(body)).await?,
+                    Request::Flight(messages) => {
+                        let client = match &mut flight {
+                            Some(client) => client,
+                            None => flight.insert(flight::connect(server.url()).await?),
+                        };
+                        flight::put_on(client, messages).await?
+                    }
+                };
                 latencies.push(sent.elapsed());
             }
             anyhow::Ok((rows, latencies))
@@ -323,13 +338,32 @@ async fn small_requests(args: &Args, batches: &[RecordBatch], bytes: u64) -> any
     let results = futures::future::try_join_all(producers).await?;
     let elapsed = started.elapsed();
     let rows: u64 = results.iter().map(|(rows, _)| rows).sum();
-    anyhow::ensure!(rows == args.rows, "small requests: the server committed {rows} rows, expected {}", args.rows);
+    anyhow::ensure!(rows == args.rows, "{scenario}: the server committed {rows} rows, expected {}", args.rows);
     let mut latencies: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    let scenario = format!("{SMALL_REQUESTS}: {} rows each from {} producers", args.small_rows, args.small_producers);
+    let scenario = format!("{scenario}: {} rows each from {} producers", args.small_rows, args.small_producers);
     let outcome = Outcome::remote(scenario, rows, bytes, elapsed, server.stop()?);
     Ok(Outcome { latency: Some((percentile(0.5), percentile(0.99))), ..outcome })
+}
+
+/// One small request of either protocol, encoded before the clock starts.
+#[derive(Clone)]
+enum Request {
+    Http(Vec<u8>),
+    Flight(Vec<FlightData>),
+}
+
+/// The batches cut into `small_rows` pieces.
+fn small_pieces(args: &Args, batches: &[RecordBatch]) -> Vec<RecordBatch> {
+    batches
+        .iter()
+        .flat_map(|batch| {
+            (0..batch.num_rows())
+                .step_by(args.small_rows)
+                .map(|start| batch.slice(start, args.small_rows.min(batch.num_rows() - start)))
+        })
+        .collect()
 }
 
 /// One upload of `upload_gib` GiB, generated and sent batch by batch so neither side holds it whole.
