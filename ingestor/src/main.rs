@@ -54,6 +54,9 @@ struct ServeArgs {
     compression: Option<CompressionArg>,
 }
 
+#[global_allocator]
+static ALLOCATOR: arrowport::malloc::LargeBuffersMapped = arrowport::malloc::LargeBuffersMapped;
+
 fn main() -> ExitCode {
     arrowport::malloc::keep_large_buffers_mapped();
     tracing_subscriber::fmt()
