@@ -84,11 +84,13 @@ async fn small_do_puts_share_commits_and_each_is_acked_after_its_rows_are_commit
     let server = TestServer::with_config(config).await;
     // While another load holds the only slot, six one-batch calls arrive and queue for a group commit.
     let holder = SlotHolder::take(&server).await;
+    let answered = std::sync::atomic::AtomicUsize::new(0);
     let calls = (0..6).map(|i| {
-        let server = &server;
+        let (server, answered) = (&server, &answered);
         let (start, rows) = (i * 1000, i as u64 + 1);
         async move {
             let acks = put(server, put_messages("small", &[batch(start, rows as usize)])).await.unwrap();
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             // Acked only after its commit: its rows are visible the moment the ack arrives.
             let sql = format!("SELECT count(*) FROM small WHERE id >= {start} AND id < {start} + 1000");
             (rows, acks, server.scalar::<i64>(&sql))
@@ -99,6 +101,8 @@ async fn small_do_puts_share_commits_and_each_is_acked_after_its_rows_are_commit
             metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(7.0)
         })
         .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing is acked before its commit");
         holder.release().await
     };
     let (answers, holder_status) = tokio::join!(futures::future::join_all(calls), release);
