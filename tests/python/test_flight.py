@@ -365,6 +365,20 @@ def test_adbc_ingest_create_on_existing_and_append_on_missing_fail(server):
         assert tables == ["people"]
 
 
+def test_adbc_ingest_into_a_table_with_a_primary_key_refuses_duplicates(start_server, tmp_path):
+    # The user's own table, created before the server opens the file.
+    with duckdb.connect(str(tmp_path / "arrowport.duckdb")) as db:
+        db.execute("CREATE TABLE people (id BIGINT PRIMARY KEY, name VARCHAR)")
+    server = start_server()
+    with connect(server) as conn:
+        ingest(conn, "people", PEOPLE, "append")
+        clash = pa.table({"id": pa.array([4, 2], pa.int64()), "name": ["Barbara", "Grace again"]})
+        with pytest.raises(adbc_driver_manager.Error, match=r"violates a constraint of the table: Duplicate key.*\(FailedPrecondition") as error:
+            ingest(conn, "people", clash, "append")
+        assert (b"x-arrowport-code", b"constraint_violation") in error.value.details
+        assert query(conn, "SELECT * FROM people ORDER BY id").equals(PEOPLE)
+
+
 def test_adbc_ingest_schema_mismatch_and_unsupported_options(server):
     with connect(server) as conn:
         ingest(conn, "people", PEOPLE, "create")
