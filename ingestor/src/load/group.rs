@@ -97,7 +97,7 @@ impl Loader {
                 }
                 next_group(queue)
             };
-            runner.loader.commit_group(slot, &target, &key.schema, group).await;
+            self.commit_group(slot, &target, &key.schema, group).await;
         }
     }
 

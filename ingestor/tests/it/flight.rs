@@ -15,7 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{SlotHolder, TestServer, batch, ipc_stream, metric, one_load_slot, schema, wait_until};
+use crate::support::{SlotHolder, TestServer, batch, ipc_stream, metric, one_load_slot, schema};
 
 async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap()
@@ -96,15 +96,7 @@ async fn small_do_puts_share_commits_and_each_is_acked_after_its_rows_are_commit
             (rows, acks, server.scalar::<i64>(&sql))
         }
     });
-    let release = async {
-        wait_until("all calls in flight", Duration::from_secs(30), || async {
-            metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(7.0)
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing is acked before its commit");
-        holder.release().await
-    };
+    let release = holder.release_once_queued(&server, 6, &answered);
     let (answers, holder_status) = tokio::join!(futures::future::join_all(calls), release);
     assert_eq!(holder_status, 200);
     for (rows, acks, visible) in answers {

@@ -1,7 +1,6 @@
 //! Data that should land: formats, compression, routing, schema policies, concurrency.
 
 use std::io::Write;
-use std::time::Duration;
 
 use arrow_ipc::CompressionType;
 use arrowport_config::Config;
@@ -150,15 +149,7 @@ async fn small_requests_share_commits_and_each_is_answered_after_its_rows_are_co
             (report.rows, server.scalar::<i64>(&sql))
         }
     });
-    let release = async {
-        wait_until("all requests in flight", Duration::from_secs(30), || async {
-            metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(9.0)
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing is answered before its commit");
-        holder.release().await
-    };
+    let release = holder.release_once_queued(&server, 8, &answered);
     let (answers, holder_status) = tokio::join!(futures::future::join_all(requests), release);
     assert_eq!(holder_status, 200);
     for (i, (rows, visible)) in answers.into_iter().enumerate() {

@@ -137,6 +137,24 @@ impl SlotHolder {
         Self { rest, end_of_stream, response }
     }
 
+    /// Waits until `queued` other requests are in flight behind the slot and checks that none of them is
+    /// `answered` yet; then [releases](Self::release) the slot.
+    pub async fn release_once_queued(
+        self,
+        server: &TestServer,
+        queued: usize,
+        answered: &std::sync::atomic::AtomicUsize,
+    ) -> reqwest::StatusCode {
+        let in_flight = Some((queued + 1) as f64);
+        wait_until("all requests in flight", Duration::from_secs(30), || async {
+            metric(&server.metrics().await, "arrowport_inflight_requests ") == in_flight
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing is answered before its commit");
+        self.release().await
+    }
+
     /// Ends the request and lets its load commit.
     pub async fn release(self) -> reqwest::StatusCode {
         self.rest.send(Ok(self.end_of_stream)).await.unwrap();
