@@ -58,7 +58,6 @@ struct ServeArgs {
 static ALLOCATOR: arrowport::malloc::LargeBuffersMapped = arrowport::malloc::LargeBuffersMapped;
 
 fn main() -> ExitCode {
-    arrowport::malloc::keep_large_buffers_mapped();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
