@@ -79,7 +79,9 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DuckDbSettings {
-    /// DuckDB's own `memory_limit` (its buffer pool); `None` keeps DuckDB's default, 80% of RAM.
+    /// DuckDB's own `memory_limit` (its buffer pool). `None`: the ingester derives it from the memory
+    /// available, leaving room for `limits.memory_budget_bytes` (DuckDB's own default, 80% of the memory,
+    /// would not).
     pub memory_limit: Option<ByteSize>,
     /// Arrowport runs `CHECKPOINT` this often (0: only at shutdown); DuckDB also checkpoints by itself
     /// when its write-ahead log grows past `checkpoint_threshold`.

@@ -16,11 +16,12 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod settings;
+pub mod sizing;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrowport_config::Config;
+use arrowport_config::{ByteSize, Config};
 
 use budget::MemoryBudget;
 use error::IngestError;
@@ -39,7 +40,7 @@ pub fn open(config: &Config) -> Result<Arc<AppState>, IngestError> {
     };
     let options = LoaderOptions {
         extensions: config.duckdb_extensions.clone(),
-        memory_limit: config.duckdb.memory_limit.map(|limit| limit.0),
+        memory_limit: duckdb_memory_limit(config),
         checkpoint_threshold: config.duckdb.checkpoint_threshold.0,
         max_concurrent_loads: config.limits.max_concurrent_loads,
         budget,
@@ -47,4 +48,29 @@ pub fn open(config: &Config) -> Result<Arc<AppState>, IngestError> {
     };
     let loader = Loader::open(&config.db_path, options)?;
     Ok(Arc::new(AppState::new(loader, settings::routes(config), config.limits.clone(), config.duckdb.clone())))
+}
+
+/// DuckDB's memory limit: the configured one, or [`sizing::default_duckdb_limit`] of the memory this
+/// process may use; `None` (DuckDB's own default) only where that cannot be read.
+fn duckdb_memory_limit(config: &Config) -> Option<u64> {
+    if let Some(limit) = config.duckdb.memory_limit {
+        return Some(limit.0);
+    }
+    let available = sizing::available()?;
+    let budget = config.limits.memory_budget_bytes.0;
+    let limit = sizing::default_duckdb_limit(available.bytes, budget);
+    let (limit_shown, available_shown) = (ByteSize(limit), ByteSize(available.bytes));
+    if limit + budget > available.bytes {
+        tracing::warn!(
+            duckdb = %limit_shown, available = %available_shown, source = %available.source,
+            "DuckDB's memory limit and limits.memory_budget_bytes together exceed the memory available; \
+             lower the budget or give the process more memory."
+        );
+    } else {
+        tracing::info!(
+            duckdb = %limit_shown, available = %available_shown, source = %available.source,
+            "DuckDB memory limit: 80% of the memory available, less limits.memory_budget_bytes."
+        );
+    }
+    Some(limit)
 }

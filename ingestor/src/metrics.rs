@@ -89,6 +89,7 @@ pub struct Metrics {
     /// Read at each scrape (see [`Metrics::set_resources`]).
     pub resident_memory_bytes: Gauge,
     pub duckdb_memory_bytes: Gauge,
+    pub duckdb_memory_limit_bytes: Gauge,
     pub database_file_bytes: Gauge,
     pub wal_file_bytes: Gauge,
 }
@@ -124,6 +125,7 @@ impl Default for Metrics {
         let checkpoint_duration = latency_histogram();
         let resident_memory_bytes = Gauge::default();
         let duckdb_memory_bytes = Gauge::default();
+        let duckdb_memory_limit_bytes = Gauge::default();
         let database_file_bytes = Gauge::default();
         let wal_file_bytes = Gauge::default();
         let inflight_bytes = Gauge::default();
@@ -206,6 +208,11 @@ impl Default for Metrics {
             "Memory DuckDB's buffer manager holds (duckdb_memory())",
             duckdb_memory_bytes.clone(),
         );
+        registry.register(
+            "duckdb_memory_limit_bytes",
+            "DuckDB's memory_limit: what its buffer manager may hold",
+            duckdb_memory_limit_bytes.clone(),
+        );
         registry.register("database_file_bytes", "Size of the DuckDB database file", database_file_bytes.clone());
         registry.register("wal_file_bytes", "Size of DuckDB's write-ahead log (0 when absent)", wal_file_bytes.clone());
         Self {
@@ -231,6 +238,7 @@ impl Default for Metrics {
             checkpoint_duration,
             resident_memory_bytes,
             duckdb_memory_bytes,
+            duckdb_memory_limit_bytes,
             database_file_bytes,
             wal_file_bytes,
         }

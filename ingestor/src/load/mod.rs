@@ -91,6 +91,7 @@ struct Shared {
     tables: TableLocks,
     groups: group::GroupQueues,
     budget: MemoryBudget,
+    memory_limit: Option<u64>,
     catalog: String,
     next_view: AtomicU64,
     path: PathBuf,
@@ -132,6 +133,7 @@ impl Loader {
                 tables: TableLocks::default(),
                 groups: group::GroupQueues::default(),
                 budget: options.budget,
+                memory_limit: options.memory_limit,
                 catalog,
                 next_view: AtomicU64::new(0),
                 path: path.to_owned(),
@@ -183,6 +185,11 @@ impl Loader {
             });
         }
         Ok(LoadSession { feed, handle, chunk_size, budget: self.shared.budget.clone() })
+    }
+
+    /// The `memory_limit` set on DuckDB, if Arrowport set one.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.shared.memory_limit
     }
 
     /// Runs `CHECKPOINT`, moving the write-ahead log into the database file.

@@ -41,6 +41,9 @@ impl AppState {
     pub fn new(loader: Loader, routes: Routes, limits: Limits, duckdb: DuckDbSettings) -> Self {
         let metrics = Metrics::default();
         metrics.memory_budget_bytes.set(loader.budget().capacity() as i64);
+        if let Some(limit) = loader.memory_limit() {
+            metrics.duckdb_memory_limit_bytes.set(limit as i64);
+        }
         metrics.config_generation.set(routes.generation as i64);
         Self {
             loader,

@@ -239,5 +239,20 @@ async fn duckdb_settings_reach_the_database() {
     let setting = |name: &str| server.scalar::<String>(&format!("SELECT current_setting('{name}')::VARCHAR"));
     assert_eq!(setting("checkpoint_threshold"), "32.0 MiB");
     assert_eq!(setting("memory_limit"), "512.0 MiB");
+    assert_eq!(metric(&server.metrics().await, "arrowport_duckdb_memory_limit_bytes"), Some((512u64 << 20) as f64));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdbs_default_memory_limit_leaves_room_for_the_memory_budget() {
+    let mut config = Config::default();
+    config.limits.memory_budget_bytes = arrowport_config::ByteSize::gib(1);
+    let server = TestServer::with_config(config).await;
+    let available = arrowport::sizing::available().expect("memory is readable on Linux").bytes;
+    let expected = arrowport::sizing::default_duckdb_limit(available, 1 << 30);
+    assert!(expected < available / 100 * 80, "the budget is taken out unless the floor applies");
+    let limit: bool = server.scalar(&format!("SELECT current_setting('memory_limit') = format_bytes({expected})"));
+    assert!(limit, "DuckDB's memory_limit is not {expected} bytes");
+    assert_eq!(metric(&server.metrics().await, "arrowport_duckdb_memory_limit_bytes"), Some(expected as f64));
     server.stop().await;
 }
