@@ -15,7 +15,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 
 /// Blocks at least this large are mapped on their own and unmapped when freed.
-const LARGE_BYTES: usize = 1 << 20;
+pub const LARGE_BYTES: usize = 1 << 20;
 /// Blocks at least this large are also offered transparent huge pages; below it, rounding up to whole
 /// huge pages would waste too much.
 const HUGE_BYTES: usize = 4 << 20;
