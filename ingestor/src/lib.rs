@@ -21,7 +21,7 @@ pub mod sizing;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrowport_config::{ByteSize, Config};
+use arrowport_config::Config;
 
 use budget::MemoryBudget;
 use error::IngestError;
@@ -59,16 +59,17 @@ fn duckdb_memory_limit(config: &Config) -> Option<u64> {
     let available = sizing::available()?;
     let budget = config.limits.memory_budget_bytes.0;
     let limit = sizing::default_duckdb_limit(available.bytes, budget);
-    let (limit_shown, available_shown) = (ByteSize(limit), ByteSize(available.bytes));
+    // In MiB: ByteSize prints sizes that are not whole units in bytes.
+    let (duckdb_mib, available_mib) = (limit >> 20, available.bytes >> 20);
     if limit + budget > available.bytes {
         tracing::warn!(
-            duckdb = %limit_shown, available = %available_shown, source = %available.source,
+            duckdb_mib, available_mib, source = %available.source,
             "DuckDB's memory limit and limits.memory_budget_bytes together exceed the memory available; \
              lower the budget or give the process more memory."
         );
     } else {
         tracing::info!(
-            duckdb = %limit_shown, available = %available_shown, source = %available.source,
+            duckdb_mib, available_mib, source = %available.source,
             "DuckDB memory limit: 80% of the memory available, less limits.memory_budget_bytes."
         );
     }
