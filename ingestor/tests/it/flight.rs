@@ -77,6 +77,53 @@ async fn do_put_acks_every_commit_with_the_highest_committed_request_id() {
     server.stop().await;
 }
 
+/// A stream whose batches of `chunk_size` rows or more each get a load session of their own (as large
+/// batches do), committing every `flush_rows`.
+fn session_config(stream: &str, chunk_size: usize, flush_rows: u64) -> Config {
+    let flush = FlushPolicy { rows: flush_rows, ..FlushPolicy::default() };
+    let mut config = flushing_config(stream, flush);
+    config.streams.get_mut(stream).unwrap().chunk_size = Some(chunk_size);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_do_put_receives_while_it_commits_and_acks_in_order() {
+    let server = TestServer::with_config(session_config("long", 100, 200)).await;
+    let batches: Vec<RecordBatch> = (0..10).map(|i| batch(i * 100, 100)).collect();
+    let messages = put_messages("long", &batches);
+    let wire: usize = messages.iter().map(|m| m.data_header.len() + m.data_body.len() + m.app_metadata.len()).sum();
+    let acks = put(&server, messages).await.unwrap();
+    let summary: Vec<(u64, u64, u64, Option<u64>)> =
+        acks.iter().map(|a| (a.rows_committed, a.batches_committed, a.rows_total, a.request_id)).collect();
+    let expected: Vec<_> = (1..=5).map(|i| (200, 2, i * 200, Some(i * 2 - 1))).collect();
+    assert_eq!(summary, expected);
+    assert_eq!(server.count("long"), Some(1000));
+    assert_eq!(server.scalar::<i64>("SELECT sum(id) FROM long"), (0..1000).sum::<i64>());
+    // Each commit counts the bytes of its own batches, although the next ones were arriving meanwhile.
+    let streams: serde_json::Value =
+        server.client.get(format!("{}/streams", server.url)).send().await.unwrap().json().await.unwrap();
+    let long = streams["streams"].as_array().unwrap().iter().find(|s| s["stream"] == "long").unwrap();
+    let received = long["bytes_received"].as_u64();
+    assert_eq!(received, Some(wire as u64));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_fails_mid_call_ends_it_and_rolls_back_what_came_after() {
+    let server = TestServer::with_config(session_config("checked", 100, 100)).await;
+    let create = "CREATE TABLE checked (id BIGINT CHECK (id < 150), name VARCHAR, price DOUBLE)";
+    server.state.loader.with_connection(|c| c.execute_batch(create)).unwrap();
+    // The second commit breaks the constraint; the batches behind it are valid but were not committed yet.
+    let batches = [batch(0, 100), batch(100, 100), batch(-100, 100), batch(-200, 100), batch(-300, 100)];
+    let status = put(&server, put_messages("checked", &batches)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert_eq!(status.metadata().get("x-arrowport-code").unwrap(), "constraint_violation");
+    assert_eq!(server.count("checked"), Some(100), "only the first commit stays");
+    assert_eq!(server.scalar::<i64>("SELECT min(id) FROM checked"), 0);
+    assert_eq!(put(&server, put_messages("checked", &[batch(-100, 100)])).await.unwrap()[0].rows_total, 100);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_do_puts_share_commits_and_each_is_acked_after_its_rows_are_committed() {
     let mut config = Config::default();
