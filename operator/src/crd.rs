@@ -87,7 +87,7 @@ pub struct ArrowportStreamSpec {
     pub schema_policy: StreamSchemaPolicy,
 
     /// When a long Arrow Flight `DoPut` commits and acknowledges what it has received; whichever threshold
-    /// is reached first. Unset fields take the ingester's defaults (1000000 rows, 256MiB, 10 seconds).
+    /// is reached first. Unset fields take the ingester's defaults (10000000 rows, 1GiB, 10 seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush: Option<StreamFlush>,
 }

@@ -2,13 +2,8 @@
 //!
 //! One call may be one batch or hours of them. Each commit is one loader [`Upload`] (one DuckDB
 //! transaction, which a small one shares with other small requests to the table); a failure rolls back
-//! only what is not yet committed, and every commit is acknowledged with a `PutResult` in order, so a
-//! producer knows exactly what is durable.
-//!
-//! A commit runs while the call goes on receiving into the next upload: DuckDB finishing one transaction
-//! (the tail of its scan, then `COMMIT`) would otherwise stall the whole stream at every flush. At most
-//! one commit is under way per call; the next one waits for it, which keeps acks in order and bounds what
-//! one call holds.
+//! only what is not yet committed, and every commit is acknowledged with a `PutResult` before the next
+//! one starts, so a producer knows exactly what is durable.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,12 +17,11 @@ use arrowport_config::FlushPolicy;
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tonic::Status;
 
 use crate::decode::check_message_body;
 use crate::error::IngestError;
-use crate::load::{Committed, Target, Upload};
+use crate::load::{Target, Upload};
 use crate::metrics::Protocol;
 use crate::routing::Route;
 use crate::server::{AppState, IngestReport};
@@ -63,14 +57,14 @@ pub struct Put<'a> {
     acks: Option<mpsc::Sender<Result<PutResult, Status>>>,
     started: Instant,
     wire: Arc<AtomicU64>,
-    /// Wire bytes received up to the end of the last upload committed or committing.
+    /// Wire bytes received up to the last commit: each commit counts what arrived since, its schema and
+    /// metadata-only messages included, so the commits add up to the call.
     wire_committed: u64,
     /// The highest `request_id` + 1 seen in a metadata-only message (0: none).
     marked: Arc<AtomicU64>,
     schema: Option<SchemaRef>,
     upload: Option<Upload>,
     pending: Pending,
-    committing: Option<Committing>,
     rows_total: u64,
     committed_request_id: Option<u64>,
 }
@@ -82,23 +76,6 @@ struct Pending {
     bytes: u64,
     first_at: Option<Instant>,
     request_id: Option<u64>,
-}
-
-/// An upload that has ended and is committing while the call receives the next one.
-struct Committing {
-    commit: JoinHandle<Result<Committed, IngestError>>,
-    pending: Pending,
-    /// Wire bytes received since the commit before it ended (its schema and metadata messages included).
-    wire_bytes: u64,
-    /// The highest `request_id` the upload covers, metadata-only marks included.
-    request_id: Option<u64>,
-}
-
-/// What the receiving loop waits for.
-enum Event<T> {
-    Message(Option<T>),
-    FlushDue,
-    Committed(Result<Result<Committed, IngestError>, tokio::task::JoinError>),
 }
 
 impl<'a> Put<'a> {
@@ -124,7 +101,6 @@ impl<'a> Put<'a> {
             schema: None,
             upload: None,
             pending: Pending::default(),
-            committing: None,
             rows_total: 0,
             committed_request_id: None,
         }
@@ -135,15 +111,9 @@ impl<'a> Put<'a> {
     where
         S: Stream<Item = Result<FlightData, Status>> + Send + 'static,
     {
-        let mut outcome = self.receive(data).await;
+        let outcome = self.receive(data).await;
         // Dropping an uncommitted upload rolls it back.
         self.upload.take();
-        // A commit already under way still ends, and is acknowledged if it succeeds, whatever else failed:
-        // the acks say exactly what is durable.
-        let last = self.finish_commit().await;
-        if outcome.is_ok() {
-            outcome = last;
-        }
         (Totals { rows: self.rows_total, wire_bytes: self.wire.load(Ordering::Relaxed) }, outcome)
     }
 
@@ -174,21 +144,15 @@ impl<'a> Put<'a> {
                 (Some(flush), Some(first)) => Some(first + Duration::from_secs(flush.interval_seconds)),
                 _ => None,
             };
-            let event = tokio::select! {
-                next = decoder.next() => Event::Message(next),
-                _ = sleep_until(deadline), if deadline.is_some() => Event::FlushDue,
-                done = wait_for(&mut self.committing), if self.committing.is_some() => Event::Committed(done),
-            };
-            let next = match event {
-                Event::Message(next) => next,
-                Event::FlushDue => {
-                    self.start_commit().await?;
-                    continue;
-                }
-                Event::Committed(done) => {
-                    self.acknowledge(done).await?;
-                    continue;
-                }
+            let next = match deadline {
+                Some(deadline) => tokio::select! {
+                    next = decoder.next() => next,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        self.commit().await?;
+                        continue;
+                    }
+                },
+                None => decoder.next().await,
             };
             let Some(message) = next else { break };
             let message = message.map_err(|e| self.flight_error(e))?;
@@ -210,7 +174,7 @@ impl<'a> Put<'a> {
                     if let Some(flush) = self.flush
                         && (pending.rows >= flush.rows || pending.bytes >= flush.bytes.0)
                     {
-                        self.start_commit().await?;
+                        self.commit().await?;
                     }
                 }
                 // Metadata alone: it still marks the producer's position.
@@ -220,8 +184,10 @@ impl<'a> Put<'a> {
         if self.schema.is_none() {
             return Err(IngestError::EmptyBody);
         }
-        self.start_commit().await?;
-        self.finish_commit().await
+        if self.upload.is_some() {
+            self.commit().await?;
+        }
+        Ok(())
     }
 
     /// The stream's schema arrived: open the first upload, which refuses unsupported types at once.
@@ -244,42 +210,16 @@ impl<'a> Put<'a> {
         self.state.loader.upload(self.target.clone(), schema)
     }
 
-    /// Ends the open upload and lets it commit in the background, once the commit before it has ended.
-    async fn start_commit(&mut self) -> Result<(), IngestError> {
+    /// Commits the open upload and acknowledges it.
+    async fn commit(&mut self) -> Result<(), IngestError> {
         let Some(upload) = self.upload.take() else { return Ok(()) };
-        self.finish_commit().await?;
         let pending = std::mem::take(&mut self.pending);
-        // Every batch before a consumed metadata-only message is in this upload.
-        let marked = self.marked.load(Ordering::Relaxed).checked_sub(1);
-        let wire_now = self.wire.load(Ordering::Relaxed);
-        self.committing = Some(Committing {
-            commit: tokio::spawn(upload.commit()),
-            request_id: pending.request_id.max(marked),
-            wire_bytes: wire_now - std::mem::replace(&mut self.wire_committed, wire_now),
-            pending,
-        });
-        Ok(())
-    }
-
-    /// Waits for the commit under way, if any, and acknowledges it.
-    async fn finish_commit(&mut self) -> Result<(), IngestError> {
-        if self.committing.is_none() {
-            return Ok(());
-        }
-        let done = wait_for(&mut self.committing).await;
-        self.acknowledge(done).await
-    }
-
-    /// Records the commit that just ended and sends its ack.
-    async fn acknowledge(
-        &mut self,
-        done: Result<Result<Committed, IngestError>, tokio::task::JoinError>,
-    ) -> Result<(), IngestError> {
-        let Committing { pending, wire_bytes, request_id, .. } =
-            self.committing.take().expect("only a commit under way ends");
-        let committed = done.map_err(|join| IngestError::Database(format!("commit task failed: {join}")))??;
+        let committed = upload.commit().await?;
         self.rows_total += committed.rows;
-        self.committed_request_id = self.committed_request_id.max(request_id);
+        // Every batch before a consumed metadata-only message is in this commit.
+        let marked = self.marked.load(Ordering::Relaxed).checked_sub(1);
+        self.committed_request_id = self.committed_request_id.max(pending.request_id).max(marked);
+        let wire_now = self.wire.load(Ordering::Relaxed);
         self.state.record_commit(
             self.protocol,
             &IngestReport {
@@ -287,7 +227,7 @@ impl<'a> Put<'a> {
                 table: self.route.table.clone(),
                 rows: committed.rows,
                 batches: committed.batches,
-                bytes_received: wire_bytes,
+                bytes_received: wire_now - std::mem::replace(&mut self.wire_committed, wire_now),
                 bytes_decoded: pending.bytes,
                 elapsed_ms: self.started.elapsed().as_millis() as u64,
                 commit_time: committed.commit_time,
@@ -321,24 +261,6 @@ impl<'a> Put<'a> {
             }
             FlightError::ExternalError(e) => IngestError::InvalidIpc(e.to_string()),
         }
-    }
-}
-
-/// The end of the commit under way (the caller checks there is one).
-async fn wait_for(
-    committing: &mut Option<Committing>,
-) -> Result<Result<Committed, IngestError>, tokio::task::JoinError> {
-    match committing {
-        Some(committing) => (&mut committing.commit).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 

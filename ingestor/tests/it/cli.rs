@@ -369,7 +369,7 @@ async fn streams_lists_the_server_and_a_config() {
     assert_eq!(json["auto_create"], false);
     assert_eq!(json["streams"][1]["stream"], "b.v2");
     assert_eq!(json["streams"][1]["chunk_size"], 122_880);
-    assert_eq!(json["streams"][1]["flush"]["rows"], 1_000_000);
+    assert_eq!(json["streams"][1]["flush"]["rows"], 10_000_000);
 
     let stderr = run_err(&["streams", "--server", "http://127.0.0.1:1"]).await;
     assert!(stderr.contains("cannot reach the server at http://127.0.0.1:1"), "{stderr}");

@@ -87,7 +87,7 @@ fn session_config(stream: &str, chunk_size: usize, flush_rows: u64) -> Config {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_do_put_receives_while_it_commits_and_acks_in_order() {
+async fn a_long_do_put_acks_each_commit_with_its_own_rows_and_bytes() {
     let server = TestServer::with_config(session_config("long", 100, 200)).await;
     let batches: Vec<RecordBatch> = (0..10).map(|i| batch(i * 100, 100)).collect();
     let messages = put_messages("long", &batches);
@@ -99,7 +99,7 @@ async fn a_long_do_put_receives_while_it_commits_and_acks_in_order() {
     assert_eq!(summary, expected);
     assert_eq!(server.count("long"), Some(1000));
     assert_eq!(server.scalar::<i64>("SELECT sum(id) FROM long"), (0..1000).sum::<i64>());
-    // Each commit counts the bytes of its own batches, although the next ones were arriving meanwhile.
+    // The commits' wire bytes add up to everything the call sent, its schema message included.
     let streams: serde_json::Value =
         server.client.get(format!("{}/streams", server.url)).send().await.unwrap().json().await.unwrap();
     let long = streams["streams"].as_array().unwrap().iter().find(|s| s["stream"] == "long").unwrap();
