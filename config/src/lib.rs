@@ -165,9 +165,9 @@ pub struct FlushPolicy {
 }
 
 impl Default for FlushPolicy {
-    /// Each commit ends DuckDB's scan and starts a new one, ~80 ms of a 2-core machine's time (about 8% at
-    /// a flush per million rows); at full speed these flush every few seconds, and slow streams within
-    /// the interval.
+    /// Each commit ends DuckDB's scan and starts a new one: ~80 ms on a 2-core machine, about 8% of a
+    /// full-speed stream at a flush per million rows. These flush a full-speed stream every few seconds
+    /// and a slow one within the interval.
     fn default() -> Self {
         Self { rows: 10_000_000, bytes: ByteSize::gib(1), interval_seconds: 10 }
     }
