@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 
 use arrow::array::RecordBatch;
-use arrowport::server::StreamsReport;
 use arrowport_config::{Compression, CompressionAlgorithm, Config, StreamConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -111,10 +110,6 @@ fn expected(batches: &[RecordBatch]) -> (i64, i64, i64, f64) {
     totals
 }
 
-async fn streams_report(server: &TestServer) -> StreamsReport {
-    server.client.get(format!("{}/streams", server.url)).send().await.unwrap().json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_format_lands_over_http_and_flight() {
     let server = TestServer::start().await;
@@ -135,7 +130,7 @@ async fn every_format_lands_over_http_and_flight() {
     let stdout = run_ok(&[&["ingest", "everything", "--server", &server.url], all.as_slice()].concat()).await;
     assert!(stdout.starts_with("everything: 7500 rows committed over HTTP"), "{stdout}");
     assert_eq!(contents(&server, "everything").0, 7500);
-    let report = streams_report(&server).await;
+    let report = server.streams_report().await;
     let everything = report.streams.iter().find(|s| s.stream == "everything").unwrap();
     assert_eq!(everything.stats.requests, 1);
     server.stop().await;
@@ -199,7 +194,7 @@ async fn compression_follows_the_flag_or_the_server() {
         assert_eq!(contents(&server, stream).0, 20_000);
     }
     // What the server received says the same: compressed uploads are a fraction of their data.
-    let report = streams_report(&server).await;
+    let report = server.streams_report().await;
     for entry in &report.streams {
         let ratio = entry.compression_ratio.unwrap();
         if entry.stream == "plain" {
@@ -224,7 +219,7 @@ async fn batch_rows_rechunks() {
     run_ok(&["ingest", "combined", small.to_str().unwrap(), "--batch-rows", "100", "--server", &server.url]).await;
     run_ok(&["ingest", "split", big.to_str().unwrap(), "--batch-rows", "100", "--server", &server.url]).await;
     run_ok(&["ingest", "as_read", big.to_str().unwrap(), "--server", &server.url]).await;
-    let report = streams_report(&server).await;
+    let report = server.streams_report().await;
     let batches_of = |name: &str| report.streams.iter().find(|s| s.stream == name).unwrap().stats.batches;
     assert_eq!(batches_of("combined"), 3, "300 rows in batches of 100");
     assert_eq!(batches_of("split"), 15);

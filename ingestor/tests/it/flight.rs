@@ -100,11 +100,9 @@ async fn a_long_do_put_acks_each_commit_with_its_own_rows_and_bytes() {
     assert_eq!(server.count("long"), Some(1000));
     assert_eq!(server.scalar::<i64>("SELECT sum(id) FROM long"), (0..1000).sum::<i64>());
     // The commits' wire bytes add up to everything the call sent, its schema message included.
-    let streams: serde_json::Value =
-        server.client.get(format!("{}/streams", server.url)).send().await.unwrap().json().await.unwrap();
-    let long = streams["streams"].as_array().unwrap().iter().find(|s| s["stream"] == "long").unwrap();
-    let received = long["bytes_received"].as_u64();
-    assert_eq!(received, Some(wire as u64));
+    let report = server.streams_report().await;
+    let long = report.streams.iter().find(|s| s.stream == "long").unwrap();
+    assert_eq!(long.stats.bytes_received, wire as u64);
     server.stop().await;
 }
 

@@ -92,6 +92,11 @@ impl TestServer {
         self.state.loader.with_connection(|c| Ok(c.prepare(sql)?.query_arrow([])?.collect())).unwrap()
     }
 
+    /// `GET /streams`.
+    pub async fn streams_report(&self) -> arrowport::server::StreamsReport {
+        self.client.get(format!("{}/streams", self.url)).send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
     }
