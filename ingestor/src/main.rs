@@ -1,6 +1,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use arrowport::cli::{self, CompressionArg};
@@ -90,6 +91,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = settings::load(args.config.as_deref(), &overrides)?;
     let config_path = args.config.clone();
+    arrowport::malloc::release_free_memory_every(Duration::from_secs(1)).context("cannot start a thread")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         // Handlers first: a SIGTERM that arrives once we are listening must find them in place.
