@@ -140,6 +140,10 @@ impl<'a> Put<'a> {
         });
         let mut decoder = FlightDataDecoder::new(checked);
         loop {
+            // Read on only once DuckDB can take the next batch (see the HTTP handler).
+            if let Some(upload) = &self.upload {
+                upload.ready().await;
+            }
             let deadline = match (self.flush, self.pending.first_at) {
                 (Some(flush), Some(first)) => Some(first + Duration::from_secs(flush.interval_seconds)),
                 _ => None,

@@ -387,6 +387,12 @@ impl LoadSession {
         Ok(queued)
     }
 
+    /// Waits until the channel to DuckDB has room. A session that stopped returns at once; its next send
+    /// reports why.
+    pub async fn ready(&self) {
+        let _room = self.feed.reserve().await;
+    }
+
     /// Queues a batch of at most the chunk size as it is, with the reservation that covers it (if any).
     async fn feed(&mut self, batch: RecordBatch, reservation: Option<Reservation>) -> Result<(), IngestError> {
         if self.feed.send(Feed::Batch(batch, reservation)).await.is_err() {

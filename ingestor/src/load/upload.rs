@@ -75,6 +75,14 @@ impl Upload {
         session.send(batch).await
     }
 
+    /// Waits until the next batch would go straight to DuckDB. A request that waits here before reading
+    /// further holds one batch in memory, not one read and another queued behind it.
+    pub async fn ready(&self) {
+        if let Some(session) = &self.session {
+            session.ready().await;
+        }
+    }
+
     /// Ends the request and waits until its rows are committed.
     pub async fn commit(self) -> Result<Committed, IngestError> {
         match self.session {

@@ -107,7 +107,12 @@ async fn ingest_body(
     let mut upload: Option<Upload> = None;
     let mut batches = Vec::new();
     let mut bytes_decoded = 0;
-    while let Some(chunk) = bytes.next().await {
+    loop {
+        // Read on only once DuckDB can take the next batch: a slow table holds back the client, not memory.
+        if let Some(upload) = &upload {
+            upload.ready().await;
+        }
+        let Some(chunk) = bytes.next().await else { break };
         decoder.push(chunk?, &mut batches)?;
         if upload.is_none()
             && let Some(schema) = decoder.schema()
