@@ -11,7 +11,8 @@
 //! mappings too (`M_MMAP_THRESHOLD` of 1 MiB) doubled the server's page faults for ~10% more CPU, and
 //! saved only ~15 MB at the peak of a 1 GiB upload. What those arenas free in their middle, though,
 //! glibc keeps resident (it only gives back their tops): 50–70 MB of a 1 GiB upload's peak.
-//! [`release_free_memory`], every second, gives it back (−25 MB at that peak, no measurable cost).
+//! [`release_free_memory`], every second, gives it back: −25 MB at that peak, for ~5% more page faults
+//! and no measurable CPU.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
