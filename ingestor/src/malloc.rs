@@ -27,13 +27,10 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 const PAGE_BYTES: usize = 4096;
 
 /// Hands the free pages inside glibc's arenas back to the system (`malloc_trim`). The pages stay mapped,
-/// so the next allocation there costs a page fault, not a system call. Other C libraries: nothing to do.
+/// so the next allocation there costs a page fault, not a system call.
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0)
-    };
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Calls [`release_free_memory`] every `interval` on a thread of its own, for the life of the process.
@@ -217,7 +214,6 @@ mod tests {
 
     /// Frees blocks from glibc's arenas and checks that the whole pages inside them stop being resident
     /// once released. (Blocks of other tests may take some of them back in between: hence the margin.)
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn freed_arena_memory_goes_back_to_the_system() {
         const BLOCK: usize = 64 << 10;
@@ -256,7 +252,6 @@ mod tests {
     }
 
     /// How many of the pages in `len` bytes from the page-aligned `addr` are resident.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn resident_pages(addr: usize, len: usize) -> usize {
         let mut pages = vec![0u8; len / PAGE_BYTES];
         // SAFETY: the range lies inside a mapping of this process; mincore only reports on it.
