@@ -6,7 +6,9 @@
 //! call to the right one.
 
 mod info;
+mod message;
 mod put;
+mod receive;
 mod reply;
 mod sql;
 
@@ -20,6 +22,7 @@ use arrow_flight::{
     PollInfo, PutResult, SchemaResult, Ticket,
 };
 use axum::Router;
+use axum::routing::post;
 use futures::Stream;
 use prost::Message;
 use tonic::server::NamedService;
@@ -39,11 +42,14 @@ const FLIGHT_SQL_TYPE_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.
 pub fn router(state: Arc<AppState>) -> Router {
     // Slack over the largest batch for the FlightData envelope (header, metadata).
     let max_message = usize::try_from(state.limits.max_message_bytes.0).unwrap_or(usize::MAX).saturating_add(1 << 20);
-    let service = FlightServiceServer::new(FlightFront::new(state))
+    let front = Arc::new(FlightFront::new(state));
+    let service = FlightServiceServer::from_arc(front.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(usize::MAX);
-    let path = format!("/{}/{{*rpc}}", FlightServiceServer::<FlightFront>::NAME);
-    Router::new().route_service(&path, service)
+    let name = FlightServiceServer::<FlightFront>::NAME;
+    // DoPut takes its own decoder (see `receive`); the generated server answers every other call.
+    let do_put = post(move |request| receive::do_put(front.clone(), max_message, request));
+    Router::new().route(&format!("/{name}/DoPut"), do_put).route_service(&format!("/{name}/{{*rpc}}"), service)
 }
 
 /// The Flight service: stream operations here, Flight SQL commands in [`sql::SqlService`].

@@ -5,26 +5,23 @@
 //! only what is not yet committed, and every commit is acknowledged with a `PutResult` before the next
 //! one starts, so a producer knows exactly what is durable.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
-use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
-use arrow_flight::error::FlightError;
 use arrow_flight::{FlightData, PutResult};
 use arrowport_config::FlushPolicy;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::decode::check_message_body;
 use crate::error::IngestError;
 use crate::load::{Target, Upload};
 use crate::metrics::Protocol;
 use crate::routing::Route;
 use crate::server::{AppState, IngestReport};
+
+use super::message::{MessageDecoder, Payload};
 
 /// The `app_metadata` of each `PutResult`, as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,12 +53,11 @@ pub struct Put<'a> {
     protocol: Protocol,
     acks: Option<mpsc::Sender<Result<PutResult, Status>>>,
     started: Instant,
-    wire: Arc<AtomicU64>,
+    /// Wire bytes received so far.
+    wire: u64,
     /// Wire bytes received up to the last commit: each commit counts what arrived since, its schema and
     /// metadata-only messages included, so the commits add up to the call.
     wire_committed: u64,
-    /// The highest `request_id` + 1 seen in a metadata-only message (0: none).
-    marked: Arc<AtomicU64>,
     schema: Option<SchemaRef>,
     upload: Option<Upload>,
     pending: Pending,
@@ -95,9 +91,8 @@ impl<'a> Put<'a> {
             protocol,
             acks,
             started: Instant::now(),
-            wire: Arc::new(AtomicU64::new(0)),
+            wire: 0,
             wire_committed: 0,
-            marked: Arc::new(AtomicU64::new(0)),
             schema: None,
             upload: None,
             pending: Pending::default(),
@@ -114,31 +109,15 @@ impl<'a> Put<'a> {
         let outcome = self.receive(data).await;
         // Dropping an uncommitted upload rolls it back.
         self.upload.take();
-        (Totals { rows: self.rows_total, wire_bytes: self.wire.load(Ordering::Relaxed) }, outcome)
+        (Totals { rows: self.rows_total, wire_bytes: self.wire }, outcome)
     }
 
     async fn receive<S>(&mut self, data: S) -> Result<(), IngestError>
     where
         S: Stream<Item = Result<FlightData, Status>> + Send + 'static,
     {
-        let (wire, marked) = (self.wire.clone(), self.marked.clone());
-        let checked = data.map_err(|status| FlightError::Tonic(Box::new(status))).try_filter_map(move |d| {
-            let size = d.data_header.len() + d.data_body.len() + d.app_metadata.len();
-            wire.fetch_add(size as u64, Ordering::Relaxed);
-            let message = if d.data_header.is_empty() {
-                // Metadata alone (pyarrow's `write_metadata`) marks the producer's position; no IPC in it.
-                if let Some(id) = request_id(&d.app_metadata) {
-                    marked.fetch_max(id.saturating_add(1), Ordering::Relaxed);
-                }
-                Ok(None)
-            } else {
-                check_message_body(&d.data_header, d.data_body.len())
-                    .map(|()| Some(d))
-                    .map_err(FlightError::DecodeError)
-            };
-            futures::future::ready(message)
-        });
-        let mut decoder = FlightDataDecoder::new(checked);
+        let mut data = std::pin::pin!(data);
+        let mut decoder = MessageDecoder::default();
         loop {
             // Read on only once DuckDB can take the next batch (see the HTTP handler).
             if let Some(upload) = &self.upload {
@@ -150,20 +129,21 @@ impl<'a> Put<'a> {
             };
             let next = match deadline {
                 Some(deadline) => tokio::select! {
-                    next = decoder.next() => next,
+                    next = data.next() => next,
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         self.commit().await?;
                         continue;
                     }
                 },
-                None => decoder.next().await,
+                None => data.next().await,
             };
             let Some(message) = next else { break };
-            let message = message.map_err(|e| self.flight_error(e))?;
-            let request_id = request_id(&message.inner.app_metadata);
-            match message.payload {
-                DecodedPayload::Schema(schema) => self.start(schema)?,
-                DecodedPayload::RecordBatch(batch) => {
+            let message = message.map_err(|status| self.receive_error(&status))?;
+            self.wire += (message.data_header.len() + message.data_body.len() + message.app_metadata.len()) as u64;
+            let request_id = request_id(&message.app_metadata);
+            match decoder.decode(&message).map_err(IngestError::InvalidIpc)? {
+                Payload::Schema(schema) => self.start(schema)?,
+                Payload::Batch(batch) => {
                     let rows = batch.num_rows() as u64;
                     if self.upload.is_none() {
                         self.upload = Some(self.begin()?);
@@ -181,8 +161,8 @@ impl<'a> Put<'a> {
                         self.commit().await?;
                     }
                 }
-                // Metadata alone: it still marks the producer's position.
-                DecodedPayload::None => self.pending.request_id = self.pending.request_id.max(request_id),
+                // No rows, but metadata still marks the producer's position.
+                Payload::None => self.pending.request_id = self.pending.request_id.max(request_id),
             }
         }
         if self.schema.is_none() {
@@ -220,10 +200,7 @@ impl<'a> Put<'a> {
         let pending = std::mem::take(&mut self.pending);
         let committed = upload.commit().await?;
         self.rows_total += committed.rows;
-        // Every batch before a consumed metadata-only message is in this commit.
-        let marked = self.marked.load(Ordering::Relaxed).checked_sub(1);
-        self.committed_request_id = self.committed_request_id.max(pending.request_id).max(marked);
-        let wire_now = self.wire.load(Ordering::Relaxed);
+        self.committed_request_id = self.committed_request_id.max(pending.request_id);
         self.state.record_commit(
             self.protocol,
             &IngestReport {
@@ -231,7 +208,7 @@ impl<'a> Put<'a> {
                 table: self.route.table.clone(),
                 rows: committed.rows,
                 batches: committed.batches,
-                bytes_received: wire_now - std::mem::replace(&mut self.wire_committed, wire_now),
+                bytes_received: self.wire - std::mem::replace(&mut self.wire_committed, self.wire),
                 bytes_decoded: pending.bytes,
                 elapsed_ms: self.started.elapsed().as_millis() as u64,
                 commit_time: committed.commit_time,
@@ -253,17 +230,12 @@ impl<'a> Put<'a> {
         Ok(())
     }
 
-    fn flight_error(&self, error: FlightError) -> IngestError {
-        match error {
-            FlightError::Tonic(status) if status.code() == tonic::Code::OutOfRange => {
-                IngestError::MessageTooLarge { limit: self.state.limits.max_message_bytes.0 }
-            }
-            FlightError::Tonic(status) => IngestError::BodyRead(status.message().to_owned()),
-            FlightError::Arrow(e) => IngestError::InvalidIpc(e.to_string()),
-            FlightError::DecodeError(e) | FlightError::ProtocolError(e) | FlightError::NotYetImplemented(e) => {
-                IngestError::InvalidIpc(e)
-            }
-            FlightError::ExternalError(e) => IngestError::InvalidIpc(e.to_string()),
+    /// The transport failed: the message was too large for gRPC, or the client went away.
+    fn receive_error(&self, status: &Status) -> IngestError {
+        if status.code() == tonic::Code::OutOfRange {
+            IngestError::MessageTooLarge { limit: self.state.limits.max_message_bytes.0 }
+        } else {
+            IngestError::BodyRead(status.message().to_owned())
         }
     }
 }
