@@ -42,8 +42,9 @@ struct Args {
     /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
     #[arg(long, default_value_t = 1.0)]
     upload_gib: f64,
-    /// Runs of each scenario, each right after a run of the in-process baseline; the table shows the
-    /// run with the median ratio to its baseline (and the highest peak RSS of all runs).
+    /// Runs of each scenario, each right after a run of the in-process baseline (with as many concurrent
+    /// sessions as the scenario has producers); the table shows the run with the median ratio to its
+    /// baseline (and the highest peak RSS of all runs).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Run only the scenarios whose name contains this text (the in-process baseline always runs).
@@ -66,10 +67,12 @@ struct Outcome {
     rows: u64,
     bytes: u64,
     elapsed: Duration,
-    /// Rate against the in-process Arrow scan run just before it.
+    /// Rate against the in-process Arrow scan run just before it, with as many sessions as producers.
     ratio: f64,
     /// CPU time of the server, or of this process for in-process loading.
     cpu: Option<Duration>,
+    /// CPU time of this process while it produced for a server: the producers share the server's cores.
+    producer_cpu: Option<Duration>,
     /// Peak resident memory of the server, KiB.
     peak_rss_kib: Option<u64>,
     /// Median and 99th-percentile time from sending a request to its commit answer.
@@ -92,9 +95,10 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    let mut bench = Bench { runs: args.runs.max(1), batches: &batches, baselines: Vec::new() };
-    let mut outcomes = vec![bench.median(|| async { in_process_appender(&batches) }).await?];
-    let eighths: Vec<&[RecordBatch]> = batches.chunks(batches.len().div_ceil(8)).collect();
+    let eighths = split(&batches, 8);
+    let eighths: Vec<&[RecordBatch]> = eighths.iter().map(Vec::as_slice).collect();
+    let mut bench = Bench { runs: args.runs.max(1), whole: &batches, eighths: &eighths, baselines: Vec::new() };
+    let mut outcomes = vec![bench.median(1, || async { in_process_appender(&batches) }).await?];
     let http_scenarios = [
         ("HTTP, 1 producer", vec![ipc(&batches, None)]),
         ("HTTP, 1 producer, IPC zstd", vec![ipc(&batches, Some(CompressionType::ZSTD))]),
@@ -102,8 +106,9 @@ async fn main() -> anyhow::Result<()> {
         ("HTTP, 8 producers", eighths.iter().map(|part| ipc(part, None)).collect()),
     ];
     for (scenario, bodies) in http_scenarios.into_iter().filter(|(scenario, _)| args.selects(scenario)) {
+        let producers = bodies.len();
         let payloads = Payloads::Http(bodies);
-        outcomes.push(bench.median(|| remote(&args, scenario, &payloads, bytes)).await?);
+        outcomes.push(bench.median(producers, || remote(&args, scenario, &payloads, bytes)).await?);
     }
     let flight_scenarios = [
         ("Flight DoPut, 1 producer", vec![&batches[..]], None),
@@ -116,27 +121,28 @@ async fn main() -> anyhow::Result<()> {
         for part in parts {
             puts.push(flight::messages("lineitem", part, compression).await?);
         }
+        let producers = puts.len();
         let payloads = Payloads::Flight(puts);
-        outcomes.push(bench.median(|| remote(&args, scenario, &payloads, bytes)).await?);
+        outcomes.push(bench.median(producers, || remote(&args, scenario, &payloads, bytes)).await?);
     }
     if args.selects(SMALL_REQUESTS) {
         let requests: Vec<Request> = small_pieces(&args, &batches)
             .iter()
             .map(|piece| Request::Http(ipc(std::slice::from_ref(piece), None)))
             .collect();
-        outcomes.push(bench.median(|| small_requests(&args, SMALL_REQUESTS, &requests, bytes)).await?);
+        outcomes.push(bench.median(1, || small_requests(&args, SMALL_REQUESTS, &requests, bytes)).await?);
     }
     if args.selects(SMALL_CALLS) {
         let mut requests = Vec::new();
         for piece in small_pieces(&args, &batches) {
             requests.push(Request::Flight(flight::messages("lineitem", &[piece], None).await?));
         }
-        outcomes.push(bench.median(|| small_requests(&args, SMALL_CALLS, &requests, bytes)).await?);
+        outcomes.push(bench.median(1, || small_requests(&args, SMALL_CALLS, &requests, bytes)).await?);
     }
     if args.upload_gib > 0.0 && args.selects(STREAMED_UPLOAD) {
-        outcomes.push(bench.median(|| streamed_upload(&args)).await?);
+        outcomes.push(bench.median(1, || streamed_upload(&args)).await?);
     }
-    outcomes.insert(0, bench.baseline()?);
+    outcomes.splice(0..0, bench.baselines()?);
     report(&outcomes);
     Ok(())
 }
@@ -144,27 +150,43 @@ async fn main() -> anyhow::Result<()> {
 /// Pairs every run of a scenario with a run of the in-process baseline just before it. The speed of a
 /// shared virtual machine drifts by more than ±15% over minutes, so a ratio is only meaningful between
 /// runs that saw the same machine.
+///
+/// Scenarios with eight producers are paired with eight concurrent in-process sessions, each loading
+/// what one producer sends: eight transactions cost DuckDB more than one (more row groups built at
+/// once, more memory), with or without a network in between. That baseline's own ratio to the single
+/// session, run just before it, shows what the concurrency costs DuckDB itself.
 struct Bench<'a> {
     runs: usize,
-    batches: &'a [RecordBatch],
-    /// Every baseline run so far.
-    baselines: Vec<Outcome>,
+    whole: &'a [RecordBatch],
+    eighths: &'a [&'a [RecordBatch]],
+    /// Every baseline run so far, by sessions.
+    baselines: Vec<(usize, Outcome)>,
 }
 
 impl Bench<'_> {
-    /// Runs a scenario `runs` times, each after a baseline run: the run with the median ratio, with the
-    /// highest peak RSS seen in any run.
-    async fn median<F, Fut>(&mut self, mut scenario: F) -> anyhow::Result<Outcome>
+    /// Runs a scenario of `producers` producers `runs` times, each after a baseline run: the run with
+    /// the median ratio, with the highest peak RSS seen in any run.
+    async fn median<F, Fut>(&mut self, producers: usize, mut scenario: F) -> anyhow::Result<Outcome>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
     {
         let mut outcomes = Vec::with_capacity(self.runs);
         for _ in 0..self.runs {
-            let baseline = in_process_native(self.batches).await?;
+            let single = in_process_native(&[self.whole]).await?;
+            let baseline = match producers {
+                1 => single,
+                n if n == self.eighths.len() => {
+                    let mut concurrent = in_process_native(self.eighths).await?;
+                    concurrent.ratio = rate(&concurrent) / rate(&single);
+                    self.baselines.push((1, single));
+                    concurrent
+                }
+                _ => anyhow::bail!("no in-process baseline for {producers} producers"),
+            };
             let mut outcome = scenario().await?;
             outcome.ratio = rate(&outcome) / rate(&baseline);
-            self.baselines.push(baseline);
+            self.baselines.push((producers, baseline));
             outcomes.push(outcome);
         }
         let peak_rss_kib = outcomes.iter().filter_map(|o| o.peak_rss_kib).max();
@@ -174,11 +196,54 @@ impl Bench<'_> {
         Ok(median)
     }
 
-    /// The median of all baseline runs.
-    fn baseline(mut self) -> anyhow::Result<Outcome> {
-        self.baselines.sort_by_key(|o| o.elapsed);
-        let middle = self.baselines.len() / 2;
-        self.baselines.into_iter().nth(middle).context("no scenario ran")
+    /// The median run of each baseline: the single session by time, concurrent sessions by their ratio.
+    fn baselines(self) -> anyhow::Result<Vec<Outcome>> {
+        let (mut single, mut concurrent): (Vec<_>, Vec<_>) =
+            self.baselines.into_iter().partition(|(sessions, _)| *sessions == 1);
+        single.sort_by_key(|(_, o)| o.elapsed);
+        concurrent.sort_by(|(_, a), (_, b)| a.ratio.total_cmp(&b.ratio));
+        let middle = single.len() / 2;
+        let mut medians = vec![single.into_iter().nth(middle).context("no scenario ran")?.1];
+        let middle = concurrent.len() / 2;
+        medians.extend(concurrent.into_iter().nth(middle).map(|(_, o)| o));
+        Ok(medians)
+    }
+}
+
+/// The batches cut into `parts` runs of equal rows (zero-copy slices), one for each producer.
+fn split(batches: &[RecordBatch], parts: usize) -> Vec<Vec<RecordBatch>> {
+    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let share = total.div_ceil(parts);
+    let mut out: Vec<Vec<RecordBatch>> = vec![Vec::new()];
+    let mut room = share;
+    for batch in batches {
+        let mut start = 0;
+        while start < batch.num_rows() {
+            if room == 0 {
+                out.push(Vec::new());
+                room = share;
+            }
+            let take = room.min(batch.num_rows() - start);
+            out.last_mut().expect("one part at least").push(batch.slice(start, take));
+            (start, room) = (start + take, room - take);
+        }
+    }
+    out
+}
+
+/// Wall-clock and this process's CPU time since it started.
+struct Clock {
+    started: Instant,
+    cpu: Duration,
+}
+
+impl Clock {
+    fn start() -> anyhow::Result<Self> {
+        Ok(Self { started: Instant::now(), cpu: own_cpu_time()? })
+    }
+
+    fn stop(self) -> anyhow::Result<(Duration, Duration)> {
+        Ok((self.started.elapsed(), own_cpu_time()? - self.cpu))
     }
 }
 
@@ -186,8 +251,9 @@ fn rate(outcome: &Outcome) -> f64 {
     outcome.rows as f64 / outcome.elapsed.as_secs_f64()
 }
 
-/// DuckDB scanning the Arrow stream in-process: the same loader the server uses, without the network.
-async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
+/// DuckDB scanning Arrow streams in-process: the same loader the server uses, without the network. Each
+/// part is one session (one transaction), all at once.
+async fn in_process_native(parts: &[&[RecordBatch]]) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let queries = QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(60) };
@@ -196,7 +262,7 @@ async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
         extensions: vec![],
         memory_limit: None,
         checkpoint_threshold,
-        max_concurrent_loads: 1,
+        max_concurrent_loads: parts.len(),
         budget,
         queries,
     };
@@ -207,14 +273,22 @@ async fn in_process_native(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
         policy: SchemaPolicy::Reject,
         mode: TableMode::default(),
     };
-    let (started, cpu) = (Instant::now(), own_cpu_time()?);
-    let mut session = loader.begin(target, batches[0].schema()).await?;
-    for batch in batches {
-        session.send(batch.clone()).await?;
-    }
-    let committed = session.commit().await?;
-    let (elapsed, cpu) = (started.elapsed(), own_cpu_time()? - cpu);
-    Ok(Outcome::in_process("in-process, DuckDB Arrow scan", committed.rows, batches, elapsed, cpu))
+    let clock = Clock::start()?;
+    let sessions = parts.iter().map(|part| async {
+        let mut session = loader.begin(target.clone(), part[0].schema()).await?;
+        for batch in *part {
+            session.send(batch.clone()).await?;
+        }
+        anyhow::Ok(session.commit().await?.rows)
+    });
+    let rows: u64 = futures::future::try_join_all(sessions).await?.into_iter().sum();
+    let (elapsed, cpu) = clock.stop()?;
+    let scenario = match parts.len() {
+        1 => "in-process, DuckDB Arrow scan".to_owned(),
+        n => format!("in-process, DuckDB Arrow scan, {n} concurrent sessions"),
+    };
+    let batches: Vec<RecordBatch> = parts.iter().flat_map(|part| part.iter().cloned()).collect();
+    Ok(Outcome::in_process(&scenario, rows, &batches, elapsed, cpu))
 }
 
 /// duckdb-rs's Appender, the other common in-process way (single-threaded in DuckDB).
@@ -227,7 +301,7 @@ fn in_process_appender(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
          l_returnflag VARCHAR, l_linestatus VARCHAR, l_shipdate DATE, l_commitdate DATE, l_receiptdate DATE, \
          l_shipinstruct VARCHAR, l_shipmode VARCHAR, l_comment VARCHAR)",
     )?;
-    let (started, cpu) = (Instant::now(), own_cpu_time()?);
+    let clock = Clock::start()?;
     let mut appender = connection.appender("lineitem")?;
     for batch in batches {
         appender.append_record_batch(batch.clone())?;
@@ -235,7 +309,7 @@ fn in_process_appender(batches: &[RecordBatch]) -> anyhow::Result<Outcome> {
     appender.flush()?;
     drop(appender);
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-    let (elapsed, cpu) = (started.elapsed(), own_cpu_time()? - cpu);
+    let (elapsed, cpu) = clock.stop()?;
     Ok(Outcome::in_process("in-process, duckdb-rs Appender", rows, batches, elapsed, cpu))
 }
 
@@ -250,13 +324,21 @@ impl Outcome {
             elapsed,
             ratio: 1.0,
             cpu: Some(cpu),
+            producer_cpu: None,
             peak_rss_kib: None,
             latency: None,
         }
     }
 
-    /// A load by a server process, which used `server`.
-    fn remote(scenario: String, rows: u64, bytes: u64, elapsed: Duration, server: Usage) -> Self {
+    /// A load by a server process, which used `server`, from producers in this process, which used
+    /// `producer_cpu`.
+    fn remote(
+        scenario: String,
+        rows: u64,
+        bytes: u64,
+        (elapsed, producer_cpu): (Duration, Duration),
+        server: Usage,
+    ) -> Self {
         Self {
             scenario,
             rows,
@@ -264,6 +346,7 @@ impl Outcome {
             elapsed,
             ratio: 1.0,
             cpu: Some(server.cpu),
+            producer_cpu: Some(producer_cpu),
             peak_rss_kib: Some(server.peak_rss_kib),
             latency: None,
         }
@@ -285,7 +368,7 @@ async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) ->
     let client = reqwest::Client::new();
     // Copied before the clock starts: each run sends its own.
     let payloads = payloads.clone();
-    let started = Instant::now();
+    let clock = Clock::start()?;
     let committed: Vec<u64> = match payloads {
         Payloads::Http(bodies) => {
             let requests = bodies.into_iter().map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body)));
@@ -296,10 +379,10 @@ async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) ->
             futures::future::try_join_all(calls).await?
         }
     };
-    let elapsed = started.elapsed();
+    let times = clock.stop()?;
     let (committed, rows) = (committed.iter().sum::<u64>(), args.rows);
     anyhow::ensure!(committed == rows, "{scenario}: the server committed {committed} rows, expected {rows}");
-    Ok(Outcome::remote(scenario.to_owned(), rows, bytes, elapsed, server.stop()?))
+    Ok(Outcome::remote(scenario.to_owned(), rows, bytes, times, server.stop()?))
 }
 
 /// Many small requests (`small_rows` each) from `small_producers` concurrent producers, each waiting for
@@ -310,7 +393,7 @@ async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes
     let queue = std::sync::Arc::new(std::sync::Mutex::new(requests.to_vec()));
     let server = Server::start(&args.server)?;
     let client = reqwest::Client::new();
-    let started = Instant::now();
+    let clock = Clock::start()?;
     let producers = (0..args.small_producers).map(|_| {
         let (queue, client, server) = (queue.clone(), client.clone(), &server);
         async move {
@@ -336,14 +419,14 @@ async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes
         }
     });
     let results = futures::future::try_join_all(producers).await?;
-    let elapsed = started.elapsed();
+    let times = clock.stop()?;
     let rows: u64 = results.iter().map(|(rows, _)| rows).sum();
     anyhow::ensure!(rows == args.rows, "{scenario}: the server committed {rows} rows, expected {}", args.rows);
     let mut latencies: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let scenario = format!("{scenario}: {} rows each from {} producers", args.small_rows, args.small_producers);
-    let outcome = Outcome::remote(scenario, rows, bytes, elapsed, server.stop()?);
+    let outcome = Outcome::remote(scenario, rows, bytes, times, server.stop()?);
     Ok(Outcome { latency: Some((percentile(0.5), percentile(0.99))), ..outcome })
 }
 
@@ -389,13 +472,13 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
     });
     let server = Server::start(&args.server)?;
     let body = reqwest::Body::wrap_stream(tokio_stream(rx));
-    let started = Instant::now();
+    let clock = Clock::start()?;
     let committed = server.ingest(&reqwest::Client::new(), "upload", body).await?;
-    let elapsed = started.elapsed();
+    let times = clock.stop()?;
     let (rows, sent) = producer.await.context("producer task")??;
     anyhow::ensure!(committed == rows, "committed {committed} of {rows} rows");
     let scenario = format!("{STREAMED_UPLOAD} of {:.1} GiB", sent as f64 / (1u64 << 30) as f64);
-    Ok(Outcome::remote(scenario, rows, sent, elapsed, server.stop()?))
+    Ok(Outcome::remote(scenario, rows, sent, times, server.stop()?))
 }
 
 fn tokio_stream<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
@@ -414,18 +497,20 @@ fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8>
 fn report(outcomes: &[Outcome]) {
     println!();
     println!(
-        "| scenario | rows | seconds | rows/s | MB/s | vs in-process Arrow scan | server CPU | server peak RSS | ack latency p50 / p99 |"
+        "| scenario | rows | seconds | rows/s | MB/s | vs in-process (as many sessions as producers) | server CPU | producer CPU | server peak RSS | ack latency p50 / p99 |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let seconds = o.elapsed.as_secs_f64();
-        let cpu = o.cpu.map_or("-".to_owned(), |cpu| format!("{:.2} s", cpu.as_secs_f64()));
+        let seconds_of =
+            |cpu: Option<Duration>| cpu.map_or("-".to_owned(), |cpu| format!("{:.2} s", cpu.as_secs_f64()));
+        let (cpu, producer_cpu) = (seconds_of(o.cpu), seconds_of(o.producer_cpu));
         let rss = o.peak_rss_kib.map_or("-".to_owned(), |kib| format!("{} MB", kib / 1024));
         let latency = o.latency.map_or("-".to_owned(), |(p50, p99)| {
             format!("{:.1} / {:.1} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
         });
         println!(
-            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} | {} |",
+            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} | {} | {} |",
             o.scenario,
             o.rows,
             seconds,
@@ -433,8 +518,25 @@ fn report(outcomes: &[Outcome]) {
             o.bytes as f64 / 1e6 / seconds,
             o.ratio,
             cpu,
+            producer_cpu,
             rss,
             latency
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producers_get_equal_shares_of_the_rows_in_order() {
+        let batches: Vec<RecordBatch> = (0..17).map(|i| data::batch(i * 10, 10)).collect();
+        let parts = split(&batches, 8);
+        let rows: Vec<usize> = parts.iter().map(|p| p.iter().map(RecordBatch::num_rows).sum()).collect();
+        assert_eq!(rows, [22, 22, 22, 22, 22, 22, 22, 16]);
+        let again: Vec<RecordBatch> = parts.into_iter().flatten().collect();
+        let whole = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        assert_eq!(arrow::compute::concat_batches(&whole.schema(), &again).unwrap(), whole);
     }
 }
