@@ -170,36 +170,6 @@ impl IpcDecoder {
 }
 
 /// arrow-ipc reports bytes after the end-of-stream marker this way (pinned by a test below).
-/// Checks that an IPC message's body holds every buffer its header points at. arrow-ipc trusts the header
-/// and panics on a body that is too short; transports that frame messages themselves (Flight) check first.
-pub fn check_message_body(header: &[u8], body_len: usize) -> Result<(), String> {
-    use arrow_ipc::MessageHeader;
-    let message = arrow_ipc::root_as_message(header).map_err(|e| format!("invalid message header: {e}"))?;
-    let batch = match message.header_type() {
-        MessageHeader::RecordBatch => message.header_as_record_batch(),
-        MessageHeader::DictionaryBatch => message.header_as_dictionary_batch().and_then(|d| d.data()),
-        _ => return Ok(()),
-    };
-    let batch = batch.ok_or("a batch message without its batch header")?;
-    let body_len = body_len as i64;
-    if !(0..=body_len).contains(&message.bodyLength()) {
-        return Err(format!("the message body has {body_len} bytes but its header says {}", message.bodyLength()));
-    }
-    for buffer in batch.buffers().iter().flatten() {
-        let in_body = buffer.offset() >= 0
-            && buffer.length() >= 0
-            && buffer.offset().checked_add(buffer.length()).is_some_and(|end| end <= body_len);
-        if !in_body {
-            return Err(format!(
-                "a buffer at {}+{} lies outside the {body_len}-byte message body",
-                buffer.offset(),
-                buffer.length()
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn is_after_end_of_stream(error: &ArrowError) -> bool {
     matches!(error, ArrowError::IpcError(message) if message == "Unexpected EOS")
 }

@@ -14,8 +14,6 @@ use arrow_flight::FlightData;
 use arrow_ipc::MessageHeader;
 use arrow_ipc::reader::{read_dictionary, read_record_batch};
 
-use crate::decode::check_message_body;
-
 /// What one `FlightData` carried.
 pub enum Payload {
     Schema(SchemaRef),
@@ -37,9 +35,9 @@ impl MessageDecoder {
             // Metadata alone (pyarrow's `write_metadata`): no IPC message in it.
             return Ok(Payload::None);
         }
-        check_message_body(&data.data_header, data.data_body.len())?;
         let message =
             arrow_ipc::root_as_message(&data.data_header).map_err(|e| format!("invalid message header: {e}"))?;
+        check_body(&message, data.data_body.len())?;
         // Zero-copy: the buffer shares the received body.
         let body = || Buffer::from(data.data_body.clone());
         match message.header_type() {
@@ -67,6 +65,34 @@ impl MessageDecoder {
             other => Err(format!("unexpected IPC message: {}", other.variant_name().unwrap_or("unknown"))),
         }
     }
+}
+
+/// Checks that a message's body holds every buffer its header points at: arrow-ipc trusts the header and
+/// panics on a body that is too short.
+fn check_body(message: &arrow_ipc::Message, body_len: usize) -> Result<(), String> {
+    let batch = match message.header_type() {
+        MessageHeader::RecordBatch => message.header_as_record_batch(),
+        MessageHeader::DictionaryBatch => message.header_as_dictionary_batch().and_then(|d| d.data()),
+        _ => return Ok(()),
+    };
+    let batch = batch.ok_or("a batch message without its batch header")?;
+    let body_len = body_len as i64;
+    if !(0..=body_len).contains(&message.bodyLength()) {
+        return Err(format!("the message body has {body_len} bytes but its header says {}", message.bodyLength()));
+    }
+    for buffer in batch.buffers().iter().flatten() {
+        let in_body = buffer.offset() >= 0
+            && buffer.length() >= 0
+            && buffer.offset().checked_add(buffer.length()).is_some_and(|end| end <= body_len);
+        if !in_body {
+            return Err(format!(
+                "a buffer at {}+{} lies outside the {body_len}-byte message body",
+                buffer.offset(),
+                buffer.length()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
