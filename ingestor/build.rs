@@ -1,10 +1,10 @@
-//! Where the binaries find DuckDB at run time.
-//!
-//! By default DuckDB is not compiled: `libduckdb-sys` links the official prebuilt `libduckdb.so` found in
-//! `DUCKDB_LIB_DIR` (`scripts/duckdb-lib` installs it; `scripts/with-duckdb` sets the variable). The
-//! binaries look for it, in order, beside themselves, in `../lib` (the image's `/usr/local/lib`) and in
-//! the directory they were built against. The `bundled` feature compiles DuckDB into the binary instead.
-//! (The benchmark crate includes this file as its own build script.)
+// Where the binaries find DuckDB at run time.
+//
+// By default DuckDB is not compiled: `libduckdb-sys` links the official prebuilt `libduckdb.so` found in
+// `DUCKDB_LIB_DIR` (`scripts/duckdb-lib` installs it; `scripts/with-duckdb` sets the variable). The
+// binaries look for it, in order, beside themselves, in `../lib` (the image's `/usr/local/lib`) and in
+// the directory they were built against. The `bundled` feature compiles DuckDB into the binary instead.
+// (The benchmark crate includes this file as its own build script.)
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DUCKDB_LIB_DIR");
