@@ -1,28 +1,61 @@
 # syntax=docker/dockerfile:1
 #
 # Arrowport image: both binaries, /usr/local/bin/arrowport (the ingester) and
-# /usr/local/bin/arrowport-operator, on a distroless glibc base, running as uid 65532.
+# /usr/local/bin/arrowport-operator, on a distroless glibc base, running as uid 65532. The ingester links
+# DuckDB's official prebuilt shared library, /usr/local/lib/libduckdb.so (its licence in
+# /usr/local/share/doc/duckdb/LICENSE).
 #
 #   docker build -t ghcr.io/arrowport/arrowport:0.1.0 .
+#
+# Fully static variant instead (DuckDB compiled into the binary, no libduckdb.so in the image): this
+# compiles DuckDB's C++, about 20+ minutes on two cores (much longer for arm64 under emulation), where
+# the default build compiles only the Rust code:
+#
+#   docker build --build-arg CARGO_FEATURES=arrowport/bundled -t ghcr.io/arrowport/arrowport:0.1.0 .
+#
+# (outside Docker the same is `cargo build --release --features arrowport/bundled`).
 #
 # See helm/arrowport/README.md ("Image") for building for several platforms and pushing.
 
 ARG RUST_VERSION=1.95
+ARG NODE_VERSION=20
 ARG DEBIAN_RELEASE=bookworm
 
+# ---- duckdb -----------------------------------------------------------------------------------------
+# scripts/duckdb-lib fetches DuckDB's prebuilt libduckdb.so (and its LICENSE) from DuckDB's npm package
+# @duckdb/node-bindings-linux-<arch> with `npm pack`, and refuses it unless the tarball matches the
+# SHA-256 pinned in the script. It picks the package from `uname -m`, which under
+# `docker buildx build --platform ...` is the target platform's: linux/amd64 and linux/arm64 exist.
+# Only the script is copied in, so this stage stays cached until the script (the DuckDB version) changes.
+FROM node:${NODE_VERSION}-${DEBIAN_RELEASE}-slim AS duckdb
+COPY scripts/duckdb-lib /usr/local/bin/duckdb-lib
+RUN ARROWPORT_DUCKDB_DIR=/duckdb bash /usr/local/bin/duckdb-lib
+
 # ---- build ------------------------------------------------------------------------------------------
-# The Rust image is Debian with gcc, g++ and make: the ingester compiles DuckDB's C++ (bundled) in
-# libduckdb-sys's build script. Build and run stages share the Debian release, hence the glibc.
+# The Rust image is Debian with gcc, g++ and make (the C++ tools matter only for the static variant).
+# DuckDB is not compiled here: libduckdb-sys links the
+# prebuilt /duckdb/libduckdb.so (DUCKDB_LIB_DIR), and ingestor/build.rs gives the binary the rpath
+# $ORIGIN:$ORIGIN/../lib:/duckdb, so /usr/local/bin/arrowport finds /usr/local/lib/libduckdb.so in the
+# final image. Build and run stages share the Debian release, hence the glibc.
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# Extra cargo features, e.g. arrowport/bundled for the static variant (see the top of this file).
+ARG CARGO_FEATURES=""
+COPY --from=duckdb /duckdb /duckdb
+ENV DUCKDB_LIB_DIR=/duckdb
 WORKDIR /src
 COPY . .
-# Cache mounts keep the crates.io downloads and the compiled DuckDB between builds; the binaries are
-# copied out of the cached target dir because a cache mount is not part of the image.
+# Cache mounts keep the crate downloads and the compiled dependencies between builds; the binaries are
+# copied out of the cached target dir because a cache mount is not part of the image. libduckdb.so goes
+# into the image only if the ingester links it (not with arrowport/bundled); DuckDB's licence always does.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p arrowport -p arrowport-operator \
-    && mkdir -p /out/bin /out/data \
-    && cp target/release/arrowport target/release/arrowport-operator /out/bin/
+    cargo build --release --locked ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} \
+        -p arrowport -p arrowport-operator \
+    && mkdir -p /out/bin /out/lib /out/doc/duckdb /out/data \
+    && cp target/release/arrowport target/release/arrowport-operator /out/bin/ \
+    && cp /duckdb/LICENSE /out/doc/duckdb/LICENSE \
+    && readelf --dynamic /out/bin/arrowport > /tmp/arrowport.dynamic \
+    && if grep -q 'NEEDED.*\[libduckdb\.so\]' /tmp/arrowport.dynamic; then cp /duckdb/libduckdb.so /out/lib/; fi
 
 # ---- run --------------------------------------------------------------------------------------------
 # distroless/cc: glibc, libstdc++ (DuckDB needs both), CA certificates and tzdata; no shell, no package
@@ -33,6 +66,9 @@ LABEL org.opencontainers.image.title="arrowport" \
       org.opencontainers.image.source="https://github.com/arrowport/arrowport" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/bin/ /usr/local/bin/
+# libduckdb.so where the binaries' $ORIGIN/../lib rpath looks (empty for the static variant).
+COPY --from=build /out/lib/ /usr/local/lib/
+COPY --from=build /out/doc/duckdb/ /usr/local/share/doc/duckdb/
 # The database directory (a volume in Kubernetes) and working directory, writable by the runtime user,
 # so that a plain `docker run IMAGE` writes ./arrowport.duckdb there.
 COPY --from=build --chown=65532:65532 /out/data /var/lib/arrowport
