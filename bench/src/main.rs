@@ -277,7 +277,8 @@ async fn in_process_native(parts: &[&[RecordBatch]]) -> anyhow::Result<Outcome> 
     let sessions = parts.iter().map(|part| async {
         let mut session = loader.begin(target.clone(), part[0].schema()).await?;
         for batch in *part {
-            session.send(batch.clone()).await?;
+            let reservation = loader.budget().reserve_batch(decoded_size(batch)).await?;
+            session.send(batch.clone(), reservation).await?;
         }
         anyhow::Ok(session.commit().await?.rows)
     });

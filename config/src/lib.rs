@@ -115,6 +115,15 @@ pub struct Limits {
     pub max_concurrent_queries: usize,
     /// A read-only query running longer than this is cancelled.
     pub query_timeout_seconds: u64,
+    /// A connection must send a request's HTTP/1.1 headers within this time, or it is closed.
+    pub header_timeout_seconds: u64,
+    /// An upload that sends nothing for this long (no body bytes, no `DoPut` message) is rolled back
+    /// and refused (`408 idle_timeout` / `DEADLINE_EXCEEDED`).
+    pub idle_timeout_seconds: u64,
+    /// After SIGTERM, open requests may finish for this long; then uploads still open are rolled back
+    /// and answered `503` / `UNAVAILABLE` (retry elsewhere). Keep it below the pod's
+    /// `terminationGracePeriodSeconds`.
+    pub shutdown_timeout_seconds: u64,
 }
 
 impl Default for Limits {
@@ -126,6 +135,9 @@ impl Default for Limits {
             max_concurrent_loads: 8,
             max_concurrent_queries: 2,
             query_timeout_seconds: 300,
+            header_timeout_seconds: 30,
+            idle_timeout_seconds: 60,
+            shutdown_timeout_seconds: 30,
         }
     }
 }
@@ -277,6 +289,9 @@ impl Config {
             ("max_concurrent_loads", limits.max_concurrent_loads as u64, "must be at least 1"),
             ("max_concurrent_queries", limits.max_concurrent_queries as u64, "must be at least 1"),
             ("query_timeout_seconds", limits.query_timeout_seconds, "must be at least 1"),
+            ("header_timeout_seconds", limits.header_timeout_seconds, "must be at least 1"),
+            ("idle_timeout_seconds", limits.idle_timeout_seconds, "must be at least 1"),
+            ("shutdown_timeout_seconds", limits.shutdown_timeout_seconds, "must be at least 1"),
             ("memory_budget_bytes", limits.memory_budget_bytes.0, "must be greater than 0"),
         ] {
             if value == 0 {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::error::IngestError;
+
 /// Shared byte budget. Reservations give their bytes back when dropped.
 #[derive(Clone, Debug)]
 pub struct MemoryBudget {
@@ -70,6 +72,32 @@ impl MemoryBudget {
     }
 }
 
+impl MemoryBudget {
+    /// Takes room for a batch that decodes to `bytes`, before it is decoded: a batch larger than the
+    /// whole budget can never fit (`batch_too_large`), one that does not fit now waits for room and is
+    /// then refused as `overloaded` (retry later).
+    pub async fn reserve_batch(&self, bytes: u64) -> Result<Reservation, IngestError> {
+        if bytes > self.capacity() {
+            return Err(IngestError::BatchTooLarge { bytes, limit: self.capacity() });
+        }
+        self.reserve(bytes).await.ok_or(IngestError::Overloaded)
+    }
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Moves up to `bytes` of this reservation into a new one (for the slices of a batch).
+    pub fn split(&mut self, bytes: u64) -> Reservation {
+        let moved = bytes.min(self.bytes);
+        self.bytes -= moved;
+        Reservation { inner: self.inner.clone(), bytes: moved }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.inner.used.fetch_sub(self.bytes, Ordering::AcqRel);
@@ -91,6 +119,21 @@ mod tests {
         assert_eq!(budget.used(), 0);
         let _b = budget.reserve(100).await.unwrap();
         assert!(budget.reserve(101).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_budget_is_refused_for_good_and_a_busy_budget_for_now() {
+        let budget = MemoryBudget::new(100, Duration::from_millis(10));
+        let error = budget.reserve_batch(101).await.unwrap_err();
+        assert!(matches!(error, IngestError::BatchTooLarge { bytes: 101, limit: 100 }), "{error}");
+        let mut held = budget.reserve_batch(100).await.unwrap();
+        assert!(matches!(budget.reserve_batch(1).await, Err(IngestError::Overloaded)));
+        let part = held.split(30);
+        assert_eq!((part.bytes(), held.bytes(), budget.used()), (30, 70, 100));
+        drop(held);
+        assert_eq!(budget.used(), 30, "a split part keeps its bytes until it is dropped");
+        drop(part);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]

@@ -1,20 +1,21 @@
-//! Incremental Arrow IPC decoding: bytes in as they arrive, record batches out, nothing buffered whole.
+//! Incremental Arrow IPC framing: body bytes in as they arrive, whole messages out, nothing buffered
+//! beyond the message being assembled. The messages are checked and decoded by [`crate::ipc`].
 //!
-//! The IPC file format is the stream format between a preamble (`ARROW1`, zero-padded: to 8 bytes by
-//! the spec, to 64 by arrow-rs) and a footer, so both are decoded with arrow-ipc's push
-//! [`StreamDecoder`]; the file's footer (an index for random access) is skipped, and only its closing
-//! magic is checked to catch truncation.
+//! A stream is a sequence of messages: a continuation marker (`0xFFFFFFFF`, absent in the pre-1.0
+//! format), the header's length, the flatbuffer header, then the body whose length the header names; a
+//! zero length ends the stream. The IPC file format is the same stream between a preamble (`ARROW1`,
+//! zero-padded: to 8 bytes by the spec, to 64 by arrow-rs) and a footer; the footer (an index for random
+//! access) is skipped, and only its closing magic is checked to catch truncation. Both lengths are
+//! checked against `max_message_bytes` before a byte of the message is buffered.
 
-use arrow::array::RecordBatch;
-use arrow::buffer::Buffer;
-use arrow::datatypes::SchemaRef;
-use arrow::error::ArrowError;
-use arrow_ipc::reader::StreamDecoder;
-use bytes::Bytes;
+use arrow::buffer::{Buffer, MutableBuffer};
+use bytes::{Buf, Bytes};
 
 use crate::error::IngestError;
+use crate::ipc::RawMessage;
 
 const FILE_MAGIC: &[u8; 6] = b"ARROW1";
+const CONTINUATION: [u8; 4] = [0xFF; 4];
 
 /// Which IPC format a request declares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +42,11 @@ impl IpcFormat {
     }
 }
 
-/// Push decoder for one request body.
+/// Splits one request body into IPC messages.
 pub struct IpcDecoder {
-    decoder: StreamDecoder,
     framing: Framing,
-    /// Bytes consumed since the last record batch came out: the size of the message being assembled.
-    pending: u64,
+    /// Bytes pushed and not yet consumed.
+    input: Bytes,
     max_message_bytes: u64,
     /// Body bytes pushed so far.
     bytes_seen: u64,
@@ -58,120 +58,200 @@ enum Framing {
     /// After a file's magic: zero padding until the first message, which never starts with a zero byte.
     FilePadding,
     /// Reading messages; `file` once a file preamble was seen.
-    Messages { file: bool },
+    Messages { file: bool, stage: Stage },
+    /// After a stream's end-of-stream marker: nothing may follow.
+    Ended,
     /// After a file's end-of-stream marker: the footer, of which only the last 6 bytes matter.
     Footer { tail: Vec<u8> },
+}
+
+/// Where the message being read stands.
+enum Stage {
+    /// The continuation marker and length: 4 or 8 bytes.
+    Prefix(Vec<u8>),
+    /// The flatbuffer header, `len` bytes.
+    Header { len: usize, bytes: Vec<u8> },
+    /// The body, `len` bytes, assembled in an aligned buffer.
+    Body { header: Bytes, len: usize, body: MutableBuffer },
+}
+
+impl Stage {
+    fn start() -> Self {
+        Self::Prefix(Vec::with_capacity(8))
+    }
 }
 
 impl IpcDecoder {
     pub fn new(format: IpcFormat, max_message_bytes: u64) -> Self {
         let framing = match format {
-            IpcFormat::Stream => Framing::Messages { file: false },
+            IpcFormat::Stream => Framing::Messages { file: false, stage: Stage::start() },
             declared => Framing::Preamble { declared, seen: Vec::with_capacity(FILE_MAGIC.len()) },
         };
-        Self { decoder: StreamDecoder::new(), framing, pending: 0, max_message_bytes, bytes_seen: 0 }
+        Self { framing, input: Bytes::new(), max_message_bytes, bytes_seen: 0 }
     }
 
-    /// The stream's schema, once its first message has arrived.
-    pub fn schema(&self) -> Option<SchemaRef> {
-        self.decoder.schema()
-    }
-
-    /// Feeds the next bytes of the body, appending every completed record batch to `out`.
-    pub fn push(&mut self, chunk: Bytes, out: &mut Vec<RecordBatch>) -> Result<(), IngestError> {
+    /// Takes the next bytes of the body; call [`next_message`](Self::next_message) until it returns
+    /// `None` before pushing more.
+    pub fn push(&mut self, chunk: Bytes) {
+        debug_assert!(self.input.is_empty(), "push only after next_message returned None");
         self.bytes_seen += chunk.len() as u64;
-        self.feed(chunk, out)
+        self.input = chunk;
     }
 
-    fn feed(&mut self, chunk: Bytes, out: &mut Vec<RecordBatch>) -> Result<(), IngestError> {
-        let chunk = match &mut self.framing {
-            Framing::Preamble { declared, seen } => {
-                let take = (FILE_MAGIC.len() - seen.len()).min(chunk.len());
-                seen.extend_from_slice(&chunk[..take]);
-                if seen.len() < FILE_MAGIC.len() {
-                    return Ok(());
-                }
-                if seen.as_slice() == FILE_MAGIC {
-                    self.framing = Framing::FilePadding;
-                    return self.feed(chunk.slice(take..), out);
-                } else if *declared == IpcFormat::File {
-                    return Err(IngestError::InvalidIpc("not an Arrow IPC file: it does not start with ARROW1".into()));
-                }
-                // A stream after all: its first bytes are ordinary message bytes.
-                let mut all = std::mem::take(seen);
-                all.extend_from_slice(&chunk[take..]);
-                self.framing = Framing::Messages { file: false };
-                Bytes::from(all)
-            }
-            Framing::FilePadding => {
-                let Some(start) = chunk.iter().position(|&b| b != 0) else {
-                    return Ok(());
-                };
-                self.framing = Framing::Messages { file: true };
-                chunk.slice(start..)
-            }
-            Framing::Footer { tail } => {
-                keep_tail(tail, &chunk);
-                return Ok(());
-            }
-            Framing::Messages { .. } => chunk,
-        };
-        self.decode(chunk, out)
-    }
-
-    fn decode(&mut self, chunk: Bytes, out: &mut Vec<RecordBatch>) -> Result<(), IngestError> {
-        let is_file = matches!(self.framing, Framing::Messages { file: true });
-        let mut buffer = Buffer::from(chunk);
-        while !buffer.is_empty() {
-            let before = buffer.len();
-            let decoded = self.decoder.decode(&mut buffer);
-            self.pending += (before - buffer.len()) as u64;
-            match decoded {
-                Ok(Some(batch)) => {
-                    self.pending = 0;
-                    out.push(batch);
-                }
-                Ok(None) => {}
-                Err(error) if is_after_end_of_stream(&error) => {
-                    if !is_file {
-                        return Err(IngestError::InvalidIpc("data after the end-of-stream marker".into()));
+    /// The next complete message in what was pushed, if there is one.
+    pub fn next_message(&mut self) -> Result<Option<RawMessage>, IngestError> {
+        while !self.input.is_empty() {
+            match &mut self.framing {
+                Framing::Preamble { declared, seen } => {
+                    let take = (FILE_MAGIC.len() - seen.len()).min(self.input.len());
+                    seen.extend_from_slice(&self.input[..take]);
+                    if seen.len() < FILE_MAGIC.len() {
+                        self.input.advance(take);
+                        continue;
                     }
-                    let mut tail = Vec::with_capacity(FILE_MAGIC.len());
-                    keep_tail(&mut tail, &buffer);
-                    self.framing = Framing::Footer { tail };
-                    return Ok(());
+                    if seen.as_slice() == FILE_MAGIC {
+                        self.input.advance(take);
+                        self.framing = Framing::FilePadding;
+                    } else if *declared == IpcFormat::File {
+                        return Err(invalid("not an Arrow IPC file: it does not start with ARROW1"));
+                    } else {
+                        // A stream after all: its first bytes are ordinary message bytes.
+                        let mut all = std::mem::take(seen);
+                        all.extend_from_slice(&self.input[take..]);
+                        self.input = Bytes::from(all);
+                        self.framing = Framing::Messages { file: false, stage: Stage::start() };
+                    }
                 }
-                Err(error) => return Err(IngestError::InvalidIpc(error.to_string())),
-            }
-            if self.pending > self.max_message_bytes {
-                return Err(IngestError::MessageTooLarge { limit: self.max_message_bytes });
+                Framing::FilePadding => match self.input.iter().position(|&b| b != 0) {
+                    Some(start) => {
+                        self.input.advance(start);
+                        self.framing = Framing::Messages { file: true, stage: Stage::start() };
+                    }
+                    None => self.input.clear(),
+                },
+                Framing::Ended => return Err(invalid("data after the end-of-stream marker")),
+                Framing::Footer { tail } => {
+                    keep_tail(tail, &self.input);
+                    self.input.clear();
+                }
+                Framing::Messages { file, stage } => {
+                    let file = *file;
+                    match advance(stage, &mut self.input, self.max_message_bytes)? {
+                        Step::More => {}
+                        Step::Message(message) => return Ok(Some(message)),
+                        Step::End if file => self.framing = Framing::Footer { tail: Vec::new() },
+                        Step::End => self.framing = Framing::Ended,
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Checks that the body ended on a message boundary (and, for files, with the closing magic).
-    pub fn finish(&mut self) -> Result<(), IngestError> {
+    pub fn finish(&self) -> Result<(), IngestError> {
         match &self.framing {
             Framing::Preamble { seen, .. } if seen.is_empty() => Err(IngestError::EmptyBody),
-            Framing::Preamble { .. } => Err(IngestError::InvalidIpc("body too short to be Arrow IPC".into())),
-            Framing::FilePadding | Framing::Messages { file: true } => {
-                Err(IngestError::InvalidIpc("the IPC file ended before its end-of-stream marker".into()))
+            Framing::Preamble { .. } => Err(invalid("body too short to be Arrow IPC")),
+            Framing::FilePadding | Framing::Messages { file: true, .. } => {
+                Err(invalid("the IPC file ended before its end-of-stream marker"))
             }
-            Framing::Messages { file: false } if self.bytes_seen == 0 => Err(IngestError::EmptyBody),
-            Framing::Messages { file: false } => self
-                .decoder
-                .finish()
-                .map_err(|_| IngestError::InvalidIpc("the body ended in the middle of a message".into())),
+            Framing::Messages { file: false, .. } if self.bytes_seen == 0 => Err(IngestError::EmptyBody),
+            Framing::Messages { file: false, stage: Stage::Prefix(bytes) } if bytes.is_empty() => Ok(()),
+            Framing::Messages { file: false, .. } => Err(invalid("the body ended in the middle of a message")),
+            Framing::Ended => Ok(()),
             Framing::Footer { tail } if tail.as_slice() == FILE_MAGIC => Ok(()),
-            Framing::Footer { .. } => Err(IngestError::InvalidIpc("the IPC file's footer is truncated".into())),
+            Framing::Footer { .. } => Err(invalid("the IPC file's footer is truncated")),
         }
     }
 }
 
-/// arrow-ipc reports bytes after the end-of-stream marker this way (pinned by a test below).
-fn is_after_end_of_stream(error: &ArrowError) -> bool {
-    matches!(error, ArrowError::IpcError(message) if message == "Unexpected EOS")
+enum Step {
+    /// All input consumed; the message needs more.
+    More,
+    Message(RawMessage),
+    /// The end-of-stream marker.
+    End,
+}
+
+/// Reads as much of the current message as `input` holds.
+fn advance(stage: &mut Stage, input: &mut Bytes, max_message_bytes: u64) -> Result<Step, IngestError> {
+    loop {
+        match stage {
+            Stage::Prefix(prefix) => {
+                // 4 bytes, or 8 when they start with the continuation marker.
+                let want = if prefix.len() >= 4 && prefix[..4] == CONTINUATION { 8 } else { 4 };
+                let take = (want - prefix.len()).min(input.len());
+                prefix.extend_from_slice(&input[..take]);
+                input.advance(take);
+                if prefix.len() < want {
+                    return Ok(Step::More);
+                }
+                if want == 4 && prefix[..4] == CONTINUATION {
+                    continue;
+                }
+                let len_bytes: [u8; 4] = prefix[want - 4..want].try_into().expect("four bytes");
+                let len = i32::from_le_bytes(len_bytes);
+                if len == 0 {
+                    *stage = Stage::start();
+                    return Ok(Step::End);
+                }
+                if len < 0 {
+                    return Err(invalid(format!("a message header length of {len}")));
+                }
+                if len as u64 > max_message_bytes {
+                    // Without the continuation marker (the pre-1.0 format) an absurd length is more
+                    // likely not Arrow at all.
+                    if want == 4 {
+                        return Err(invalid("not an Arrow IPC stream (no message at its start)"));
+                    }
+                    return Err(IngestError::MessageTooLarge { limit: max_message_bytes });
+                }
+                *stage = Stage::Header { len: len as usize, bytes: Vec::with_capacity(len as usize) };
+            }
+            Stage::Header { len, bytes } => {
+                let take = (*len - bytes.len()).min(input.len());
+                bytes.extend_from_slice(&input[..take]);
+                input.advance(take);
+                if bytes.len() < *len {
+                    return Ok(Step::More);
+                }
+                let header = Bytes::from(std::mem::take(bytes));
+                let message =
+                    arrow_ipc::root_as_message(&header).map_err(|e| invalid(format!("invalid message header: {e}")))?;
+                let body_len = message.bodyLength();
+                if body_len < 0 {
+                    return Err(invalid(format!("a message body length of {body_len}")));
+                }
+                if header.len() as u64 + body_len as u64 > max_message_bytes {
+                    return Err(IngestError::MessageTooLarge { limit: max_message_bytes });
+                }
+                let body_len = body_len as usize;
+                if input.len() >= body_len {
+                    // The whole body is in this chunk: share it, no copy.
+                    let body = Buffer::from(input.split_to(body_len));
+                    *stage = Stage::start();
+                    return Ok(Step::Message(RawMessage { header, body }));
+                }
+                *stage = Stage::Body { header, len: body_len, body: MutableBuffer::with_capacity(body_len) };
+            }
+            Stage::Body { header, len, body } => {
+                let take = (*len - body.len()).min(input.len());
+                body.extend_from_slice(&input[..take]);
+                input.advance(take);
+                if body.len() < *len {
+                    return Ok(Step::More);
+                }
+                let message = RawMessage { header: std::mem::take(header), body: std::mem::take(body).into() };
+                *stage = Stage::start();
+                return Ok(Step::Message(message));
+            }
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> IngestError {
+    IngestError::InvalidIpc(message.into())
 }
 
 /// Keeps the last `FILE_MAGIC.len()` bytes seen.
@@ -185,11 +265,12 @@ fn keep_tail(tail: &mut Vec<u8>, bytes: &[u8]) {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::{Int32Array, StringArray};
+    use arrow::array::{Int32Array, RecordBatch, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use arrow_ipc::writer::{FileWriter, StreamWriter};
 
     use super::*;
+    use crate::ipc::{MessageDecoder, Payload};
 
     fn batch(n: i32) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
@@ -216,12 +297,19 @@ mod tests {
     /// Feeds `bytes` in pieces of `step` bytes; returns the decoded rows or the error.
     fn decode(format: IpcFormat, bytes: &[u8], step: usize) -> Result<usize, IngestError> {
         let mut decoder = IpcDecoder::new(format, 1 << 20);
-        let mut out = Vec::new();
+        let mut messages = MessageDecoder::new(1 << 30);
+        let mut rows = 0;
         for piece in bytes.chunks(step) {
-            decoder.push(Bytes::copy_from_slice(piece), &mut out)?;
+            decoder.push(Bytes::copy_from_slice(piece));
+            while let Some(message) = decoder.next_message()? {
+                messages.check(&message)?;
+                if let Payload::Batch(batch) = messages.decode(&message)? {
+                    rows += batch.num_rows();
+                }
+            }
         }
         decoder.finish()?;
-        Ok(out.iter().map(RecordBatch::num_rows).sum())
+        Ok(rows)
     }
 
     #[test]
@@ -262,9 +350,24 @@ mod tests {
     fn oversized_messages_are_refused_before_they_are_buffered() {
         let bytes = stream_bytes(&[batch(100_000)]);
         let mut decoder = IpcDecoder::new(IpcFormat::Stream, 64 * 1024);
-        let mut out = Vec::new();
-        let result = bytes.chunks(16 * 1024).try_for_each(|p| decoder.push(Bytes::copy_from_slice(p), &mut out));
-        assert!(matches!(result, Err(IngestError::MessageTooLarge { limit: 65536 })));
+        // The batch's header names its body's length: refused right there, before the body is buffered.
+        let mut refused = None;
+        'pieces: for (index, piece) in bytes.chunks(16 * 1024).enumerate() {
+            decoder.push(Bytes::copy_from_slice(piece));
+            loop {
+                match decoder.next_message() {
+                    Ok(Some(_schema)) => {}
+                    Ok(None) => break,
+                    Err(error) => {
+                        refused = Some((index, error));
+                        break 'pieces;
+                    }
+                }
+            }
+        }
+        let (index, error) = refused.expect("the batch is refused");
+        assert!(matches!(error, IngestError::MessageTooLarge { limit: 65536 }), "{error}");
+        assert_eq!(index, 0, "refused in the first piece, which holds the batch's header");
     }
 
     #[test]

@@ -21,6 +21,13 @@ pub enum IngestError {
     BodyTooLarge { limit: u64 },
     #[error("an Arrow IPC message exceeds the limit of {limit} bytes; send smaller record batches")]
     MessageTooLarge { limit: u64 },
+    #[error(
+        "a record batch decodes to {bytes} bytes, more than the whole memory budget of {limit} bytes \
+         (limits.memory_budget_bytes); send smaller record batches"
+    )]
+    BatchTooLarge { bytes: u64, limit: u64 },
+    #[error("no data from the client for {seconds} s (limits.idle_timeout_seconds)")]
+    IdleTimeout { seconds: u64 },
     #[error("invalid Arrow IPC data: {0}")]
     InvalidIpc(String),
     #[error("request body ended before any Arrow schema arrived")]
@@ -68,7 +75,10 @@ impl IngestError {
             Self::TableExists(_) | Self::ConstraintViolation(_) => StatusCode::CONFLICT,
             Self::QueryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } | Self::BatchTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::IdleTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::SchemaMismatch(_) | Self::UnsupportedType(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,6 +95,8 @@ impl IngestError {
             Self::InvalidEncoding(_) => "invalid_encoding",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::MessageTooLarge { .. } => "message_too_large",
+            Self::BatchTooLarge { .. } => "batch_too_large",
+            Self::IdleTimeout { .. } => "idle_timeout",
             Self::InvalidIpc(_) => "invalid_ipc",
             Self::EmptyBody => "empty_body",
             Self::BodyRead(_) => "body_read_error",

@@ -1,7 +1,7 @@
 //! Arrowport's ingester: Arrow data over HTTP and Arrow Flight into DuckDB tables.
 //!
 //! Request path: [`server`] (HTTP) or [`flight`] (gRPC, same port) → [`routing`] (stream → table) →
-//! [`decode`] (IPC bytes → batches) → [`load`] (batches → one DuckDB transaction per commit).
+//! [`decode`] (HTTP body → IPC messages) → [`ipc`] (messages checked, then decoded into batches) → [`load`] (batches → one DuckDB transaction per commit).
 //! [`cli`] holds the binary's client commands (`ingest`, `streams`, `validate`).
 
 pub mod budget;
@@ -9,6 +9,7 @@ pub mod cli;
 pub mod decode;
 pub mod error;
 pub mod flight;
+pub mod ipc;
 pub mod load;
 pub mod malloc;
 pub mod metrics;

@@ -84,6 +84,7 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
+    pub panics: Counter,
     pub checkpoints: Family<CheckpointLabels, Counter>,
     pub checkpoint_duration: Histogram,
     /// Read at each scrape (see [`Metrics::set_resources`]).
@@ -135,6 +136,7 @@ impl Default for Metrics {
         let config_generation = Gauge::default();
         let config_reloads = Counter::default();
         let config_reload_failures = Counter::default();
+        let panics = Counter::default();
         registry.register("requests", "Ingest requests by outcome", requests.clone());
         registry.register("rows", "Rows committed", rows.clone());
         registry.register("batches", "Record batches committed", batches.clone());
@@ -192,6 +194,11 @@ impl Default for Metrics {
             "Configuration changes refused because they did not parse or validate",
             config_reload_failures.clone(),
         );
+        registry.register(
+            "panics",
+            "Requests whose handler panicked (answered 500 internal / INTERNAL; a bug to report)",
+            panics.clone(),
+        );
         registry.register("checkpoints", "CHECKPOINTs Arrowport ran, by outcome", checkpoints.clone());
         registry.register(
             "checkpoint_duration_seconds",
@@ -234,6 +241,7 @@ impl Default for Metrics {
             config_generation,
             config_reloads,
             config_reload_failures,
+            panics,
             checkpoints,
             checkpoint_duration,
             resident_memory_bytes,

@@ -27,6 +27,7 @@ use futures::Stream;
 use prost::Message;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::IngestError;
 use crate::server::AppState;
@@ -42,6 +43,7 @@ const FLIGHT_SQL_TYPE_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.
 pub fn router(state: Arc<AppState>) -> Router {
     // Slack over the largest batch for the FlightData envelope (header, metadata).
     let max_message = usize::try_from(state.limits.max_message_bytes.0).unwrap_or(usize::MAX).saturating_add(1 << 20);
+    let panics = state.clone();
     let front = Arc::new(FlightFront::new(state));
     let service = FlightServiceServer::from_arc(front.clone())
         .max_decoding_message_size(max_message)
@@ -49,7 +51,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     let name = FlightServiceServer::<FlightFront>::NAME;
     // DoPut takes its own decoder (see `receive`); the generated server answers every other call.
     let do_put = post(move |request| receive::do_put(front.clone(), max_message, request));
-    Router::new().route(&format!("/{name}/DoPut"), do_put).route_service(&format!("/{name}/{{*rpc}}"), service)
+    Router::new().route(&format!("/{name}/DoPut"), do_put).route_service(&format!("/{name}/{{*rpc}}"), service).layer(
+        CatchPanicLayer::custom(move |_| {
+            panics.metrics.panics.inc();
+            tracing::error!("A Flight call panicked; answered INTERNAL. This is a bug: please report it.");
+            status(&IngestError::Database("internal error (the server logged it)".to_owned()))
+                .into_http::<axum::body::Body>()
+        }),
+    )
 }
 
 /// The Flight service: stream operations here, Flight SQL commands in [`sql::SqlService`].
@@ -78,13 +87,14 @@ pub fn status(error: &IngestError) -> Status {
         | InvalidQuery(_)
         | UnsupportedType(_)
         | UnsupportedMediaType(_)
-        | UnsupportedEncoding(_) => Code::InvalidArgument,
+        | UnsupportedEncoding(_)
+        | BatchTooLarge { .. } => Code::InvalidArgument,
         UnknownStream(_) | TableNotFound(_) | NoData(_) => Code::NotFound,
         TableExists(_) => Code::AlreadyExists,
         SchemaMismatch(_) | ConstraintViolation(_) => Code::FailedPrecondition,
         BodyTooLarge { .. } | MessageTooLarge { .. } | Overloaded => Code::ResourceExhausted,
         ShuttingDown => Code::Unavailable,
-        QueryTimeout { .. } => Code::DeadlineExceeded,
+        QueryTimeout { .. } | IdleTimeout { .. } => Code::DeadlineExceeded,
         Database(_) => Code::Internal,
     };
     let mut status = Status::new(code, error.to_string());

@@ -21,7 +21,8 @@ use crate::metrics::Protocol;
 use crate::routing::Route;
 use crate::server::{AppState, IngestReport};
 
-use super::message::{MessageDecoder, Payload};
+use super::message::raw_message;
+use crate::ipc::{Checked, MessageDecoder, Payload};
 
 /// The `app_metadata` of each `PutResult`, as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,7 +118,7 @@ impl<'a> Put<'a> {
         S: Stream<Item = Result<FlightData, Status>> + Send + 'static,
     {
         let mut data = std::pin::pin!(data);
-        let mut decoder = MessageDecoder::default();
+        let mut decoder = MessageDecoder::new(self.state.loader.budget().capacity());
         loop {
             // Read on only once DuckDB can take the next batch (see the HTTP handler).
             if let Some(upload) = &self.upload {
@@ -127,21 +128,30 @@ impl<'a> Put<'a> {
                 (Some(flush), Some(first)) => Some(first + Duration::from_secs(flush.interval_seconds)),
                 _ => None,
             };
+            let next = self.state.next_from_client(data.next());
             let next = match deadline {
                 Some(deadline) => tokio::select! {
-                    next = data.next() => next,
+                    next = next => next?,
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         self.commit().await?;
                         continue;
                     }
                 },
-                None => data.next().await,
+                None => next.await?,
             };
             let Some(message) = next else { break };
             let message = message.map_err(|status| self.receive_error(&status))?;
             self.wire += (message.data_header.len() + message.data_body.len() + message.app_metadata.len()) as u64;
             let request_id = request_id(&message.app_metadata);
-            match decoder.decode(&message).map_err(IngestError::InvalidIpc)? {
+            let message = raw_message(&message);
+            // Room in the budget first, then decoding: a batch never exists outside the budget.
+            let reservation = match decoder.check(&message)? {
+                Checked::Batch { decoded_bytes } => {
+                    Some(self.state.loader.budget().reserve_batch(decoded_bytes).await?)
+                }
+                _ => None,
+            };
+            match decoder.decode(&message)? {
                 Payload::Schema(schema) => self.start(schema)?,
                 Payload::Batch(batch) => {
                     let rows = batch.num_rows() as u64;
@@ -149,7 +159,8 @@ impl<'a> Put<'a> {
                         self.upload = Some(self.begin()?);
                     }
                     let upload = self.upload.as_mut().expect("an upload was just opened");
-                    let bytes = upload.send(batch).await?;
+                    let reservation = reservation.expect("a batch message was checked as one");
+                    let bytes = upload.send(batch, reservation).await?;
                     let pending = &mut self.pending;
                     pending.rows += rows;
                     pending.bytes += bytes;

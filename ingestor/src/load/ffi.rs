@@ -9,6 +9,7 @@
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::path::Path;
 use std::ptr;
+use std::sync::Mutex;
 
 use arrow::array::RecordBatchReader;
 use arrow::datatypes::SchemaRef;
@@ -151,15 +152,21 @@ impl Drop for RawConnection {
 pub struct ScanStream(Box<FFI_ArrowArrayStream>);
 
 struct ScanPrivate {
-    inner: FFI_ArrowArrayStream,
+    /// Locked by each `get_next`: DuckDB serialises the calls of one scan, and nothing but the upload's
+    /// own INSERT can scan the view (client queries are refused any other catalog, see `query.rs`), but
+    /// were a second scan to start, it would get an error, never a data race on the stream.
+    inner: Mutex<FFI_ArrowArrayStream>,
     schema: FFI_ArrowSchema,
 }
+
+/// `get_next`'s answer while another scan holds the stream (errno's EBUSY).
+const BUSY: c_int = 16;
 
 impl ScanStream {
     fn new(reader: Box<dyn RecordBatchReader + Send>) -> Result<Self, String> {
         let schema: SchemaRef = reader.schema();
         let schema = FFI_ArrowSchema::try_from(schema.as_ref()).map_err(|e| e.to_string())?;
-        let private = Box::new(ScanPrivate { inner: FFI_ArrowArrayStream::new(reader), schema });
+        let private = Box::new(ScanPrivate { inner: Mutex::new(FFI_ArrowArrayStream::new(reader)), schema });
         Ok(Self(Box::new(FFI_ArrowArrayStream {
             get_schema: Some(scan_get_schema),
             get_next: Some(scan_get_next),
@@ -188,20 +195,25 @@ unsafe extern "C" fn release_borrowed_schema(schema: *mut FFI_ArrowSchema) {
 }
 
 unsafe extern "C" fn scan_get_next(stream: *mut FFI_ArrowArrayStream, out: *mut arrow::ffi::FFI_ArrowArray) -> c_int {
-    // SAFETY: private data is ours; DuckDB serialises calls to get_next on one stream.
+    // SAFETY: private data is ours and lives until release; the mutex gives one caller at a time the
+    // inner stream.
     unsafe {
-        let private = &mut *((*stream).private_data as *mut ScanPrivate);
-        let get_next = private.inner.get_next.expect("arrow-rs streams have get_next");
-        get_next(&mut private.inner, out)
+        let private = &*((*stream).private_data as *const ScanPrivate);
+        let Ok(mut inner) = private.inner.try_lock() else { return BUSY };
+        let get_next = inner.get_next.expect("arrow-rs streams have get_next");
+        get_next(&mut *inner, out)
     }
 }
 
 unsafe extern "C" fn scan_get_last_error(stream: *mut FFI_ArrowArrayStream) -> *const c_char {
     // SAFETY: as in scan_get_next.
     unsafe {
-        let private = &mut *((*stream).private_data as *mut ScanPrivate);
-        let get_last_error = private.inner.get_last_error.expect("arrow-rs streams have get_last_error");
-        get_last_error(&mut private.inner)
+        let private = &*((*stream).private_data as *const ScanPrivate);
+        let Ok(mut inner) = private.inner.try_lock() else {
+            return c"the stream is being read by another scan".as_ptr();
+        };
+        let get_last_error = inner.get_last_error.expect("arrow-rs streams have get_last_error");
+        get_last_error(&mut *inner)
     }
 }
 

@@ -186,7 +186,7 @@ mod tests {
 
     use super::*;
     use crate::budget::MemoryBudget;
-    use crate::load::{IfExists, LoaderOptions, QueryLimits};
+    use crate::load::{IfExists, LoaderOptions, QueryLimits, Upload, decoded_size};
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
         let options = LoaderOptions {
@@ -219,10 +219,16 @@ mod tests {
         let uploads = requests.iter().map(|values| async {
             let batch = ids(values);
             let mut upload = loader.upload(target.clone(), batch.schema()).unwrap();
-            upload.send(batch).await?;
+            send(loader, &mut upload, batch).await?;
             upload.commit().await
         });
         futures::future::join_all(uploads).await
+    }
+
+    /// Sends a batch with its budget reservation, as the transports do.
+    async fn send(loader: &Loader, upload: &mut Upload, batch: RecordBatch) -> Result<u64, IngestError> {
+        let reservation = loader.budget().reserve_batch(decoded_size(&batch)).await?;
+        upload.send(batch, reservation).await
     }
 
     fn table(loader: &Loader) -> Vec<i64> {
@@ -283,8 +289,8 @@ mod tests {
         let target = Target { chunk_size: 3, ..target() };
         let batch = ids(&[1, 2]);
         let mut upload = loader.upload(target, batch.schema()).unwrap();
-        upload.send(batch).await.unwrap();
-        upload.send(ids(&[3, 4])).await.unwrap();
+        send(&loader, &mut upload, batch).await.unwrap();
+        send(&loader, &mut upload, ids(&[3, 4])).await.unwrap();
         let committed = upload.commit().await.unwrap();
         assert_eq!((committed.rows, committed.grouped), (4, false));
         assert_eq!(table(&loader), [1, 2, 3, 4]);

@@ -126,6 +126,10 @@ impl Loader {
         }
         let catalog: String = admin.query_row("SELECT current_database()", [], |row| row.get(0))?;
         admin.execute_batch(&format!("ATTACH IF NOT EXISTS ':memory:' AS {}", sql::ident(SCRATCH)))?;
+        // From here on no connection may touch a file beyond the database's own (its WAL, its temporary
+        // directory) nor change a setting: client queries cannot read the server's files, attach other
+        // databases, load extensions or switch this back on.
+        admin.execute_batch("SET enable_external_access = false; SET lock_configuration = true")?;
         Ok(Self {
             shared: Arc::new(Shared {
                 admin: Mutex::new(admin),
@@ -186,7 +190,7 @@ impl Loader {
                 Err(join) => IngestError::Database(format!("load task failed: {join}")),
             });
         }
-        Ok(LoadSession { feed, handle, chunk_size, budget: self.shared.budget.clone() })
+        Ok(LoadSession { feed, handle, chunk_size })
     }
 
     /// The `memory_limit` set on DuckDB, if Arrowport set one.
@@ -367,12 +371,13 @@ pub struct LoadSession {
     feed: mpsc::Sender<Feed>,
     handle: JoinHandle<Result<Committed, IngestError>>,
     chunk_size: usize,
-    budget: MemoryBudget,
 }
 
 impl LoadSession {
-    /// Queues `batch` (sliced to the chunk size), waiting while DuckDB catches up. Returns its decoded size.
-    pub async fn send(&mut self, batch: RecordBatch) -> Result<u64, IngestError> {
+    /// Queues `batch` (sliced to the chunk size), waiting while DuckDB catches up. `reservation` covers
+    /// the whole batch; each slice takes its share along, so the budget gets it back as DuckDB reads it.
+    /// Returns the batch's decoded size.
+    pub async fn send(&mut self, batch: RecordBatch, mut reservation: Reservation) -> Result<u64, IngestError> {
         let mut queued = 0;
         let mut offset = 0;
         while offset < batch.num_rows() {
@@ -380,8 +385,8 @@ impl LoadSession {
             let piece = batch.slice(offset, len);
             offset += len;
             let size = decoded_size(&piece);
-            let reservation = self.budget.reserve(size).await.ok_or(IngestError::Overloaded)?;
-            self.feed(piece, Some(reservation)).await?;
+            let share = if offset < batch.num_rows() { reservation.split(size) } else { reservation.split(u64::MAX) };
+            self.feed(piece, Some(share)).await?;
             queued += size;
         }
         Ok(queued)

@@ -1,10 +1,12 @@
 //! Reading back: Flight SQL queries and whole-table reads, on their own connections and slots.
 //!
-//! Clients' SQL must be one statement that only reads (checked on the prepared statement's type), and
-//! runs in a `READ ONLY` transaction that is always rolled back. Queries take their own slots, never
+//! Clients' SQL must be one statement that only reads (checked on the prepared statement's type) the
+//! stream tables (checked on DuckDB's own parse of it, see [`check_references`]), and runs in a
+//! `READ ONLY` transaction that is always rolled back. Queries take their own slots, never
 //! the loaders', and are interrupted after the timeout, so they cannot stall ingest for long. DuckDB's
 //! MVCC lets them read while loads append.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -177,16 +179,22 @@ pub struct TableInfo {
 }
 
 impl Shared {
-    /// Refuses anything but one read-only statement.
+    /// Refuses anything but one read-only statement that reads the stream tables (see
+    /// [`check_references`]).
     fn check_read_only(&self, sql: &str) -> Result<(), IngestError> {
         let raw = self.db.raw_connection().map_err(IngestError::Database)?;
-        if raw.is_read_only(sql).map_err(IngestError::InvalidQuery)? {
-            Ok(())
-        } else {
-            Err(IngestError::InvalidQuery(
-                "only one read-only statement (SELECT, WITH, VALUES, DESCRIBE, SHOW, ...) may run here".to_owned(),
-            ))
+        if !raw.is_read_only(sql).map_err(IngestError::InvalidQuery)? {
+            return Err(IngestError::InvalidQuery(
+                "only one read-only statement (SELECT, WITH, VALUES, DESCRIBE, ...) may run here".to_owned(),
+            ));
         }
+        let conn = self.db.connect()?;
+        let tree: String = conn.query_row("SELECT json_serialize_sql(?::VARCHAR)", [sql], |row| row.get(0))?;
+        let tables: HashSet<String> = conn
+            .prepare("SELECT lower(table_name) FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main'")?
+            .query_map([&self.catalog], |row| row.get(0))?
+            .collect::<duckdb::Result<_>>()?;
+        check_references(&tree, &self.catalog, &tables)
     }
 
     fn run_query(
@@ -251,6 +259,85 @@ fn stream_rows(
         if done {
             return Ok(());
         }
+    }
+}
+
+/// Table functions a client query may call: they compute values and read nothing.
+const TABLE_FUNCTIONS: &[&str] = &["range", "generate_series", "unnest"];
+
+/// Checks a client's statement, as DuckDB's own parser serialised it (`json_serialize_sql`), against
+/// what a client may read: tables of the data catalog's `main` schema (or the query's own CTEs) and
+/// [`TABLE_FUNCTIONS`]. Nothing else is reachable: no other catalog (not the in-memory one where
+/// uploads' Arrow streams are scanned, see [`super::ffi`]), no system views or table functions that
+/// list the database or read files. DuckDB also refuses all file access for every connection
+/// (`enable_external_access = false`, locked, see [`Loader::open`](super::Loader::open)): this check is
+/// the one that keeps queries off other clients' uploads.
+fn check_references(tree: &str, catalog: &str, tables: &HashSet<String>) -> Result<(), IngestError> {
+    let refused = |message: String| Err(IngestError::InvalidQuery(message));
+    let tree: serde_json::Value =
+        serde_json::from_str(tree).map_err(|e| IngestError::Database(format!("json_serialize_sql: {e}")))?;
+    if tree["error"].as_bool() != Some(false) {
+        let message = tree["error_message"].as_str().unwrap_or("the statement cannot be checked");
+        return refused(message.to_owned());
+    }
+    let mut nodes = Vec::new();
+    collect_objects(&tree, &mut nodes);
+    let ctes: HashSet<String> = nodes
+        .iter()
+        .filter_map(|node| node.get("cte_map")?.get("map")?.as_array())
+        .flatten()
+        .filter_map(|entry| entry["key"].as_str().map(str::to_lowercase))
+        .collect();
+    let text = |node: &serde_json::Value, key: &str| node[key].as_str().unwrap_or_default().to_lowercase();
+    for node in nodes {
+        match node["type"].as_str() {
+            Some("BASE_TABLE") => {
+                let (db, schema, name) =
+                    (text(node, "catalog_name"), text(node, "schema_name"), text(node, "table_name"));
+                let is_cte = db.is_empty() && schema.is_empty() && ctes.contains(&name);
+                let is_table = in_data_catalog(&db, &schema, catalog) && tables.contains(&name);
+                if !is_cte && !is_table {
+                    let parts = [db.as_str(), schema.as_str(), name.as_str()];
+                    let full = parts.into_iter().filter(|p| !p.is_empty()).collect::<Vec<_>>().join(".");
+                    return refused(format!(
+                        "Table with name {full} does not exist among the stream tables (queries read only those)"
+                    ));
+                }
+            }
+            Some("TABLE_FUNCTION") => {
+                let function = &node["function"];
+                let name = text(function, "function_name");
+                let qualified = !text(function, "schema").is_empty() || !text(function, "catalog").is_empty();
+                if qualified || !TABLE_FUNCTIONS.contains(&name.as_str()) {
+                    return refused(format!(
+                        "table function {name}() is not available to queries (only {})",
+                        TABLE_FUNCTIONS.join(", ")
+                    ));
+                }
+            }
+            Some("SHOW_REF") if node["query"].is_null() => {
+                return refused("SHOW is not available to queries; DESCRIBE a table or query it".to_owned());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a reference's catalog and schema (lower case, empty where not written) are the data's.
+fn in_data_catalog(db: &str, schema: &str, catalog: &str) -> bool {
+    (db.is_empty() || db == catalog.to_lowercase()) && (schema.is_empty() || schema == "main")
+}
+
+/// Every JSON object in `value`, depth first.
+fn collect_objects<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            out.push(value);
+            map.values().for_each(|v| collect_objects(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_objects(v, out)),
+        _ => {}
     }
 }
 

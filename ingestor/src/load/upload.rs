@@ -48,8 +48,10 @@ impl Loader {
 }
 
 impl Upload {
-    /// Takes one batch, waiting while DuckDB catches up. Returns its decoded size.
-    pub async fn send(&mut self, batch: RecordBatch) -> Result<u64, IngestError> {
+    /// Takes one batch with the budget reservation that covers it (see
+    /// [`MemoryBudget::reserve_batch`](crate::budget::MemoryBudget::reserve_batch)), waiting while DuckDB
+    /// catches up. Returns its decoded size.
+    pub async fn send(&mut self, batch: RecordBatch, reservation: Reservation) -> Result<u64, IngestError> {
         let session = match &mut self.session {
             Some(session) => session,
             None => {
@@ -58,7 +60,6 @@ impl Upload {
                     && self.held_rows + batch.num_rows() < self.target.chunk_size
                     && self.held_bytes + size < SMALL_REQUEST_BYTES
                 {
-                    let reservation = self.loader.budget().reserve(size).await.ok_or(IngestError::Overloaded)?;
                     self.held_rows += batch.num_rows();
                     self.held_bytes += size;
                     self.held.push(batch);
@@ -72,7 +73,7 @@ impl Upload {
                 self.session.insert(session)
             }
         };
-        session.send(batch).await
+        session.send(batch, reservation).await
     }
 
     /// Waits until the next batch would go straight to DuckDB. A request that waits here before reading

@@ -17,6 +17,7 @@ use super::body::{ContentEncoding, decoded_bytes};
 use super::{AppState, InflightRequest};
 use crate::decode::{IpcDecoder, IpcFormat};
 use crate::error::IngestError;
+use crate::ipc::{Checked, MessageDecoder, Payload};
 use crate::load::Upload;
 use crate::metrics::Protocol;
 
@@ -50,6 +51,13 @@ impl IntoResponse for IngestError {
         }
         response
     }
+}
+
+/// The answer to a request whose handler panicked: a JSON error like any other, and the server goes on.
+pub fn panicked() -> Response {
+    tracing::error!("A request handler panicked; answered 500. This is a bug: please report it.");
+    let body = Json(json!({"error": {"code": "internal", "message": "internal error (the server logged it)"}}));
+    (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONNECTION, "close")], body).into_response()
 }
 
 pub async fn ingest(
@@ -104,24 +112,36 @@ async fn ingest_body(
 
     let mut bytes = decoded_bytes(body, encoding, limit, wire_bytes.clone());
     let mut decoder = IpcDecoder::new(format, state.limits.max_message_bytes.0);
+    let mut messages = MessageDecoder::new(state.loader.budget().capacity());
     let mut upload: Option<Upload> = None;
-    let mut batches = Vec::new();
     let mut bytes_decoded = 0;
     loop {
         // Read on only once DuckDB can take the next batch: a slow table holds back the client, not memory.
         if let Some(upload) = &upload {
             upload.ready().await;
         }
-        let Some(chunk) = bytes.next().await else { break };
-        decoder.push(chunk?, &mut batches)?;
-        if upload.is_none()
-            && let Some(schema) = decoder.schema()
-        {
-            upload = Some(state.loader.upload(route.target(), schema)?);
-        }
-        if let Some(upload) = upload.as_mut() {
-            for batch in batches.drain(..) {
-                bytes_decoded += upload.send(batch).await?;
+        let Some(chunk) = state.next_from_client(bytes.next()).await? else { break };
+        decoder.push(chunk?);
+        while let Some(message) = decoder.next_message()? {
+            match messages.check(&message)? {
+                Checked::Schema if messages.schema().is_some() => {
+                    return Err(IngestError::InvalidIpc("a second schema message in one stream".into()));
+                }
+                Checked::Batch { decoded_bytes: size } => {
+                    let Some(upload) = upload.as_mut() else {
+                        return Err(IngestError::InvalidIpc("a record batch came before the schema".into()));
+                    };
+                    // Room in the budget first, then decoding: a batch never exists outside the budget.
+                    let reservation = state.loader.budget().reserve_batch(size).await?;
+                    if let Payload::Batch(batch) = messages.decode(&message)? {
+                        bytes_decoded += upload.send(batch, reservation).await?;
+                    }
+                }
+                _ => {
+                    if let Payload::Schema(schema) = messages.decode(&message)? {
+                        upload = Some(state.loader.upload(route.target(), schema)?);
+                    }
+                }
             }
         }
     }

@@ -8,11 +8,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Largest HTTP/2 frame we accept (the protocol's range is 16 KiB to 16 MiB). h2 reads each frame into a
 /// buffer of about its size; below the allocator's mapping threshold those buffers are recycled arena
@@ -25,10 +26,31 @@ const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// …and on one connection, across its streams.
 const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
-/// Serves `app` on `listener` until `stop` completes, then waits for open connections to finish their
-/// requests (each is told to close once idle).
-pub async fn serve(listener: TcpListener, app: Router, stop: impl Future<Output = ()>) {
+/// After the shutdown deadline, how long uploads have to answer once told to stop.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// The accept loop's time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For a request's HTTP/1.1 headers to arrive.
+    pub header: Duration,
+    /// For open connections to finish their requests after `stop`.
+    pub shutdown: Duration,
+}
+
+/// Serves `app` on `listener` until `stop` completes, then waits up to the shutdown timeout for open
+/// connections to finish their requests (each is told to close once idle). Past it, `abort` is
+/// cancelled: uploads roll back and answer `shutting_down`, and connections get a few more seconds to
+/// carry those answers; a client that still keeps its connection open is left to the process's exit.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    stop: impl Future<Output = ()>,
+    timeouts: Timeouts,
+    abort: CancellationToken,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header);
     builder
         .http2()
         .max_frame_size(MAX_FRAME_BYTES)
@@ -62,5 +84,16 @@ pub async fn serve(listener: TcpListener, app: Router, stop: impl Future<Output 
         });
     }
     drop(listener);
-    connections.shutdown().await;
+    let finished = connections.shutdown();
+    tokio::pin!(finished);
+    if tokio::time::timeout(timeouts.shutdown, &mut finished).await.is_err() {
+        tracing::warn!(
+            seconds = timeouts.shutdown.as_secs(),
+            "Shutdown timeout passed: rolling back the uploads still open (answered shutting_down)."
+        );
+        abort.cancel();
+        if tokio::time::timeout(ABORT_GRACE, finished).await.is_err() {
+            tracing::warn!("Some connections are still open; exiting without them.");
+        }
+    }
 }

@@ -16,6 +16,8 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::IngestError;
 use crate::load::Loader;
@@ -35,6 +37,8 @@ pub struct AppState {
     pub metrics: Metrics,
     stats: Mutex<BTreeMap<String, StreamStats>>,
     shutting_down: AtomicBool,
+    /// Cancelled when the shutdown deadline passes: uploads still open roll back and answer at once.
+    aborting: CancellationToken,
 }
 
 impl AppState {
@@ -53,6 +57,7 @@ impl AppState {
             metrics,
             stats: Mutex::new(BTreeMap::new()),
             shutting_down: AtomicBool::new(false),
+            aborting: CancellationToken::new(),
         }
     }
 
@@ -147,6 +152,29 @@ impl AppState {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
+    /// Completes when the shutdown deadline has passed: an upload waiting for data stops, rolls back and
+    /// answers `shutting_down`.
+    pub async fn aborted(&self) {
+        self.aborting.cancelled().await
+    }
+
+    /// How long an upload may wait for the client's next bytes or message.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_seconds)
+    }
+
+    /// Waits for the client's next piece of an upload: `None` at its end; an error when it stays silent
+    /// past the idle timeout, or when the shutdown deadline passes first.
+    pub async fn next_from_client<T>(&self, next: impl Future<Output = Option<T>>) -> Result<Option<T>, IngestError> {
+        let timeout = self.idle_timeout();
+        tokio::select! {
+            next = tokio::time::timeout(timeout, next) => {
+                next.map_err(|_| IngestError::IdleTimeout { seconds: timeout.as_secs() })
+            }
+            () = self.aborted() => Err(IngestError::ShuttingDown),
+        }
+    }
+
     /// Runs `CHECKPOINT` (folding the WAL into the database file) and counts it. A checkpoint DuckDB
     /// cannot take now (other writes in progress) fails harmlessly and is tried again next time.
     pub async fn checkpoint(&self) -> Result<(), IngestError> {
@@ -213,6 +241,7 @@ impl Drop for InflightRequest<'_> {
 
 /// All HTTP routes.
 pub fn router(state: Arc<AppState>) -> Router {
+    let panics = state.clone();
     Router::new()
         .route("/ingest/{stream}", post(http::ingest))
         .route("/healthz", get(http::healthz))
@@ -221,6 +250,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/streams", get(streams::list))
         // Bodies are streamed and limited by `limits.max_body_bytes` in the handler, not buffered.
         .layer(DefaultBodyLimit::disable())
+        .layer(CatchPanicLayer::custom(move |_| {
+            panics.metrics.panics.inc();
+            http::panicked()
+        }))
         .with_state(state)
 }
 
@@ -251,11 +284,16 @@ pub async fn serve(
         seconds => Some(tokio::spawn(checkpoint_periodically(state.clone(), Duration::from_secs(seconds)))),
     };
     let flight = crate::flight::router(state.clone());
+    let timeouts = listen::Timeouts {
+        header: Duration::from_secs(state.limits.header_timeout_seconds),
+        shutdown: Duration::from_secs(state.limits.shutdown_timeout_seconds),
+    };
+    let abort = state.aborting.clone();
     match flight_listener {
-        None => listen::serve(listener, router(state.clone()).merge(flight), until_stopped()).await,
+        None => listen::serve(listener, router(state.clone()).merge(flight), until_stopped(), timeouts, abort).await,
         Some(flight_listener) => {
-            let http = listen::serve(listener, router(state.clone()), until_stopped());
-            let flight = listen::serve(flight_listener, flight, until_stopped());
+            let http = listen::serve(listener, router(state.clone()), until_stopped(), timeouts, abort.clone());
+            let flight = listen::serve(flight_listener, flight, until_stopped(), timeouts, abort);
             tokio::join!(http, flight);
         }
     }

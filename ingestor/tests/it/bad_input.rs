@@ -143,13 +143,33 @@ async fn hostile_and_unknown_stream_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_memory_budget_is_503_with_retry_after() {
-    let mut config = Config::default();
-    config.limits.memory_budget_bytes = ByteSize(16 * 1024);
-    let server = TestServer::with_config(config).await;
+    let server = TestServer::start().await;
+    // Other requests hold the whole budget: this one may retry later.
+    let budget = server.state.loader.budget();
+    let held = budget.try_reserve(budget.capacity()).unwrap();
     let response = server.ingest("budget", ipc_stream(&[batch(0, 5000)], None)).await;
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(error_code(response).await, (503, "overloaded".to_owned()));
     assert_eq!(server.count("budget").unwrap_or(0), 0);
+    drop(held);
+    server.ingest_ok("budget", ipc_stream(&[batch(0, 10)], None)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_whole_budget_is_413_not_503() {
+    let mut config = Config::default();
+    config.limits.memory_budget_bytes = ByteSize(16 * 1024);
+    let server = TestServer::with_config(config).await;
+    for _ in 0..2 {
+        let response = server.ingest("budget", ipc_stream(&[batch(0, 5000)], None)).await;
+        assert!(response.headers().get("retry-after").is_none(), "retrying cannot help");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "batch_too_large");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("16384") && message.contains("memory_budget_bytes"), "{message}");
+    }
+    assert_eq!(server.count("budget"), None);
     server.ingest_ok("budget", ipc_stream(&[batch(0, 10)], None)).await;
     server.stop().await;
 }

@@ -298,12 +298,27 @@ async fn unknown_streams_are_not_found_when_auto_create_is_off() {
 
 #[tokio::test]
 async fn an_exhausted_memory_budget_is_resource_exhausted() {
+    let server = TestServer::start().await;
+    let budget = server.state.loader.budget();
+    let held = budget.try_reserve(budget.capacity()).unwrap();
+    let status = put(&server, put_messages("events", &[batch(0, 1000)])).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert_eq!(server.count("events"), None);
+    drop(held);
+    put(&server, put_messages("events", &[batch(0, 1000)])).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_the_whole_budget_is_invalid_argument() {
     let mut config = Config::default();
     config.limits.memory_budget_bytes = arrowport_config::ByteSize(1024);
     let server = TestServer::with_config(config).await;
     let status = put(&server, put_messages("events", &[batch(0, 1000)])).await.unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert_eq!(status.metadata().get("x-arrowport-code").unwrap(), "batch_too_large");
     assert_eq!(server.count("events"), None);
+    put(&server, put_messages("events", &[batch(0, 10)])).await.unwrap();
     server.stop().await;
 }
 

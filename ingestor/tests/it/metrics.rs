@@ -63,7 +63,10 @@ async fn the_readme_specifies_every_metric_exposed() {
         holder.release().await
     };
     tokio::join!(futures::future::join_all(small), release);
-    assert_eq!(server.ingest("spec", ipc_stream(&[batch(0, 100_000)], None)).await.status(), 503);
+    let budget = server.state.loader.budget();
+    let held = budget.try_reserve(budget.capacity()).unwrap();
+    assert_eq!(server.ingest("spec", ipc_stream(&[batch(0, 10)], None)).await.status(), 503);
+    drop(held);
     let mismatch = ipc_stream(
         &[RecordBatch::try_from_iter([("id", std::sync::Arc::new(Int32Array::from(vec![1])) as _)]).unwrap()],
         None,
@@ -156,9 +159,9 @@ async fn metrics_after_known_traffic_are_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_counted() {
-    let mut config = Config::default();
-    config.limits.memory_budget_bytes = arrowport_config::ByteSize(1024);
-    let server = TestServer::with_config(config).await;
+    let server = TestServer::start().await;
+    let budget = server.state.loader.budget();
+    let _held = budget.try_reserve(budget.capacity()).unwrap();
     let response = server.ingest("big", ipc_stream(&[batch(0, 1000)], None)).await;
     assert_eq!(response.status(), 503);
     let status = put(&server, put_messages("big", &[batch(0, 1000)])).await.unwrap_err();
