@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::support::{SlotHolder, TestServer, batch, ipc_stream, metric, one_load_slot, schema};
 
-async fn channel(server: &TestServer) -> Channel {
+pub async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap()
 }
 
@@ -382,7 +382,7 @@ async fn sql_ingest(
     })
 }
 
-async fn sql_query(sql: &mut FlightSqlServiceClient<Channel>, query: &str) -> Result<RecordBatch, String> {
+pub async fn sql_query(sql: &mut FlightSqlServiceClient<Channel>, query: &str) -> Result<RecordBatch, String> {
     let info = sql.execute(query.to_owned(), None).await.map_err(|e| e.to_string())?;
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let batches: Vec<RecordBatch> =

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod flight;
+mod hostile;
 mod ingest;
 mod metrics;
 mod process;

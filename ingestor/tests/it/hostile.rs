@@ -1,0 +1,310 @@
+//! What an attacker (or a broken producer) sends: every case gets a clear refusal, writes nothing, and a
+//! legitimate request right after it succeeds.
+
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow_flight::FlightData;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_ipc::CompressionType;
+use arrowport_config::Config;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tonic::Code;
+
+use crate::flight::{channel, put, put_messages, sql_query};
+use crate::support::*;
+
+/// Where a record batch message's header and body lie in an IPC stream: the first message after the
+/// schema.
+fn batch_message(stream: &[u8]) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    let mut at = 0;
+    loop {
+        assert_eq!(stream[at..at + 4], [0xFF; 4], "continuation marker");
+        let len = i32::from_le_bytes(stream[at + 4..at + 8].try_into().unwrap()) as usize;
+        let header = at + 8..at + 8 + len;
+        let message = arrow_ipc::root_as_message(&stream[header.clone()]).unwrap();
+        let body = header.end..header.end + message.bodyLength() as usize;
+        if message.header_type() == arrow_ipc::MessageHeader::RecordBatch {
+            return (header, body);
+        }
+        at = body.end;
+    }
+}
+
+/// The `(offset, length)` of every buffer a batch message's header lists, and where in the header
+/// each buffer's 16-byte entry lies.
+fn buffers(header: &[u8]) -> Vec<(usize, usize, usize)> {
+    let message = arrow_ipc::root_as_message(header).unwrap();
+    let buffers = message.header_as_record_batch().unwrap().buffers().unwrap();
+    let entries = buffers.bytes().as_ptr() as usize - header.as_ptr() as usize;
+    buffers.iter().enumerate().map(|(i, b)| (entries + 16 * i, b.offset() as usize, b.length() as usize)).collect()
+}
+
+/// A zstd-compressed stream whose first non-empty buffer claims to decompress to 1 TiB: about 500 bytes
+/// that arrow-ipc alone would answer with a 1 TiB allocation and an abort.
+fn compression_bomb() -> Vec<u8> {
+    let mut stream = ipc_stream(&[batch(0, 10)], Some(CompressionType::ZSTD));
+    let (header, body) = batch_message(&stream);
+    let (_, offset, _) = buffers(&stream[header]).into_iter().find(|(_, _, length)| *length >= 8).unwrap();
+    let prefix = body.start + offset;
+    stream[prefix..prefix + 8].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_bomb_is_refused_over_http_and_flight() {
+    let server = TestServer::start().await;
+    let bomb = compression_bomb();
+    assert!(bomb.len() < 1000, "{} bytes", bomb.len());
+    let response = server.ingest_with("bomb", bomb, &[("content-type", STREAM_TYPE)]).await;
+    let (status, code) = error_code(response).await;
+    assert_eq!((status, code.as_str()), (413, "batch_too_large"));
+
+    // The same buffer over Flight: the batch message's body, patched the same way.
+    let mut messages = flight_messages("bomb", CompressionType::ZSTD);
+    let last = messages.last_mut().unwrap();
+    let (_, offset, _) = buffers(&last.data_header).into_iter().find(|(_, _, length)| *length >= 8).unwrap();
+    let mut body = last.data_body.to_vec();
+    body[offset..offset + 8].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    last.data_body = body.into();
+    let status = put(&server, messages).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert_eq!(status.metadata().get("x-arrowport-code").unwrap(), "batch_too_large");
+
+    assert_eq!(server.count("bomb"), None, "nothing was written");
+    server.ingest_ok("bomb", ipc_stream(&[batch(0, 10)], Some(CompressionType::ZSTD))).await;
+    put(&server, flight_messages("bomb", CompressionType::ZSTD)).await.unwrap();
+    assert_eq!(server.count("bomb"), Some(20));
+    server.stop().await;
+}
+
+/// A DoPut of ten compressed rows for `stream`.
+fn flight_messages(stream: &str, compression: CompressionType) -> Vec<FlightData> {
+    let options = arrow_ipc::writer::IpcWriteOptions::default().try_with_compression(Some(compression)).unwrap();
+    let encoder = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_options(options)
+        .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![stream.to_owned()])))
+        .build(futures::stream::iter([Ok(batch(0, 10))]));
+    futures::executor::block_on(encoder.try_collect()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_outside_the_body_is_400_not_a_panic() {
+    let server = TestServer::start().await;
+    let mut stream = ipc_stream(&[batch(0, 100)], None);
+    let (header, _) = batch_message(&stream);
+    let (entry, _, _) = buffers(&stream[header.clone()])[1];
+    // The buffer's length (the entry's second i64), patched to 1 GiB.
+    let length = header.start + entry + 8;
+    stream[length..length + 8].copy_from_slice(&(1i64 << 30).to_le_bytes());
+    let response = server.ingest_with("outside", stream, &[("content-type", STREAM_TYPE)]).await;
+    let (status, code) = error_code(response).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_ipc"));
+    assert_eq!(server.count("outside"), None);
+    assert!(server.metrics().await.contains("arrowport_panics_total 0"), "no handler panicked");
+    server.ingest_ok("outside", ipc_stream(&[batch(0, 100)], None)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_408_after_the_idle_timeout() {
+    let mut config = Config::default();
+    config.limits.idle_timeout_seconds = 1;
+    let server = TestServer::with_config(config).await;
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!(
+        "POST /ingest/stalled HTTP/1.1\r\nHost: {address}\r\nContent-Type: {STREAM_TYPE}\r\n\
+         Content-Length: 100000\r\n\r\nabc"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(20), socket.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"idle_timeout""#), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(server.count("stalled"), None);
+    server.ingest_ok("stalled", ipc_stream(&[batch(0, 10)], None)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_do_put_is_deadline_exceeded_after_the_idle_timeout() {
+    let mut config = Config::default();
+    config.limits.idle_timeout_seconds = 1;
+    let server = TestServer::with_config(config).await;
+    let (tx, rx) = mpsc::channel(4);
+    let messages = put_messages("stalled", &[batch(0, 10)]);
+    for message in messages {
+        tx.send(message).await.unwrap();
+    }
+    // The sender stays open: the call stalls after its batch.
+    let mut client = arrow_flight::FlightClient::new(channel(&server).await);
+    let started = Instant::now();
+    let stream = futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|m| (Ok(m), rx)) });
+    let outcome = match client.do_put(stream).await {
+        Ok(replies) => replies.try_collect::<Vec<_>>().await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    let Err(arrow_flight::error::FlightError::Tonic(status)) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(tx);
+    assert_eq!(server.count("stalled"), None, "the stalled call's batch was rolled back");
+    put(&server, put_messages("stalled", &[batch(0, 10)])).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_rolls_back_a_stalled_upload_at_its_deadline() {
+    let mut config = Config::default();
+    config.limits.shutdown_timeout_seconds = 1;
+    let server = TestServer::with_config(config).await;
+    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let stream = ipc_stream(&[batch(0, 10)], None);
+    tx.send(Ok(stream[..stream.len() - 8].to_vec())).await.unwrap();
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|piece| (piece, rx))
+    }));
+    let upload = spawn_upload(&server, "stalled", body);
+    wait_until("the upload is in flight", Duration::from_secs(10), || async {
+        metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
+    })
+    .await;
+    let state = server.state.clone();
+    let started = Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    let (status, code) = error_code(upload.await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (503, "shutting_down"));
+    drop(tx);
+    let rows = state.loader.with_connection(|c| {
+        c.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'stalled'", [], |r| r.get::<_, i64>(0))
+    });
+    assert_eq!(rows.unwrap(), 0, "nothing of the upload was written");
+}
+
+/// Starts an upload whose body arrives as the test sends it.
+fn spawn_upload(server: &TestServer, stream: &str, body: reqwest::Body) -> tokio::task::JoinHandle<reqwest::Response> {
+    let request = server.client.post(format!("{}/ingest/{stream}", server.url)).header("content-type", STREAM_TYPE);
+    tokio::spawn(async move { request.body(body).send().await.unwrap() })
+}
+
+/// Statements that would read the server's files, list or reach what is not a stream table.
+const FORBIDDEN: &[&str] = &[
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM read_csv('/etc/passwd', header = false)",
+    "SELECT * FROM glob('/*')",
+    "SELECT * FROM '/etc/passwd'",
+    "SELECT * FROM duckdb_views()",
+    "SELECT * FROM duckdb_views",
+    "SELECT * FROM duckdb_databases()",
+    "SELECT * FROM information_schema.tables",
+    "SELECT * FROM arrowport_scratch.main.ingest_0",
+    "SELECT (SELECT count(*) FROM arrowport_scratch.main.ingest_0) AS n",
+    "WITH v AS (SELECT * FROM arrowport_scratch.main.ingest_0) SELECT * FROM v",
+    "SHOW ALL TABLES",
+    "SELECT * FROM query_table('events')",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flight_sql_reads_no_files_and_no_other_catalog() {
+    let server = TestServer::start().await;
+    server.ingest_ok("events", ipc_stream(&[batch(0, 100)], None)).await;
+    let mut sql = FlightSqlServiceClient::new(channel(&server).await);
+    for statement in FORBIDDEN {
+        let error = sql_query(&mut sql, statement).await.unwrap_err();
+        assert!(error.contains("InvalidArgument") || error.contains("invalid argument"), "{statement}: {error}");
+        assert!(!error.contains("root:"), "{statement} leaked a file: {error}");
+    }
+    // What a client may do still works: tables, CTEs, computed rows, DESCRIBE.
+    for (statement, rows) in [
+        ("SELECT count(*) FROM events", 1),
+        ("WITH e AS (SELECT id FROM main.events WHERE id < 10) SELECT * FROM e", 10),
+        ("SELECT * FROM range(3)", 3),
+        ("DESCRIBE events", 3),
+    ] {
+        assert_eq!(sql_query(&mut sql, statement).await.unwrap().num_rows(), rows, "{statement}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_upload_cannot_be_listed_or_scanned_and_commits_exactly_its_rows() {
+    let server = TestServer::start().await;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    // A chunk of rows or more streams into DuckDB at once: the upload's scan view exists from here.
+    let first = batch(0, 150_000);
+    let second = batch(150_000, 1000);
+    let stream = ipc_stream(&[first, second], None);
+    let (_, first_body) = batch_message(&stream);
+    let split = first_body.end;
+    tx.send(Ok(Bytes::copy_from_slice(&stream[..split]))).await.unwrap();
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|piece| (piece, rx))
+    }));
+    let upload = spawn_upload(&server, "live", body);
+    let views = || {
+        server.state.loader.with_connection(|c| {
+            c.query_row(
+                "SELECT string_agg(database_name || '.' || schema_name || '.' || view_name, ',') FROM duckdb_views() \
+                 WHERE NOT internal",
+                [],
+                |r| r.get::<_, Option<String>>(0),
+            )
+        })
+    };
+    let mut view = None;
+    wait_until("the upload's scan view exists", Duration::from_secs(20), || {
+        view = views().unwrap();
+        std::future::ready(view.is_some())
+    })
+    .await;
+    let view = view.unwrap();
+    assert!(view.starts_with("arrowport_scratch.main.ingest_"), "{view}");
+
+    let mut sql = FlightSqlServiceClient::new(channel(&server).await);
+    for statement in [
+        "SELECT view_name FROM duckdb_views()".to_owned(),
+        "SELECT * FROM information_schema.views".to_owned(),
+        format!("SELECT count(*) FROM {view}"),
+        format!("SELECT * FROM {view} LIMIT 1"),
+    ] {
+        let error = sql_query(&mut sql, &statement).await.unwrap_err();
+        assert!(error.contains("InvalidArgument") || error.contains("invalid argument"), "{statement}: {error}");
+    }
+
+    tx.send(Ok(Bytes::copy_from_slice(&stream[split..]))).await.unwrap();
+    drop(tx);
+    let response = upload.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let report: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(report["rows"], 151_000);
+    assert_eq!(server.count("live"), Some(151_000));
+    let ids: i64 = server.scalar("SELECT sum(id)::BIGINT FROM live");
+    assert_eq!(ids, (0..151_000).sum::<i64>(), "exactly its rows, none stolen or doubled");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_budget_is_never_retryable() {
+    let mut config = Config::default();
+    config.limits.memory_budget_bytes = arrowport_config::ByteSize::mib(1);
+    let server = TestServer::with_config(config).await;
+    // 100,000 rows of 16 int64 columns: 12.8 MB, more than the whole 1 MiB budget.
+    let columns: Vec<(String, arrow::array::ArrayRef)> = (0..16)
+        .map(|i| (format!("c{i}"), std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..100_000)) as _))
+        .collect();
+    let wide = RecordBatch::try_from_iter(columns).unwrap();
+    for _ in 0..3 {
+        let (status, code) = error_code(server.ingest("wide", ipc_stream(&[wide.clone()], None)).await).await;
+        assert_eq!((status, code.as_str()), (413, "batch_too_large"));
+    }
+    assert_eq!(server.count("wide"), None);
+    server.ingest_ok("wide", ipc_stream(&[wide.slice(0, 1000)], None)).await;
+    server.stop().await;
+}
