@@ -301,7 +301,8 @@ async fn a_batch_larger_than_the_budget_is_never_retryable() {
         .collect();
     let wide = RecordBatch::try_from_iter(columns).unwrap();
     for _ in 0..3 {
-        let (status, code) = error_code(server.ingest("wide", ipc_stream(&[wide.clone()], None)).await).await;
+        let (status, code) =
+            error_code(server.ingest("wide", ipc_stream(std::slice::from_ref(&wide), None)).await).await;
         assert_eq!((status, code.as_str()), (413, "batch_too_large"));
     }
     assert_eq!(server.count("wide"), None);
