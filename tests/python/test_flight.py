@@ -1,10 +1,13 @@
 """Arrow Flight (PyArrow) and Flight SQL (ADBC) clients against the real server, incl. the README's examples."""
 
+import http.client
 import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.request
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import adbc_driver_manager
@@ -292,16 +295,17 @@ def test_unknown_stream_is_not_found_when_auto_create_is_off(start_server):
     assert read_duckdb(server, "SELECT table_name FROM duckdb_tables()").column(0).to_pylist() == ["known"]
 
 
-def test_memory_budget_is_resource_exhausted_and_rolls_back(start_server):
+def test_a_batch_larger_than_the_memory_budget_is_refused_and_rolls_back(start_server):
     server = start_server("limits:\n  memory_budget_bytes: 64KiB\nstreams:\n  events:\n    flush: {rows: 100}\n")
     trailers = Trailers()
     flight = client(server, trailers)
     small = (rows(0, 100), metadata(1))
     too_big = (rows(100, 20_000), metadata(2))
     tail = (rows(20_100, 10), metadata(3))
-    with pytest.raises(pa.ArrowInvalid, match="resource exhausted.*memory budget is exhausted"):
+    # Retrying cannot help (unlike a budget that is busy: RESOURCE_EXHAUSTED, overloaded).
+    with pytest.raises(pa.ArrowInvalid, match="invalid argument.*more than the whole memory budget of 65536 bytes"):
         do_put(flight, "events", [small, too_big, tail])
-    assert trailers.codes() == ["overloaded"]
+    assert trailers.codes() == ["batch_too_large"]
     # The first 100 rows were committed (and acknowledged) before the oversized batch.
     assert sorted_table(do_get(flight, "events")).equals(pa.Table.from_batches([rows(0, 100)]))
     assert do_put(flight, "events", [tail])[0]["rows_total"] == 10
@@ -448,6 +452,88 @@ def test_adbc_writes_through_execute_are_refused(server, sql):
         tables = query(conn, "SELECT table_name FROM duckdb_tables()").column(0).to_pylist()
         assert tables == ["people"]
     assert not (server.workdir / "people.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM read_csv('/etc/passwd', header = false)",
+        "SELECT * FROM glob('/*')",
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM duckdb_databases()",
+        "SELECT * FROM information_schema.views",
+    ],
+)
+def test_adbc_queries_cannot_read_the_servers_files_or_catalogs(server, sql):
+    with connect(server) as conn:
+        ingest(conn, "people", PEOPLE, "create")
+        with conn.cursor() as cursor:
+            with pytest.raises(adbc_driver_manager.ProgrammingError, match="INVALID_ARGUMENT") as error:
+                cursor.execute(sql)
+                cursor.fetchall()
+        assert (b"x-arrowport-code", b"invalid_query") in error.value.details
+        assert "root:" not in str(error.value)
+        assert query(conn, "SELECT * FROM people ORDER BY id").equals(PEOPLE)
+
+
+def test_adbc_queries_cannot_list_or_scan_a_live_upload(server):
+    """An HTTP upload held open in its data phase: no query lists its scan view or reads its rows."""
+    big = pa.record_batch({"id": list(range(150_000)), "name": ["x"] * 150_000}, schema=SCHEMA)
+    rest = rows(150_000, 1000)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, SCHEMA) as writer:
+        writer.write_batch(big)
+        head = sink.tell()
+        writer.write_batch(rest)
+    stream = sink.getvalue().to_pybytes()
+    release = threading.Event()
+
+    def body():
+        yield stream[:head]
+        release.wait(30)
+        yield stream[head:]
+
+    answer = {}
+
+    def upload():
+        connection = http.client.HTTPConnection(server.addr, timeout=60)
+        connection.request("POST", "/ingest/live", body=body(), encode_chunked=True,
+                           headers={"Content-Type": "application/vnd.apache.arrow.stream"})
+        response = connection.getresponse()
+        answer["status"], answer["body"] = response.status, json.loads(response.read())
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 20
+        while metric(server, "arrowport_inflight_bytes") <= 0:
+            assert time.monotonic() < deadline, "the upload never reached its data phase"
+            time.sleep(0.05)
+        attempts = ["SELECT view_name FROM duckdb_views()", "SELECT * FROM duckdb_views"]
+        attempts += [f"SELECT count(*) FROM arrowport_scratch.main.ingest_{n}" for n in range(4)]
+        with connect(server) as conn:
+            for sql in attempts:
+                with conn.cursor() as cursor, pytest.raises(adbc_driver_manager.ProgrammingError, match="INVALID_ARGUMENT"):
+                    cursor.execute(sql)
+                    cursor.fetchall()
+    finally:
+        release.set()
+        sender.join(60)
+    assert answer["status"] == 200, answer
+    assert answer["body"]["rows"] == 151_000
+    assert server.stop() == 0
+    with duckdb.connect(str(server.workdir / "arrowport.duckdb"), read_only=True) as db:
+        assert db.sql("SELECT count(*), sum(id) FROM live").fetchone() == (151_000, sum(range(151_000)))
+
+
+def metric(server, name):
+    """One unlabelled sample of `/metrics`."""
+    with urllib.request.urlopen(f"{server.url}/metrics") as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
 
 
 def test_adbc_query_timeout_is_deadline_exceeded(start_server):

@@ -262,8 +262,9 @@ fn stream_rows(
     }
 }
 
-/// Table functions a client query may call: they compute values and read nothing.
-const TABLE_FUNCTIONS: &[&str] = &["range", "generate_series", "unnest"];
+/// Table functions a client query may call: they compute values or list tables (never views, where
+/// uploads are scanned, nor databases or files).
+const TABLE_FUNCTIONS: &[&str] = &["range", "generate_series", "unnest", "duckdb_tables"];
 
 /// Checks a client's statement, as DuckDB's own parser serialised it (`json_serialize_sql`), against
 /// what a client may read: tables of the data catalog's `main` schema (or the query's own CTEs) and
