@@ -98,6 +98,10 @@ resourceName (StatefulSet, Service, config ConfigMap). Returns YAML: {"ingesters
 {{- if gt (len .resourceName) 52 }}
 {{- fail (printf "ingester resource name %q is longer than 52 characters (StatefulSet pod labels need room for a hash): use a shorter release or ingester name" .resourceName) }}
 {{- end }}
+{{- $shutdown := int (default 30 (dig "limits" "shutdown_timeout_seconds" 30 .config)) }}
+{{- if le (int .terminationGracePeriodSeconds) $shutdown }}
+{{- fail (printf "ingester %q: terminationGracePeriodSeconds (%d) must exceed config.limits.shutdown_timeout_seconds (%d), or Kubernetes kills the pod before it rolls back its open uploads and checkpoints" .ingesterName (int .terminationGracePeriodSeconds) $shutdown) }}
+{{- end }}
 {{- if gt (len (printf "%s-streams" .ingesterName)) 63 }}
 {{- fail (printf "ingester name %q is too long: %s-streams must fit in 63 characters" .ingesterName .ingesterName) }}
 {{- end }}
