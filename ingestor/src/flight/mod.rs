@@ -27,7 +27,6 @@ use futures::Stream;
 use prost::Message;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::IngestError;
 use crate::server::AppState;
@@ -51,14 +50,18 @@ pub fn router(state: Arc<AppState>) -> Router {
     let name = FlightServiceServer::<FlightFront>::NAME;
     // DoPut takes its own decoder (see `receive`); the generated server answers every other call.
     let do_put = post(move |request| receive::do_put(front.clone(), max_message, request));
-    Router::new().route(&format!("/{name}/DoPut"), do_put).route_service(&format!("/{name}/{{*rpc}}"), service).layer(
-        CatchPanicLayer::custom(move |_| {
-            panics.metrics.panics.inc();
-            tracing::error!("A Flight call panicked; answered INTERNAL. This is a bug: please report it.");
-            status(&IngestError::Database("internal error (the server logged it)".to_owned()))
-                .into_http::<axum::body::Body>()
-        }),
-    )
+    Router::new()
+        .route(&format!("/{name}/DoPut"), do_put)
+        .route_service(&format!("/{name}/{{*rpc}}"), service)
+        .layer(crate::server::catch_panics(&panics, panicked))
+}
+
+/// The answer to a call whose handler panicked: `INTERNAL`, and the server goes on.
+fn panicked() -> axum::response::Response {
+    tracing::error!("A Flight call panicked; answered INTERNAL. This is a bug: please report it.");
+    let mut status = Status::internal("internal error (the server logged it)");
+    status.metadata_mut().insert("x-arrowport-code", tonic::metadata::MetadataValue::from_static("internal"));
+    status.into_http()
 }
 
 /// The Flight service: stream operations here, Flight SQL commands in [`sql::SqlService`].

@@ -17,7 +17,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 
 use crate::error::IngestError;
 use crate::load::Loader;
@@ -25,7 +25,7 @@ use crate::metrics::{self, CheckpointLabels, Metrics, OutcomeLabels, Protocol, R
 use crate::routing::Routes;
 
 pub use body::ContentEncoding;
-pub use http::IngestReport;
+pub use http::{IngestReport, panicked};
 pub use streams::{StreamReport, StreamStats, StreamsReport};
 
 /// What every request handler shares.
@@ -241,7 +241,6 @@ impl Drop for InflightRequest<'_> {
 
 /// All HTTP routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    let panics = state.clone();
     Router::new()
         .route("/ingest/{stream}", post(http::ingest))
         .route("/healthz", get(http::healthz))
@@ -250,11 +249,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/streams", get(streams::list))
         // Bodies are streamed and limited by `limits.max_body_bytes` in the handler, not buffered.
         .layer(DefaultBodyLimit::disable())
-        .layer(CatchPanicLayer::custom(move |_| {
-            panics.metrics.panics.inc();
-            http::panicked()
-        }))
+        .layer(catch_panics(&state, http::panicked))
         .with_state(state)
+}
+
+/// A layer that answers a request whose handler panicked with `answer()` and counts it in
+/// `arrowport_panics_total`, instead of dropping the connection: the fix is to make the panic an error,
+/// this keeps one bug from costing the client its answer.
+pub fn catch_panics(
+    state: &Arc<AppState>,
+    answer: fn() -> axum::response::Response,
+) -> CatchPanicLayer<impl ResponseForPanic<ResponseBody = axum::body::Body> + use<>> {
+    let state = state.clone();
+    CatchPanicLayer::custom(move |_panic: Box<dyn std::any::Any + Send>| {
+        state.metrics.panics.inc();
+        answer()
+    })
 }
 
 /// Serves HTTP, and Arrow Flight on the same listener unless `flight_listener` is given, until

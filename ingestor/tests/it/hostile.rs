@@ -309,3 +309,79 @@ async fn a_batch_larger_than_the_budget_is_never_retryable() {
     server.ingest_ok("wide", ipc_stream(&[wide.slice(0, 1000)], None)).await;
     server.stop().await;
 }
+
+async fn boom() -> &'static str {
+    panic!("a bug")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_answers_500_json_and_the_server_keeps_serving() {
+    let server = TestServer::start().await;
+    // No real handler can be made to panic (that is the point); a route that does, behind the same layer.
+    let app = axum::Router::new()
+        .route("/boom", axum::routing::get(boom))
+        .route("/fine", axum::routing::get(|| async { "fine" }))
+        .layer(arrowport::server::catch_panics(&server.state, arrowport::server::panicked));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    for _ in 0..2 {
+        let (status, code) = error_code(server.client.get(format!("{url}/boom")).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (500, "internal"));
+    }
+    assert_eq!(server.client.get(format!("{url}/fine")).send().await.unwrap().text().await.unwrap(), "fine");
+    assert_eq!(metric(&server.metrics().await, "arrowport_panics_total "), Some(2.0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_do_put_buffer_outside_its_body_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut messages = put_messages("outside", &[batch(0, 100)]);
+    let last = messages.last_mut().unwrap();
+    let mut header = last.data_header.to_vec();
+    let (entry, _, _) = buffers(&header)[1];
+    header[entry + 8..entry + 16].copy_from_slice(&(1i64 << 30).to_le_bytes());
+    last.data_header = header.into();
+    let status = put(&server, messages).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert_eq!(status.metadata().get("x-arrowport-code").unwrap(), "invalid_ipc");
+    assert_eq!(server.count("outside"), None);
+    put(&server, put_messages("outside", &[batch(0, 100)])).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_rolls_back_a_stalled_do_put_at_its_deadline() {
+    let mut config = Config::default();
+    config.limits.shutdown_timeout_seconds = 1;
+    let server = TestServer::with_config(config).await;
+    let (tx, rx) = mpsc::channel(4);
+    for message in put_messages("stalled", &[batch(0, 10)]) {
+        tx.send(message).await.unwrap();
+    }
+    let mut client = arrow_flight::FlightClient::new(channel(&server).await);
+    let call = tokio::spawn(async move {
+        let stream = futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|m| (Ok(m), rx)) });
+        match client.do_put(stream).await {
+            Ok(replies) => replies.try_collect::<Vec<_>>().await.map(|_| ()),
+            Err(error) => Err(error),
+        }
+    });
+    wait_until("the DoPut is in flight", Duration::from_secs(10), || async {
+        metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
+    })
+    .await;
+    let state = server.state.clone();
+    let started = Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    let outcome = call.await.unwrap();
+    let Err(arrow_flight::error::FlightError::Tonic(status)) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+    drop(tx);
+    let tables = state.loader.with_connection(|c| {
+        c.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'stalled'", [], |r| r.get::<_, i64>(0))
+    });
+    assert_eq!(tables.unwrap(), 0, "nothing of the call was written");
+}
