@@ -132,25 +132,39 @@ async fn a_stalled_body_is_408_after_the_idle_timeout() {
     server.stop().await;
 }
 
+/// A DoPut that sends its schema and one batch for `stream`, then nothing while the returned sender
+/// lives; the task ends with the status the call failed with.
+async fn stalled_do_put(
+    server: &TestServer,
+    stream: &str,
+) -> (mpsc::Sender<FlightData>, tokio::task::JoinHandle<tonic::Status>) {
+    let (tx, rx) = mpsc::channel(4);
+    for message in put_messages(stream, &[batch(0, 10)]) {
+        tx.send(message).await.unwrap();
+    }
+    let mut client = arrow_flight::FlightClient::new(channel(server).await);
+    let call = tokio::spawn(async move {
+        let messages = futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|m| (Ok(m), rx)) });
+        let outcome = match client.do_put(messages).await {
+            Ok(replies) => replies.try_collect::<Vec<_>>().await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Err(arrow_flight::error::FlightError::Tonic(status)) => *status,
+            other => panic!("the call should fail with a status: {other:?}"),
+        }
+    });
+    (tx, call)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_do_put_is_deadline_exceeded_after_the_idle_timeout() {
     let mut config = Config::default();
     config.limits.idle_timeout_seconds = 1;
     let server = TestServer::with_config(config).await;
-    let (tx, rx) = mpsc::channel(4);
-    let messages = put_messages("stalled", &[batch(0, 10)]);
-    for message in messages {
-        tx.send(message).await.unwrap();
-    }
-    // The sender stays open: the call stalls after its batch.
-    let mut client = arrow_flight::FlightClient::new(channel(&server).await);
     let started = Instant::now();
-    let stream = futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|m| (Ok(m), rx)) });
-    let outcome = match client.do_put(stream).await {
-        Ok(replies) => replies.try_collect::<Vec<_>>().await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    let Err(arrow_flight::error::FlightError::Tonic(status)) = outcome else { panic!("{outcome:?}") };
+    let (tx, call) = stalled_do_put(&server, "stalled").await;
+    let status = call.await.unwrap();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(tx);
@@ -164,13 +178,9 @@ async fn shutdown_rolls_back_a_stalled_upload_at_its_deadline() {
     let mut config = Config::default();
     config.limits.shutdown_timeout_seconds = 1;
     let server = TestServer::with_config(config).await;
-    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     let stream = ipc_stream(&[batch(0, 10)], None);
-    tx.send(Ok(stream[..stream.len() - 8].to_vec())).await.unwrap();
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
-        rx.recv().await.map(|piece| (piece, rx))
-    }));
-    let upload = spawn_upload(&server, "stalled", body);
+    let (tx, upload) = spawn_upload(&server, "stalled");
+    tx.send(Ok(Bytes::copy_from_slice(&stream[..stream.len() - 8]))).await.unwrap();
     wait_until("the upload is in flight", Duration::from_secs(10), || async {
         metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
     })
@@ -188,10 +198,17 @@ async fn shutdown_rolls_back_a_stalled_upload_at_its_deadline() {
     assert_eq!(rows.unwrap(), 0, "nothing of the upload was written");
 }
 
-/// Starts an upload whose body arrives as the test sends it.
-fn spawn_upload(server: &TestServer, stream: &str, body: reqwest::Body) -> tokio::task::JoinHandle<reqwest::Response> {
+/// The pieces of a request body, sent as the test chooses; the body ends when the sender is dropped.
+type BodySender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Starts an upload to `stream` whose body arrives piece by piece through the returned sender.
+fn spawn_upload(server: &TestServer, stream: &str) -> (BodySender, tokio::task::JoinHandle<reqwest::Response>) {
+    let (tx, rx) = mpsc::channel(4);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|piece| (piece, rx))
+    }));
     let request = server.client.post(format!("{}/ingest/{stream}", server.url)).header("content-type", STREAM_TYPE);
-    tokio::spawn(async move { request.body(body).send().await.unwrap() })
+    (tx, tokio::spawn(async move { request.body(body).send().await.unwrap() }))
 }
 
 /// Statements that would read the server's files, list or reach what is not a stream table.
@@ -236,18 +253,12 @@ async fn flight_sql_reads_no_files_and_no_other_catalog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_upload_cannot_be_listed_or_scanned_and_commits_exactly_its_rows() {
     let server = TestServer::start().await;
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     // A chunk of rows or more streams into DuckDB at once: the upload's scan view exists from here.
-    let first = batch(0, 150_000);
-    let second = batch(150_000, 1000);
-    let stream = ipc_stream(&[first, second], None);
+    let stream = ipc_stream(&[batch(0, 150_000), batch(150_000, 1000)], None);
     let (_, first_body) = batch_message(&stream);
     let split = first_body.end;
+    let (tx, upload) = spawn_upload(&server, "live");
     tx.send(Ok(Bytes::copy_from_slice(&stream[..split]))).await.unwrap();
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
-        rx.recv().await.map(|piece| (piece, rx))
-    }));
-    let upload = spawn_upload(&server, "live", body);
     let views = || {
         server.state.loader.with_connection(|c| {
             c.query_row(
@@ -356,18 +367,7 @@ async fn shutdown_rolls_back_a_stalled_do_put_at_its_deadline() {
     let mut config = Config::default();
     config.limits.shutdown_timeout_seconds = 1;
     let server = TestServer::with_config(config).await;
-    let (tx, rx) = mpsc::channel(4);
-    for message in put_messages("stalled", &[batch(0, 10)]) {
-        tx.send(message).await.unwrap();
-    }
-    let mut client = arrow_flight::FlightClient::new(channel(&server).await);
-    let call = tokio::spawn(async move {
-        let stream = futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|m| (Ok(m), rx)) });
-        match client.do_put(stream).await {
-            Ok(replies) => replies.try_collect::<Vec<_>>().await.map(|_| ()),
-            Err(error) => Err(error),
-        }
-    });
+    let (tx, call) = stalled_do_put(&server, "stalled").await;
     wait_until("the DoPut is in flight", Duration::from_secs(10), || async {
         metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
     })
@@ -376,8 +376,7 @@ async fn shutdown_rolls_back_a_stalled_do_put_at_its_deadline() {
     let started = Instant::now();
     server.stop().await;
     assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
-    let outcome = call.await.unwrap();
-    let Err(arrow_flight::error::FlightError::Tonic(status)) = outcome else { panic!("{outcome:?}") };
+    let status = call.await.unwrap();
     assert_eq!(status.code(), Code::Unavailable, "{status}");
     drop(tx);
     let tables = state.loader.with_connection(|c| {
