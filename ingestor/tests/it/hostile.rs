@@ -173,6 +173,26 @@ async fn a_stalled_do_put_is_deadline_exceeded_after_the_idle_timeout() {
     server.stop().await;
 }
 
+/// Stops the server once one request is in flight; the stop must not wait past the shutdown deadline.
+async fn stop_with_one_request_open(server: TestServer) -> std::sync::Arc<arrowport::server::AppState> {
+    wait_until("the request is in flight", Duration::from_secs(10), || async {
+        metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
+    })
+    .await;
+    let state = server.state.clone();
+    let started = Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    state
+}
+
+fn has_table(state: &arrowport::server::AppState, table: &str) -> bool {
+    let count = state.loader.with_connection(|c| {
+        c.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table], |r| r.get::<_, i64>(0))
+    });
+    count.unwrap() > 0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_rolls_back_a_stalled_upload_at_its_deadline() {
     let mut config = Config::default();
@@ -181,21 +201,11 @@ async fn shutdown_rolls_back_a_stalled_upload_at_its_deadline() {
     let stream = ipc_stream(&[batch(0, 10)], None);
     let (tx, upload) = spawn_upload(&server, "stalled");
     tx.send(Ok(Bytes::copy_from_slice(&stream[..stream.len() - 8]))).await.unwrap();
-    wait_until("the upload is in flight", Duration::from_secs(10), || async {
-        metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
-    })
-    .await;
-    let state = server.state.clone();
-    let started = Instant::now();
-    server.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    let state = stop_with_one_request_open(server).await;
     let (status, code) = error_code(upload.await.unwrap()).await;
     assert_eq!((status, code.as_str()), (503, "shutting_down"));
     drop(tx);
-    let rows = state.loader.with_connection(|c| {
-        c.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'stalled'", [], |r| r.get::<_, i64>(0))
-    });
-    assert_eq!(rows.unwrap(), 0, "nothing of the upload was written");
+    assert!(!has_table(&state, "stalled"), "nothing of the upload was written");
 }
 
 /// The pieces of a request body, sent as the test chooses; the body ends when the sender is dropped.
@@ -368,19 +378,9 @@ async fn shutdown_rolls_back_a_stalled_do_put_at_its_deadline() {
     config.limits.shutdown_timeout_seconds = 1;
     let server = TestServer::with_config(config).await;
     let (tx, call) = stalled_do_put(&server, "stalled").await;
-    wait_until("the DoPut is in flight", Duration::from_secs(10), || async {
-        metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
-    })
-    .await;
-    let state = server.state.clone();
-    let started = Instant::now();
-    server.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    let state = stop_with_one_request_open(server).await;
     let status = call.await.unwrap();
     assert_eq!(status.code(), Code::Unavailable, "{status}");
     drop(tx);
-    let tables = state.loader.with_connection(|c| {
-        c.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'stalled'", [], |r| r.get::<_, i64>(0))
-    });
-    assert_eq!(tables.unwrap(), 0, "nothing of the call was written");
+    assert!(!has_table(&state, "stalled"), "nothing of the call was written");
 }
