@@ -4,6 +4,14 @@
 //! view that a plain `INSERT ... SELECT` reads with all cores. duckdb-rs does not expose it (nor its raw
 //! connection handle), so this module owns the raw database handle, hands out ordinary duckdb-rs
 //! connections for SQL, and keeps one raw connection per loader for registering streams.
+//!
+//! In DuckDB 1.5.5 that view is a persistent one (`CreateView(name, replace, temporary = false)`), in the
+//! registering connection's default catalog, so every connection could list and scan it. A temporary view
+//! (visible to its connection only) cannot be had through the C API: the `temp` catalog takes only
+//! temporary entries and `USE temp` is refused, and a view created inside the load's transaction would
+//! make that transaction write to two databases, which DuckDB refuses. So the views live in an in-memory
+//! catalog of their own that client queries may not name or list (`query::check_references`), and each
+//! stream serves one scan at a time (`ScanPrivate::inner`).
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_char, c_int};
