@@ -6,7 +6,7 @@ use std::sync::Arc;
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrowport_config::{ByteSize, Config};
-use futures::StreamExt;
+use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::support::*;
@@ -197,8 +197,10 @@ async fn constraint_violations_are_409_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_after_some_batches_rolls_everything_back() {
     let server = server_with_victim(Config::default()).await;
-    // Valid batches stream in, then garbage: the batches already handed to DuckDB must not stay.
-    let mut body = ipc_stream(&[batch(0, 50_000), batch(50_000, 50_000)], None);
+    // Valid batches stream in, then garbage: the batches already handed to DuckDB must not stay. Together
+    // they are more than one chunk (122,880 rows), so they go to DuckDB as they arrive, not held back
+    // as a small request.
+    let mut body = ipc_stream(&[batch(0, 100_000), batch(100_000, 100_000)], None);
     body.truncate(body.len() - 8); // drop the end-of-stream marker
     body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x10, 0, 0, 0]);
     body.extend_from_slice(&[0xab; 64]);
@@ -237,14 +239,22 @@ async fn client_gone_mid_body_writes_nothing() {
 async fn slow_body_streams_in_pieces() {
     let server = TestServer::start().await;
     let body = ipc_stream(&[batch(0, 3000), batch(3000, 3000)], None);
-    let pieces: Vec<Vec<u8>> = body.chunks(1000).map(<[u8]>::to_vec).collect();
-    let stream = futures::stream::iter(pieces).then(|piece| async move {
+    let mut pieces: Vec<Bytes> = body.chunks(1000).map(Bytes::copy_from_slice).collect();
+    let last = pieces.pop().unwrap();
+    let (tx, upload) = spawn_upload(&server, "slow");
+    for piece in pieces {
+        tx.send(Ok(piece)).await.unwrap();
         tokio::task::yield_now().await;
-        Ok::<_, std::io::Error>(piece)
-    });
-    let response =
-        server.ingest_with("slow", reqwest::Body::wrap_stream(stream), &[("content-type", STREAM_TYPE)]).await;
-    assert_eq!(response.status(), 200);
+    }
+    // The last piece is held back: the batches before it are decoded (and hold their share of the
+    // memory budget) already, which a server that buffered the whole body would not have done.
+    wait_until("the first batches are decoded", std::time::Duration::from_secs(20), || async {
+        server.state.loader.budget().used() > 0
+    })
+    .await;
+    tx.send(Ok(last)).await.unwrap();
+    drop(tx);
+    assert_eq!(upload.await.unwrap().status(), 200);
     assert_eq!(server.count("slow"), Some(6000));
     server.stop().await;
 }

@@ -208,19 +208,6 @@ async fn shutdown_rolls_back_a_stalled_upload_at_its_deadline() {
     assert!(!has_table(&state, "stalled"), "nothing of the upload was written");
 }
 
-/// The pieces of a request body, sent as the test chooses; the body ends when the sender is dropped.
-type BodySender = mpsc::Sender<Result<Bytes, std::io::Error>>;
-
-/// Starts an upload to `stream` whose body arrives piece by piece through the returned sender.
-fn spawn_upload(server: &TestServer, stream: &str) -> (BodySender, tokio::task::JoinHandle<reqwest::Response>) {
-    let (tx, rx) = mpsc::channel(4);
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
-        rx.recv().await.map(|piece| (piece, rx))
-    }));
-    let request = server.client.post(format!("{}/ingest/{stream}", server.url)).header("content-type", STREAM_TYPE);
-    (tx, tokio::spawn(async move { request.body(body).send().await.unwrap() }))
-}
-
 /// Statements that would read the server's files, list or reach what is not a stream table.
 const FORBIDDEN: &[&str] = &[
     "SELECT * FROM read_text('/etc/hostname')",

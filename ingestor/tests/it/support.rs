@@ -12,8 +12,9 @@ use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
 use arrowport::server::{AppState, IngestReport};
 use arrowport_config::{Config, StreamConfig};
+use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub const STREAM_TYPE: &str = "application/vnd.apache.arrow.stream";
@@ -282,4 +283,17 @@ where
 /// at compile time, so a test binary reused from another checkout's build cache reads this checkout.
 pub fn readme_path() -> std::path::PathBuf {
     Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("../README.md")
+}
+
+/// The pieces of a request body, sent as the test chooses; the body ends when the sender is dropped.
+pub type BodySender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Starts an upload to `stream` whose body arrives piece by piece through the returned sender.
+pub fn spawn_upload(server: &TestServer, stream: &str) -> (BodySender, JoinHandle<reqwest::Response>) {
+    let (tx, rx) = mpsc::channel(4);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|piece| (piece, rx))
+    }));
+    let request = server.client.post(format!("{}/ingest/{stream}", server.url)).header("content-type", STREAM_TYPE);
+    (tx, tokio::spawn(async move { request.body(body).send().await.unwrap() }))
 }
