@@ -12,14 +12,14 @@ use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio::task::JoinHandle;
-use tower_test::mock::{self, Handle};
+use tower_test::mock::{self, Handle, SendResponse};
 
 use crate::crd::{
     ArrowportStream, ArrowportStreamSpec, ArrowportStreamStatus, StreamCompression, StreamCompressionAlgorithm,
     StreamSchemaPolicy,
 };
 use crate::metrics::Metrics;
-use crate::plan::{ConfigMapState, Ingester, STREAMS_KEY, Snapshot};
+use crate::plan::{ConfigMapState, Ingester, STREAMS_KEY, Snapshot, plan};
 use crate::reconcile::{Context, MANAGER};
 
 pub const NAMESPACE: &str = "ns";
@@ -92,6 +92,15 @@ pub fn snapshot(streams: Vec<ArrowportStream>, streams_yaml: Option<String>) -> 
     }
 }
 
+/// A snapshot in which the operator has already done its work: the ConfigMap holds the rendered
+/// file and every stream carries the status the plan gives it.
+pub fn settled(streams: Vec<ArrowportStream>) -> Snapshot {
+    let snap = snapshot(streams, None);
+    let plan = plan(&snap, Timestamp::UNIX_EPOCH).unwrap();
+    let streams = plan.streams.into_iter().map(|o| (*o.stream).clone().with_status(o.status)).collect();
+    snapshot(streams, plan.write_streams_yaml)
+}
+
 /// Waits for a verifier task, failing the test if it panicked or hangs.
 pub async fn timeout_after(verifier: JoinHandle<()>) {
     tokio::time::timeout(Duration::from_secs(5), verifier)
@@ -115,7 +124,7 @@ impl Context {
 pub struct ApiServerVerifier(Handle<Request<Body>, Response<Body>>);
 
 impl ApiServerVerifier {
-    async fn next(&mut self, expected: &str) -> (Request<Body>, tower_test::mock::SendResponse<Response<Body>>) {
+    async fn next(&mut self, expected: &str) -> (Request<Body>, SendResponse<Response<Body>>) {
         tokio::time::timeout(Duration::from_secs(2), self.0.next_request())
             .await
             .unwrap_or_else(|_| panic!("expected {expected}, but no request came"))
@@ -185,6 +194,12 @@ impl ApiServerVerifier {
         send.send_response(json_response(201, &body));
     }
 
+    /// The next request, whichever it is, for tests in which requests race (the controller reconciles
+    /// ingesters concurrently); `None` once the client is dropped.
+    pub async fn any_request(&mut self) -> Option<(Request<Body>, SendResponse<Response<Body>>)> {
+        self.0.next_request().await
+    }
+
     /// Expects no further request: the client must be dropped without another call.
     pub async fn done(mut self) {
         if let Some((request, _)) = self.0.next_request().await {
@@ -193,11 +208,11 @@ impl ApiServerVerifier {
     }
 }
 
-async fn json_body(request: Request<Body>) -> Value {
+pub async fn json_body(request: Request<Body>) -> Value {
     let bytes = request.into_body().collect_bytes().await.unwrap();
     serde_json::from_slice(&bytes).expect("a JSON body")
 }
 
-fn json_response(code: u16, body: &Value) -> Response<Body> {
+pub fn json_response(code: u16, body: &Value) -> Response<Body> {
     Response::builder().status(code).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap()
 }

@@ -113,7 +113,7 @@ async fn publish_event(recorder: &Recorder, outcome: &StreamOutcome) {
 mod tests {
     use super::*;
     use crate::crd::StreamCompressionAlgorithm;
-    use crate::fixtures::{snapshot, timeout_after};
+    use crate::fixtures::{settled, snapshot, timeout_after};
     use crate::plan::ConfigMapState;
 
     #[tokio::test]
@@ -316,14 +316,5 @@ mod tests {
         assert_eq!(error.metric_label(), "forbidden");
         drop(ctx);
         timeout_after(verifier).await;
-    }
-
-    /// A snapshot in which the operator has already done its work: the ConfigMap holds the rendered
-    /// file and every stream carries the status the plan gives it.
-    fn settled(streams: Vec<ArrowportStream>) -> Snapshot {
-        let snap = snapshot(streams, None);
-        let plan = plan(&snap, Timestamp::UNIX_EPOCH).unwrap();
-        let streams = plan.streams.into_iter().map(|o| (*o.stream).clone().with_status(o.status)).collect();
-        snapshot(streams, plan.write_streams_yaml)
     }
 }
