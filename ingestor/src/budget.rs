@@ -82,9 +82,31 @@ impl MemoryBudget {
         }
         self.reserve(bytes).await.ok_or(IngestError::Overloaded)
     }
+
+    /// Makes `held` (what a stream's dictionaries hold against the budget) `bytes` large: more is
+    /// reserved as [`reserve_batch`](Self::reserve_batch) reserves, less is given back.
+    pub async fn resize(&self, held: &mut Option<Reservation>, bytes: u64) -> Result<(), IngestError> {
+        let current = held.as_ref().map_or(0, Reservation::bytes);
+        if bytes > current {
+            let more = self.reserve_batch(bytes - current).await?;
+            match held {
+                Some(reservation) => reservation.absorb(more),
+                None => *held = Some(more),
+            }
+        } else if let Some(reservation) = held {
+            drop(reservation.split(current - bytes));
+        }
+        Ok(())
+    }
 }
 
 impl Reservation {
+    /// Takes over `other`'s bytes (of the same budget).
+    fn absorb(&mut self, mut other: Reservation) {
+        debug_assert!(Arc::ptr_eq(&self.inner, &other.inner), "reservations of one budget");
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -133,6 +155,15 @@ mod tests {
         drop(held);
         assert_eq!(budget.used(), 30, "a split part keeps its bytes until it is dropped");
         drop(part);
+        assert_eq!(budget.used(), 0);
+        let mut dictionaries = None;
+        budget.resize(&mut dictionaries, 60).await.unwrap();
+        budget.resize(&mut dictionaries, 90).await.unwrap();
+        assert_eq!((dictionaries.as_ref().unwrap().bytes(), budget.used()), (90, 90));
+        assert!(matches!(budget.resize(&mut dictionaries, 150).await, Err(IngestError::Overloaded)));
+        budget.resize(&mut dictionaries, 20).await.unwrap();
+        assert_eq!(budget.used(), 20);
+        drop(dictionaries);
         assert_eq!(budget.used(), 0);
     }
 

@@ -39,8 +39,10 @@ pub struct RawMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checked {
     Schema,
+    /// A dictionary batch; `dictionary_bytes` is what all the stream's dictionaries may take while it is
+    /// decoded (a delta is appended to a copy of its dictionary, so deltas add up).
     Dictionary {
-        decoded_bytes: u64,
+        dictionary_bytes: u64,
     },
     Batch {
         decoded_bytes: u64,
@@ -61,6 +63,8 @@ pub enum Payload {
 pub struct MessageDecoder {
     schema: Option<SchemaRef>,
     dictionaries: HashMap<i64, ArrayRef>,
+    /// Memory the dictionaries hold.
+    dictionary_bytes: u64,
     /// Most bytes one message may decode to.
     max_decoded_bytes: u64,
 }
@@ -69,7 +73,12 @@ impl MessageDecoder {
     /// A decoder that refuses any message decoding to more than `max_decoded_bytes` (the memory budget:
     /// a batch larger than all of it could never be taken).
     pub fn new(max_decoded_bytes: u64) -> Self {
-        Self { schema: None, dictionaries: HashMap::new(), max_decoded_bytes }
+        Self { schema: None, dictionaries: HashMap::new(), dictionary_bytes: 0, max_decoded_bytes }
+    }
+
+    /// Memory the stream's dictionaries hold now (they live as long as the stream).
+    pub fn dictionary_bytes(&self) -> u64 {
+        self.dictionary_bytes
     }
 
     /// The stream's schema, once its schema message was decoded.
@@ -87,12 +96,19 @@ impl MessageDecoder {
             MessageHeader::NONE => Checked::Empty,
             MessageHeader::Schema => Checked::Schema,
             MessageHeader::DictionaryBatch => {
-                Checked::Dictionary { decoded_bytes: decoded_bytes(&header, &message.body)? }
+                // Until it is decoded, the old dictionaries stay; a delta is appended to a copy of its own.
+                let dictionary = header.header_as_dictionary_batch();
+                let copied = match dictionary.filter(|d| d.isDelta()).and_then(|d| self.dictionaries.get(&d.id())) {
+                    Some(existing) => existing.get_array_memory_size() as u64,
+                    None => 0,
+                };
+                let decoded = decoded_bytes(&header, &message.body)?;
+                Checked::Dictionary { dictionary_bytes: self.dictionary_bytes + copied + decoded }
             }
             MessageHeader::RecordBatch => Checked::Batch { decoded_bytes: decoded_bytes(&header, &message.body)? },
             other => return Err(invalid(format!("unexpected IPC message {}", other.variant_name().unwrap_or("?")))),
         };
-        if let Checked::Dictionary { decoded_bytes } | Checked::Batch { decoded_bytes } = checked
+        if let Checked::Dictionary { dictionary_bytes: decoded_bytes } | Checked::Batch { decoded_bytes } = checked
             && decoded_bytes > self.max_decoded_bytes
         {
             return Err(IngestError::BatchTooLarge { bytes: decoded_bytes, limit: self.max_decoded_bytes });
@@ -119,6 +135,7 @@ impl MessageDecoder {
                 let schema = unwound("schema", || Ok(arrow_ipc::convert::fb_to_schema(schema)))?;
                 let schema = Arc::new(schema);
                 self.dictionaries.clear();
+                self.dictionary_bytes = 0;
                 self.schema = Some(schema.clone());
                 Ok(Payload::Schema(schema))
             }
@@ -128,6 +145,7 @@ impl MessageDecoder {
                     header.header_as_dictionary_batch().ok_or_else(|| invalid("a dictionary without its batch"))?;
                 let dictionaries = &mut self.dictionaries;
                 unwound("dictionary batch", || read_dictionary(&message.body, batch, &schema, dictionaries, &version))?;
+                self.dictionary_bytes = self.dictionaries.values().map(|d| d.get_array_memory_size() as u64).sum();
                 Ok(Payload::None)
             }
             MessageHeader::RecordBatch => {
@@ -305,6 +323,37 @@ mod tests {
         // A declared length that is merely wrong is decoded and refused by arrow-ipc, not trusted.
         let wrong = with_declared_length(3);
         assert!(matches!(decode_all(&mut MessageDecoder::new(1 << 30), &wrong), Err(IngestError::InvalidIpc(_))));
+    }
+
+    #[test]
+    fn dictionary_deltas_add_up_against_the_limit() {
+        use arrow_ipc::writer::StreamWriter;
+        let dictionary = |values: Vec<String>| -> RecordBatch {
+            let keys = arrow::array::Int32Array::from_iter_values(0..values.len() as i32);
+            let array = DictionaryArray::new(keys, Arc::new(StringArray::from(values)));
+            RecordBatch::try_from_iter([("kind", Arc::new(array) as ArrayRef)]).unwrap()
+        };
+        // Each batch's dictionary extends the one before by 20,000 64-byte values: a delta of ~1.3 MB.
+        let batches: Vec<RecordBatch> =
+            (1..=8).map(|b| dictionary((0..20_000 * b).map(|i| format!("{i:064}")).collect())).collect();
+        let options = IpcWriteOptions::default().with_dictionary_handling(arrow_ipc::writer::DictionaryHandling::Delta);
+        let mut writer = StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options).unwrap();
+        batches.iter().for_each(|b| writer.write(b).unwrap());
+        let stream = writer.into_inner().unwrap();
+        let mut framing = crate::decode::IpcDecoder::new(crate::decode::IpcFormat::Stream, 1 << 30);
+        framing.push(stream.into());
+        let mut messages = Vec::new();
+        while let Some(message) = framing.next_message().unwrap() {
+            messages.push(message);
+        }
+        // Every message alone is far below 8 MiB; the dictionaries together are not.
+        let mut decoder = MessageDecoder::new(8 << 20);
+        let error = decode_all(&mut decoder, &messages).unwrap_err();
+        assert!(matches!(error, IngestError::BatchTooLarge { limit, .. } if limit == 8 << 20), "{error}");
+        assert!(decoder.dictionary_bytes() <= 8 << 20);
+        // With room for them, the same stream decodes.
+        let decoded = decode_all(&mut MessageDecoder::new(1 << 30), &messages).unwrap();
+        assert_eq!(decoded.len(), 8);
     }
 
     #[test]

@@ -119,6 +119,7 @@ impl<'a> Put<'a> {
     {
         let mut data = std::pin::pin!(data);
         let mut decoder = MessageDecoder::new(self.state.loader.budget().capacity());
+        let mut dictionaries = None;
         loop {
             // Read on only once DuckDB can take the next batch (see the HTTP handler).
             if let Some(upload) = &self.upload {
@@ -145,9 +146,13 @@ impl<'a> Put<'a> {
             let request_id = request_id(&message.app_metadata);
             let message = raw_message(&message);
             // Room in the budget first, then decoding: a batch never exists outside the budget.
+            let budget = self.state.loader.budget();
             let reservation = match decoder.check(&message)? {
-                Checked::Batch { decoded_bytes } => {
-                    Some(self.state.loader.budget().reserve_batch(decoded_bytes).await?)
+                Checked::Batch { decoded_bytes } => Some(budget.reserve_batch(decoded_bytes).await?),
+                // Dictionaries live as long as the call: they hold their room in the budget too.
+                Checked::Dictionary { dictionary_bytes } => {
+                    budget.resize(&mut dictionaries, dictionary_bytes).await?;
+                    None
                 }
                 _ => None,
             };
@@ -173,7 +178,10 @@ impl<'a> Put<'a> {
                     }
                 }
                 // No rows, but metadata still marks the producer's position.
-                Payload::None => self.pending.request_id = self.pending.request_id.max(request_id),
+                Payload::None => {
+                    budget.resize(&mut dictionaries, decoder.dictionary_bytes()).await?;
+                    self.pending.request_id = self.pending.request_id.max(request_id);
+                }
             }
         }
         if self.schema.is_none() {

@@ -114,6 +114,8 @@ async fn ingest_body(
     let mut decoder = IpcDecoder::new(format, state.limits.max_message_bytes.0);
     let mut messages = MessageDecoder::new(state.loader.budget().capacity());
     let mut upload: Option<Upload> = None;
+    let budget = state.loader.budget();
+    let mut dictionaries = None;
     let mut bytes_decoded = 0;
     loop {
         // Read on only once DuckDB can take the next batch: a slow table holds back the client, not memory.
@@ -127,12 +129,18 @@ async fn ingest_body(
                 Checked::Schema if messages.schema().is_some() => {
                     return Err(IngestError::InvalidIpc("a second schema message in one stream".into()));
                 }
+                Checked::Dictionary { dictionary_bytes } => {
+                    // Dictionaries live as long as the request: they hold their room in the budget too.
+                    budget.resize(&mut dictionaries, dictionary_bytes).await?;
+                    messages.decode(&message)?;
+                    budget.resize(&mut dictionaries, messages.dictionary_bytes()).await?;
+                }
                 Checked::Batch { decoded_bytes: size } => {
                     let Some(upload) = upload.as_mut() else {
                         return Err(IngestError::InvalidIpc("a record batch came before the schema".into()));
                     };
                     // Room in the budget first, then decoding: a batch never exists outside the budget.
-                    let reservation = state.loader.budget().reserve_batch(size).await?;
+                    let reservation = budget.reserve_batch(size).await?;
                     if let Payload::Batch(batch) = messages.decode(&message)? {
                         bytes_decoded += upload.send(batch, reservation).await?;
                     }
