@@ -1,0 +1,9 @@
+//! An HTTP ingest body: `arrowport::decode::IpcDecoder` frames it, `arrowport::ipc::MessageDecoder`
+//! checks and decodes each message. Input layout: `src/drive.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(init: arrowport_fuzz::install_panic_hook(), |input: &[u8]| {
+    arrowport_fuzz::run(arrowport_fuzz::http_ipc, input);
+});
