@@ -507,9 +507,12 @@ def test_adbc_queries_cannot_list_or_scan_a_live_upload(server):
     sender.start()
     try:
         deadline = time.monotonic() + 20
-        while metric(server, "arrowport_inflight_bytes") <= 0:
-            assert time.monotonic() < deadline, "the upload never reached its data phase"
+        while metric(server, "arrowport_inflight_requests") < 1:
+            assert time.monotonic() < deadline, "the upload never started"
             time.sleep(0.05)
+        # Its first 150,000 rows (more than a chunk) went to DuckDB at once: give the server a moment to
+        # start the load. (The Rust test of the same case waits for the scan view itself.)
+        time.sleep(2)
         attempts = ["SELECT view_name FROM duckdb_views()", "SELECT * FROM duckdb_views"]
         attempts += [f"SELECT count(*) FROM arrowport_scratch.main.ingest_{n}" for n in range(4)]
         with connect(server) as conn:
