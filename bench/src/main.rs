@@ -7,6 +7,7 @@ mod flight;
 mod server;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,7 +16,8 @@ use arrow_flight::FlightData;
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrowport::budget::MemoryBudget;
-use arrowport::load::{Loader, LoaderOptions, QueryLimits, TableMode, Target, decoded_size};
+use arrowport::load::{Loader, LoaderOptions, TableMode, Target, decoded_size};
+use arrowport::store::{Database, DatabaseOptions, DuckDbFile};
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
 
@@ -256,17 +258,11 @@ fn rate(outcome: &Outcome) -> f64 {
 async fn in_process_native(parts: &[&[RecordBatch]]) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
-    let queries = QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(60) };
     let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
-    let options = LoaderOptions {
-        extensions: vec![],
-        memory_limit: None,
-        checkpoint_threshold,
-        max_concurrent_loads: parts.len(),
-        budget,
-        queries,
-    };
-    let loader = Loader::open(&dir.path().join("native.duckdb"), options)?;
+    let storage = DuckDbFile::new(dir.path().join("native.duckdb"));
+    let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold };
+    let database = Arc::new(Database::open(Box::new(storage), &options)?);
+    let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget });
     let target = Target {
         table: "lineitem".into(),
         chunk_size: 122_880,

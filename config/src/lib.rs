@@ -8,6 +8,7 @@ mod bytesize;
 mod error;
 mod ident;
 mod locate;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
-//! One error type for every ingest path, with one mapping to HTTP status; `flight::status` maps it to gRPC.
+//! One error type for every ingest and query path. Each variant has a stable [`ErrorCode`], and the
+//! code decides the HTTP status and the gRPC code (one table, in `arrowport_api`).
 
-use axum::http::StatusCode;
+use arrowport_api::ErrorCode;
 
 /// Why a request was not (fully) ingested. Every variant leaves nothing of the request behind.
 #[derive(Debug, thiserror::Error)]
@@ -61,57 +62,34 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    /// The HTTP status this error is answered with.
-    pub fn status_code(&self) -> StatusCode {
+    /// Its stable machine-readable code: the JSON `error.code`, the gRPC `x-arrowport-code` and the
+    /// metrics `outcome` label.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::InvalidStreamName(_)
-            | Self::InvalidIpc(_)
-            | Self::InvalidEncoding(_)
-            | Self::EmptyBody
-            | Self::BodyRead(_)
-            | Self::InvalidRequest(_)
-            | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownStream(_) | Self::TableNotFound(_) | Self::NoData(_) => StatusCode::NOT_FOUND,
-            Self::TableExists(_) | Self::ConstraintViolation(_) => StatusCode::CONFLICT,
-            Self::QueryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::BodyTooLarge { .. } | Self::MessageTooLarge { .. } | Self::BatchTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            Self::IdleTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::SchemaMismatch(_) | Self::UnsupportedType(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    /// A stable machine-readable code: the JSON `error.code` and the metrics `outcome` label.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::InvalidStreamName(_) => "invalid_stream_name",
-            Self::UnknownStream(_) => "unknown_stream",
-            Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::UnsupportedEncoding(_) => "unsupported_encoding",
-            Self::InvalidEncoding(_) => "invalid_encoding",
-            Self::BodyTooLarge { .. } => "body_too_large",
-            Self::MessageTooLarge { .. } => "message_too_large",
-            Self::BatchTooLarge { .. } => "batch_too_large",
-            Self::IdleTimeout { .. } => "idle_timeout",
-            Self::InvalidIpc(_) => "invalid_ipc",
-            Self::EmptyBody => "empty_body",
-            Self::BodyRead(_) => "body_read_error",
-            Self::SchemaMismatch(_) => "schema_mismatch",
-            Self::UnsupportedType(_) => "unsupported_type",
-            Self::Overloaded => "overloaded",
-            Self::ShuttingDown => "shutting_down",
-            Self::TableNotFound(_) => "table_not_found",
-            Self::NoData(_) => "no_data",
-            Self::TableExists(_) => "table_exists",
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::InvalidQuery(_) => "invalid_query",
-            Self::ConstraintViolation(_) => "constraint_violation",
-            Self::QueryTimeout { .. } => "query_timeout",
-            Self::Database(_) => "database_error",
+            Self::InvalidStreamName(_) => ErrorCode::InvalidStreamName,
+            Self::UnknownStream(_) => ErrorCode::UnknownStream,
+            Self::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            Self::UnsupportedEncoding(_) => ErrorCode::UnsupportedEncoding,
+            Self::InvalidEncoding(_) => ErrorCode::InvalidEncoding,
+            Self::BodyTooLarge { .. } => ErrorCode::BodyTooLarge,
+            Self::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
+            Self::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+            Self::IdleTimeout { .. } => ErrorCode::IdleTimeout,
+            Self::InvalidIpc(_) => ErrorCode::InvalidIpc,
+            Self::EmptyBody => ErrorCode::EmptyBody,
+            Self::BodyRead(_) => ErrorCode::BodyReadError,
+            Self::SchemaMismatch(_) => ErrorCode::SchemaMismatch,
+            Self::UnsupportedType(_) => ErrorCode::UnsupportedType,
+            Self::Overloaded => ErrorCode::Overloaded,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::TableNotFound(_) => ErrorCode::TableNotFound,
+            Self::NoData(_) => ErrorCode::NoData,
+            Self::TableExists(_) => ErrorCode::TableExists,
+            Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Self::InvalidQuery(_) => ErrorCode::InvalidQuery,
+            Self::ConstraintViolation(_) => ErrorCode::ConstraintViolation,
+            Self::QueryTimeout { .. } => ErrorCode::QueryTimeout,
+            Self::Database(_) => ErrorCode::DatabaseError,
         }
     }
 }

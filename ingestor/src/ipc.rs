@@ -253,15 +253,22 @@ mod tests {
     /// The schema message, the dictionary messages and the batch message, as a writer makes them.
     pub(crate) fn messages(batch: &RecordBatch, compression: Option<CompressionType>) -> Vec<RawMessage> {
         let options = IpcWriteOptions::default().try_with_compression(compression).unwrap();
+        stream_messages(std::slice::from_ref(batch), &options)
+    }
+
+    /// The schema message, then each batch's dictionary messages and batch message.
+    fn stream_messages(batches: &[RecordBatch], options: &IpcWriteOptions) -> Vec<RawMessage> {
         let generator = IpcDataGenerator::default();
         let mut tracker = DictionaryTracker::new(false);
-        let schema = generator.schema_to_bytes_with_dictionary_tracker(&batch.schema(), &mut tracker, &options);
+        let schema = generator.schema_to_bytes_with_dictionary_tracker(&batches[0].schema(), &mut tracker, options);
         let mut context = CompressionContext::default();
-        let (dictionaries, encoded) = generator.encode(batch, &mut tracker, &options, &mut context).unwrap();
         let raw = |header: Vec<u8>, body: Vec<u8>| RawMessage { header: header.into(), body: Buffer::from(body) };
         let mut out = vec![raw(schema.ipc_message, Vec::new())];
-        out.extend(dictionaries.into_iter().map(|d| raw(d.ipc_message, d.arrow_data)));
-        out.push(raw(encoded.ipc_message, encoded.arrow_data));
+        for batch in batches {
+            let (dictionaries, encoded) = generator.encode(batch, &mut tracker, options, &mut context).unwrap();
+            out.extend(dictionaries.into_iter().map(|d| raw(d.ipc_message, d.arrow_data)));
+            out.push(raw(encoded.ipc_message, encoded.arrow_data));
+        }
         out
     }
 
@@ -327,7 +334,6 @@ mod tests {
 
     #[test]
     fn dictionary_deltas_add_up_against_the_limit() {
-        use arrow_ipc::writer::StreamWriter;
         let dictionary = |values: Vec<String>| -> RecordBatch {
             let keys = arrow::array::Int32Array::from_iter_values(0..values.len() as i32);
             let array = DictionaryArray::new(keys, Arc::new(StringArray::from(values)));
@@ -337,15 +343,7 @@ mod tests {
         let batches: Vec<RecordBatch> =
             (1..=8).map(|b| dictionary((0..20_000 * b).map(|i| format!("{i:064}")).collect())).collect();
         let options = IpcWriteOptions::default().with_dictionary_handling(arrow_ipc::writer::DictionaryHandling::Delta);
-        let mut writer = StreamWriter::try_new_with_options(Vec::new(), &batches[0].schema(), options).unwrap();
-        batches.iter().for_each(|b| writer.write(b).unwrap());
-        let stream = writer.into_inner().unwrap();
-        let mut framing = crate::decode::IpcDecoder::new(crate::decode::IpcFormat::Stream, 1 << 30);
-        framing.push(stream.into());
-        let mut messages = Vec::new();
-        while let Some(message) = framing.next_message().unwrap() {
-            messages.push(message);
-        }
+        let messages = stream_messages(&batches, &options);
         // Every message alone is far below 8 MiB; the dictionaries together are not.
         let mut decoder = MessageDecoder::new(8 << 20);
         let error = decode_all(&mut decoder, &messages).unwrap_err();

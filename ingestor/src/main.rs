@@ -4,9 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use arrowport::cli::{self, CompressionArg};
 use arrowport::reload::Reloader;
-use arrowport::settings::{self, Overrides};
+use arrowport_cli::{self as cli, CompressionArg};
+use arrowport_config::settings::{self, Overrides};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -96,7 +96,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         // Handlers first: a SIGTERM that arrives once we are listening must find them in place.
         let shutdown = shutdown_signal()?;
-        let state = arrowport::open(&config)?;
+        let app = arrowport::app::App::open(&config)?;
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
@@ -114,8 +114,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => addr,
         };
         tracing::info!(%addr, flight = %flight_addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
-        let reloader = tokio::spawn(Reloader::new(config_path, overrides, state.clone(), config).run());
-        arrowport::server::serve(listener, flight_listener, state, shutdown).await;
+        let reloader = tokio::spawn(Reloader::new(config_path, overrides, app.clone(), config).run());
+        arrowport::transport::serve(listener, flight_listener, app, shutdown).await;
         reloader.abort();
         tracing::info!("Stopped.");
         Ok(())

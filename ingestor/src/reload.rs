@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrowport_config::Config;
+use arrowport_config::settings::{self, Overrides};
 
-use crate::server::AppState;
-use crate::settings::{self, Overrides};
+use crate::app::App;
+use crate::routing::Routes;
 
 /// How often the files are compared.
 pub const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
@@ -20,7 +21,7 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 pub struct Reloader {
     config_path: Option<PathBuf>,
     overrides: Overrides,
-    state: Arc<AppState>,
+    app: Arc<App>,
     /// The configuration in force (as loaded, before anything was refused).
     active: Config,
     /// The files' contents when last looked at, so unchanged files cost one read and a compare.
@@ -41,8 +42,8 @@ pub enum Reload {
 }
 
 impl Reloader {
-    pub fn new(config_path: Option<PathBuf>, overrides: Overrides, state: Arc<AppState>, active: Config) -> Self {
-        let mut reloader = Self { config_path, overrides, state, active, last_seen: Vec::new() };
+    pub fn new(config_path: Option<PathBuf>, overrides: Overrides, app: Arc<App>, active: Config) -> Self {
+        let mut reloader = Self { config_path, overrides, app, active, last_seen: Vec::new() };
         reloader.last_seen = reloader.read_sources();
         reloader
     }
@@ -64,7 +65,7 @@ impl Reloader {
             return Reload::Unchanged;
         }
         self.last_seen = seen;
-        let metrics = &self.state.metrics;
+        let metrics = &self.app.telemetry().metrics;
         let loaded = match settings::load(self.config_path.as_deref(), &self.overrides) {
             Ok(config) => config,
             Err(error) => {
@@ -76,12 +77,12 @@ impl Reloader {
         for key in restart_only_changes(&self.active, &loaded) {
             tracing::warn!(key, "Configuration change needs a restart to take effect; not applied.");
         }
-        let routes = settings::routes(&loaded);
+        let routes = Routes::from_config(&loaded);
         self.active = loaded;
-        match self.state.replace_routes(routes) {
+        match self.app.replace_routes(routes) {
             Some(generation) => {
                 metrics.config_reloads.inc();
-                tracing::info!(generation, hash = %self.state.routes().hash(), "Reloaded the configuration.");
+                tracing::info!(generation, hash = %self.app.routes().hash(), "Reloaded the configuration.");
                 Reload::Applied { generation }
             }
             None => Reload::Equivalent,

@@ -2,12 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use arrowport_config::{
-    Compression, DEFAULT_CHUNK_SIZE, FlushPolicy, SchemaPolicy, StreamConfig, StreamsFile, is_valid_stream_name,
-};
+use arrowport_config::settings::{self, NoRoute};
+use arrowport_config::{Compression, Config, StreamConfig, StreamsFile};
 
 use crate::error::IngestError;
-use crate::load::{TableMode, Target};
+pub use settings::Route;
 
 /// The routing table in force. Requests take a snapshot of it when they start.
 #[derive(Debug, Clone)]
@@ -20,36 +19,15 @@ pub struct Routes {
     hash: String,
 }
 
-/// How one stream is loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub stream: String,
-    pub table: String,
-    pub chunk_size: usize,
-    pub policy: SchemaPolicy,
-    pub compression: Compression,
-    /// When a long Flight `DoPut` commits.
-    pub flush: FlushPolicy,
-    /// Whether the route comes from configuration (or from auto-creation).
-    pub configured: bool,
-}
-
-impl Route {
-    /// Where the loader puts this stream's rows.
-    pub fn target(&self) -> Target {
-        Target {
-            table: self.table.clone(),
-            chunk_size: self.chunk_size,
-            policy: self.policy,
-            mode: TableMode::default(),
-        }
-    }
-}
-
 impl Routes {
     pub fn new(streams: BTreeMap<String, StreamConfig>, auto_create: bool, compression: Compression) -> Self {
         let hash = fingerprint(&streams, auto_create, &compression);
         Self { streams, auto_create, compression, generation: 1, hash }
+    }
+
+    /// The routes `config` defines (its streams, with the streams file merged in).
+    pub fn from_config(config: &Config) -> Self {
+        Self::new(config.streams.clone(), config.auto_create, config.compression)
     }
 
     /// Identifies what this table routes, independent of how the files were written.
@@ -57,28 +35,11 @@ impl Routes {
         &self.hash
     }
 
+    /// How `stream` is loaded (see [`settings::route`]).
     pub fn resolve(&self, stream: &str) -> Result<Route, IngestError> {
-        if !is_valid_stream_name(stream) {
-            return Err(IngestError::InvalidStreamName(stream.to_owned()));
-        }
-        let configured = self.streams.get(stream);
-        if configured.is_none() && !self.auto_create {
-            return Err(IngestError::UnknownStream(stream.to_owned()));
-        }
-        let config = configured.cloned().unwrap_or_default();
-        let table = match config.target_table {
-            Some(table) => table,
-            // Auto-routing: the table is named after the stream, with characters SQL names lack replaced.
-            None => auto_table_name(stream),
-        };
-        Ok(Route {
-            stream: stream.to_owned(),
-            table,
-            chunk_size: config.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
-            policy: config.schema_policy,
-            compression: config.compression.unwrap_or(self.compression),
-            flush: config.flush.unwrap_or_default(),
-            configured: configured.is_some(),
+        settings::route(&self.streams, self.auto_create, self.compression, stream).map_err(|no_route| match no_route {
+            NoRoute::InvalidName => IngestError::InvalidStreamName(stream.to_owned()),
+            NoRoute::Unknown => IngestError::UnknownStream(stream.to_owned()),
         })
     }
 }
@@ -91,15 +52,6 @@ fn fingerprint(streams: &BTreeMap<String, StreamConfig>, auto_create: bool, comp
     let hash =
         canonical.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("{hash:016x}")
-}
-
-/// `sensors.v2-eu` → `sensors_v2_eu`; a leading digit gets a `_` in front.
-fn auto_table_name(stream: &str) -> String {
-    let mut table: String = stream.chars().map(|c| if c == '.' || c == '-' { '_' } else { c }).collect();
-    if table.starts_with(|c: char| c.is_ascii_digit()) {
-        table.insert(0, '_');
-    }
-    table
 }
 
 #[cfg(test)]
@@ -127,18 +79,7 @@ mod tests {
     }
 
     #[test]
-    fn configured_stream_routes_to_its_table() {
-        let route = routes(true).resolve("sensors").unwrap();
-        assert_eq!((route.table.as_str(), route.chunk_size), ("sensor_readings", 1000));
-        assert_eq!(route.policy, SchemaPolicy::Evolve);
-        assert!(route.configured);
-    }
-
-    #[test]
-    fn unknown_stream_is_auto_routed_or_refused() {
-        let route = routes(true).resolve("9lives.v2-x").unwrap();
-        assert_eq!(route.table, "_9lives_v2_x");
-        assert_eq!(route.chunk_size, DEFAULT_CHUNK_SIZE);
+    fn streams_without_a_route_get_their_errors() {
         assert!(matches!(routes(false).resolve("other"), Err(IngestError::UnknownStream(_))));
     }
 

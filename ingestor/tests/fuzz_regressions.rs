@@ -147,7 +147,7 @@ fn truncated_and_corrupted_seeds_decode_or_fail_cleanly() {
 
 #[test]
 fn delta_dictionary_seeds_send_deltas() {
-    use arrowport::decode::{IpcDecoder, IpcFormat};
+    use arrowport::transport::http::framing::{IpcDecoder, IpcFormat};
     use prost::Message;
 
     let is_delta = |header: &[u8]| {

@@ -1,4 +1,4 @@
-//! An HTTP ingest body: `arrowport::decode::IpcDecoder` frames it, `arrowport::ipc::MessageDecoder`
+//! An HTTP ingest body: `arrowport::transport::http::framing::IpcDecoder` frames it, `arrowport::ipc::MessageDecoder`
 //! checks and decodes each message. Input layout: `src/drive.rs`.
 #![no_main]
 

@@ -2,7 +2,7 @@
 //! crate (`src/lib.rs`) and the ingester's regression test (`ingestor/tests/fuzz_regressions.rs`, which
 //! includes this file with `#[path]`). Only the crates the ingester itself depends on are used here.
 //!
-//! - `http_ipc`: an HTTP request body, framed by `arrowport::decode::IpcDecoder` and decoded by
+//! - `http_ipc`: an HTTP request body, framed by `arrowport::transport::http::framing::IpcDecoder` and decoded by
 //!   `arrowport::ipc::MessageDecoder`, as the HTTP ingest path does. The input's first three bytes are
 //!   not body: byte 0 picks the declared format (`% 3`: stream, file, undeclared) and bytes 1–2 (u16,
 //!   little-endian) the size of the pieces the body arrives in (0: all at once).
@@ -25,9 +25,9 @@ use arrow::ipc::CompressionType;
 use arrow::ipc::writer::{DictionaryHandling as WriterDictionaryHandling, FileWriter, IpcWriteOptions, StreamWriter};
 use arrow_flight::FlightData;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
-use arrowport::decode::{IpcDecoder, IpcFormat};
 use arrowport::error::IngestError;
 use arrowport::ipc::{MessageDecoder, Payload, RawMessage};
+use arrowport::transport::http::framing::{IpcDecoder, IpcFormat};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use prost::Message;

@@ -186,18 +186,16 @@ mod tests {
 
     use super::*;
     use crate::budget::MemoryBudget;
-    use crate::load::{IfExists, LoaderOptions, QueryLimits, Upload, decoded_size};
+    use crate::load::{IfExists, LoaderOptions, Upload, decoded_size};
+    use crate::store::{Database, DatabaseOptions, DuckDbFile};
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
-        let options = LoaderOptions {
-            extensions: Vec::new(),
-            memory_limit: None,
-            checkpoint_threshold: 16 << 20,
-            max_concurrent_loads: 4,
-            budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)),
-            queries: QueryLimits { max_concurrent: 1, timeout: Duration::from_secs(10) },
-        };
-        Loader::open(&dir.path().join("group.duckdb"), options).unwrap()
+        let storage = DuckDbFile::new(dir.path().join("group.duckdb"));
+        let options = DatabaseOptions { extensions: Vec::new(), memory_limit: None, checkpoint_threshold: 16 << 20 };
+        let database = Database::open(Box::new(storage), &options).unwrap();
+        let options =
+            LoaderOptions { max_concurrent_loads: 4, budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)) };
+        Loader::new(Arc::new(database), options)
     }
 
     fn target() -> Target {
@@ -233,6 +231,7 @@ mod tests {
 
     fn table(loader: &Loader) -> Vec<i64> {
         loader
+            .database()
             .with_connection(|conn| {
                 let mut statement = conn.prepare("SELECT id FROM t ORDER BY id")?;
                 statement.query_map([], |row| row.get(0))?.collect()
@@ -258,7 +257,7 @@ mod tests {
     async fn a_request_that_fails_does_not_fail_the_others_in_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let loader = loader(&dir);
-        loader.with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT PRIMARY KEY)")).unwrap();
+        loader.database().with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT PRIMARY KEY)")).unwrap();
         // The second request violates the primary key on its own: the group fails, then each is retried alone.
         let outcomes = upload_together(&loader, target(), &[&[1, 2], &[10, 10], &[20]]).await;
         assert_eq!(outcomes[0].as_ref().unwrap().rows, 2);

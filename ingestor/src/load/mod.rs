@@ -1,25 +1,21 @@
 //! The loader: streams of Arrow record batches into DuckDB tables, one transaction per session.
 //!
 //! A session's batches flow through a bounded channel into an Arrow stream that DuckDB scans as a view
-//! (`duckdb_arrow_scan`, see [`ffi`]); one `INSERT INTO table (...) SELECT ... FROM view` reads it with all
+//! (`duckdb_arrow_scan`, see `store::ffi`) in the [`SCRATCH`] catalog; one `INSERT INTO table (...) SELECT ... FROM view` reads it with all
 //! of DuckDB's threads, mapping columns by name. The transaction commits only when the producer says the
 //! stream is complete; anything else (an error, a dropped session, a client gone) rolls it back.
 
-mod ffi;
 mod group;
-mod query;
 mod reader;
 mod schema;
-pub mod sql;
 mod tables;
 mod upload;
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrowport_config::SchemaPolicy;
 use duckdb::Connection;
@@ -28,15 +24,13 @@ use tokio::task::JoinHandle;
 
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
-use ffi::{RawConnection, RawDatabase};
-pub use query::{QueryLimits, QueryResult, TableInfo};
+use crate::store::{Database, RawConnection, SCRATCH, sql};
+pub use arrowport_api::decoded_size;
 use reader::{ChannelReader, Feed};
 pub use schema::{Column, IfExists, TableMode, TablePlan, check_supported};
 use tables::{TableGuard, TableLocks};
 pub use upload::{SMALL_REQUEST_BYTES, Upload};
 
-/// In-memory catalog holding the per-session Arrow views, so nothing about them reaches the database file.
-const SCRATCH: &str = "arrowport_scratch";
 /// Batches buffered between the request and DuckDB, per session. One is enough to keep DuckDB busy (each
 /// of its threads already holds a batch it is reading), and each more costs a batch of memory: with a
 /// 20 MB message, 2 raised a 1 GiB upload's peak by ~20 MB at the same rate.
@@ -52,19 +46,12 @@ pub struct Target {
     pub mode: TableMode,
 }
 
-/// How a [`Loader`] opens its database and shares it.
+/// How a [`Loader`] shares the database.
 pub struct LoaderOptions {
-    /// DuckDB extensions to `LOAD` (built in or installed beforehand).
-    pub extensions: Vec<String>,
-    /// DuckDB's `memory_limit` in bytes; `None` keeps DuckDB's default.
-    pub memory_limit: Option<u64>,
-    /// DuckDB's `checkpoint_threshold` in bytes: the WAL size at which a commit checkpoints.
-    pub checkpoint_threshold: u64,
     /// Sessions loading at once; further ones wait for a slot.
     pub max_concurrent_loads: usize,
     /// The memory budget sessions reserve decoded batches against.
     pub budget: MemoryBudget,
-    pub queries: QueryLimits,
 }
 
 /// What a committed session wrote.
@@ -78,26 +65,20 @@ pub struct Committed {
     pub grouped: bool,
 }
 
-/// Loads Arrow data into one DuckDB database. Cheap to clone.
+/// Loads Arrow data into the database's tables. Cheap to clone.
 #[derive(Clone)]
 pub struct Loader {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    // Connections are declared before `db`: fields drop in order, and the database must close last.
-    admin: Mutex<Connection>,
+    db: Arc<Database>,
     idle: Mutex<Vec<Worker>>,
     permits: Arc<Semaphore>,
-    queries: query::QuerySlots,
     tables: TableLocks,
     groups: group::GroupQueues,
     budget: MemoryBudget,
-    memory_limit: Option<u64>,
-    catalog: String,
     next_view: AtomicU64,
-    path: PathBuf,
-    db: RawDatabase,
 }
 
 /// One loading slot: a SQL connection and the raw connection that registers its Arrow streams.
@@ -107,45 +88,23 @@ struct Worker {
 }
 
 impl Loader {
-    /// Opens (or creates) the database and prepares it as `options` say.
-    pub fn open(path: &Path, options: LoaderOptions) -> Result<Self, IngestError> {
-        let db = RawDatabase::open(path)
-            .map_err(|e| IngestError::Database(format!("cannot open {}: {e}", path.display())))?;
-        let admin = db.connect()?;
-        if let Some(limit) = options.memory_limit {
-            admin.execute_batch(&format!("SET memory_limit = '{limit}B'"))?;
-        }
-        admin.execute_batch(&format!("SET checkpoint_threshold = '{}B'", options.checkpoint_threshold))?;
-        for extension in &options.extensions {
-            admin.execute_batch(&format!("LOAD {}", sql::ident(extension))).map_err(|e| {
-                IngestError::Database(format!(
-                    "cannot load DuckDB extension {extension:?} (it must be built in or installed beforehand; \
-                     Arrowport does not download extensions): {e}"
-                ))
-            })?;
-        }
-        let catalog: String = admin.query_row("SELECT current_database()", [], |row| row.get(0))?;
-        admin.execute_batch(&format!("ATTACH IF NOT EXISTS ':memory:' AS {}", sql::ident(SCRATCH)))?;
-        // From here on no connection may touch a file beyond the database's own (its WAL, its temporary
-        // directory) nor change a setting: client queries cannot read the server's files, attach other
-        // databases, load extensions or switch this back on.
-        admin.execute_batch("SET enable_external_access = false; SET lock_configuration = true")?;
-        Ok(Self {
+    pub fn new(db: Arc<Database>, options: LoaderOptions) -> Self {
+        Self {
             shared: Arc::new(Shared {
-                admin: Mutex::new(admin),
+                db,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(options.max_concurrent_loads)),
-                queries: query::QuerySlots::new(options.queries),
                 tables: TableLocks::default(),
                 groups: group::GroupQueues::default(),
                 budget: options.budget,
-                memory_limit: options.memory_limit,
-                catalog,
                 next_view: AtomicU64::new(0),
-                path: path.to_owned(),
-                db,
             }),
-        })
+        }
+    }
+
+    /// The database this loader writes to.
+    pub fn database(&self) -> &Database {
+        &self.shared.db
     }
 
     /// The memory budget sessions reserve decoded batches against.
@@ -192,42 +151,6 @@ impl Loader {
         }
         Ok(LoadSession { feed, handle, chunk_size })
     }
-
-    /// The `memory_limit` set on DuckDB, if Arrowport set one.
-    pub fn memory_limit(&self) -> Option<u64> {
-        self.shared.memory_limit
-    }
-
-    /// Runs `CHECKPOINT`, moving the write-ahead log into the database file.
-    pub fn checkpoint(&self) -> Result<(), IngestError> {
-        let admin = self.shared.admin.lock().expect("admin connection lock poisoned");
-        admin.execute_batch("CHECKPOINT")?;
-        Ok(())
-    }
-
-    /// Sizes of the database file and its write-ahead log (0 when a file is absent).
-    pub fn file_sizes(&self) -> (u64, u64) {
-        let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
-        let mut wal = self.shared.path.clone().into_os_string();
-        wal.push(".wal");
-        (size(&self.shared.path), size(Path::new(&wal)))
-    }
-
-    /// Bytes DuckDB's buffer manager holds, on a connection of its own (never waiting for a checkpoint).
-    pub fn duckdb_memory_bytes(&self) -> Result<u64, IngestError> {
-        let conn = self.shared.db.connect()?;
-        let bytes: i64 =
-            conn.query_row("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()", [], |row| {
-                row.get(0)
-            })?;
-        Ok(bytes.max(0) as u64)
-    }
-
-    /// Runs `f` with a connection to the database for reading (for status endpoints and tests).
-    pub fn with_connection<T>(&self, f: impl FnOnce(&Connection) -> duckdb::Result<T>) -> Result<T, IngestError> {
-        let admin = self.shared.admin.lock().expect("admin connection lock poisoned");
-        Ok(f(&admin)?)
-    }
 }
 
 impl Shared {
@@ -249,7 +172,7 @@ impl Shared {
         if let Some(worker) = self.idle.lock().expect("worker pool lock poisoned").pop() {
             return Ok(worker);
         }
-        Ok(Worker { sql: self.db.connect()?, scan: self.db.scan_connection(SCRATCH).map_err(IngestError::Database)? })
+        Ok(Worker { sql: self.db.connect()?, scan: self.db.scan_connection()? })
     }
 
     fn load(
@@ -301,7 +224,7 @@ impl Shared {
             plan_now = plan(conn)?;
         }
         let plan = plan_now;
-        let table = sql::qualified(&self.catalog, "main", &target.table);
+        let table = self.db.table_name(&target.table);
         conn.execute_batch("BEGIN TRANSACTION")?;
         let outcome = (|| {
             apply(conn, &table, &plan)?;
@@ -325,13 +248,13 @@ impl Shared {
         let exists: bool = conn.query_row(
             "SELECT count(*) > 0 FROM duckdb_tables() \
              WHERE database_name = ? AND schema_name = 'main' AND lower(table_name) = lower(?)",
-            [&self.catalog, table],
+            [self.db.catalog(), table],
             |row| row.get(0),
         )?;
         if !exists {
             return Ok(None);
         }
-        describe(conn, &sql::qualified(&self.catalog, "main", table)).map(Some)
+        describe(conn, &self.db.table_name(table)).map(Some)
     }
 }
 
@@ -409,9 +332,8 @@ impl LoadSession {
     /// Ends the stream and waits until its rows are committed.
     pub async fn commit(self) -> Result<Committed, IngestError> {
         let started = Instant::now();
-        if self.feed.send(Feed::End).await.is_err() {
-            // The worker already stopped; its result says why.
-        }
+        // If the worker already stopped, its result says why.
+        let _ = self.feed.send(Feed::End).await;
         match self.handle.await {
             Ok(result) => result.map(|committed| Committed { commit_time: started.elapsed(), ..committed }),
             Err(join) => Err(IngestError::Database(format!("load task failed: {join}"))),
@@ -425,13 +347,4 @@ impl LoadSession {
             Err(join) => IngestError::Database(format!("load task failed: {join}")),
         }
     }
-}
-
-/// Bytes of Arrow memory a batch's arrays cover (their slices, not the buffers they share).
-pub fn decoded_size(batch: &RecordBatch) -> u64 {
-    batch
-        .columns()
-        .iter()
-        .map(|array| array.to_data().get_slice_memory_size().unwrap_or_else(|_| array.get_array_memory_size()))
-        .sum::<usize>() as u64
 }

@@ -145,7 +145,7 @@ async fn hostile_and_unknown_stream_names() {
 async fn exhausted_memory_budget_is_503_with_retry_after() {
     let server = TestServer::start().await;
     // Other requests hold the whole budget: this one may retry later.
-    let budget = server.state.loader.budget();
+    let budget = server.app.loader().budget();
     let held = budget.try_reserve(budget.capacity()).unwrap();
     let response = server.ingest("budget", ipc_stream(&[batch(0, 5000)], None)).await;
     assert_eq!(response.headers()["retry-after"], "1");
@@ -178,7 +178,7 @@ async fn a_batch_larger_than_the_whole_budget_is_413_not_503() {
 async fn constraint_violations_are_409_and_write_nothing() {
     let server = TestServer::start().await;
     let create = "CREATE TABLE keyed (id BIGINT PRIMARY KEY, name VARCHAR, price DOUBLE)";
-    server.state.loader.with_connection(|c| c.execute_batch(create)).unwrap();
+    server.app.database().with_connection(|c| c.execute_batch(create)).unwrap();
     server.ingest_ok("keyed", ipc_stream(&[batch(0, 10)], None)).await;
     // Ids 5..15 clash with the table; a request small enough to share a group commit, and one large
     // enough to stream in a session of its own whose last batch clashes.
@@ -249,7 +249,7 @@ async fn slow_body_streams_in_pieces() {
     // The last piece is held back: the batches before it are decoded (and hold their share of the
     // memory budget) already, which a server that buffered the whole body would not have done.
     wait_until("the first batches are decoded", std::time::Duration::from_secs(20), || async {
-        server.state.loader.budget().used() > 0
+        server.app.loader().budget().used() > 0
     })
     .await;
     tx.send(Ok(last)).await.unwrap();

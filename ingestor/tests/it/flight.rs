@@ -9,7 +9,7 @@ use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{CommandStatementIngest, TableDefinitionOptions, TableExistsOption, TableNotExistOption};
 use arrow_flight::{FlightClient, FlightData, FlightDescriptor, PutResult, Ticket};
-use arrowport::flight::Ack;
+use arrowport_api::Ack;
 use arrowport_config::{Config, FlushPolicy, StreamConfig};
 use futures::{StreamExt, TryStreamExt};
 use tonic::Code;
@@ -110,7 +110,7 @@ async fn a_long_do_put_acks_each_commit_with_its_own_rows_and_bytes() {
 async fn a_commit_that_fails_mid_call_ends_it_and_rolls_back_what_came_after() {
     let server = TestServer::with_config(session_config("checked", 100, 100)).await;
     let create = "CREATE TABLE checked (id BIGINT CHECK (id < 150), name VARCHAR, price DOUBLE)";
-    server.state.loader.with_connection(|c| c.execute_batch(create)).unwrap();
+    server.app.database().with_connection(|c| c.execute_batch(create)).unwrap();
     // The second commit breaks the constraint; the batches behind it are valid but were not committed yet.
     let batches = [batch(0, 100), batch(100, 100), batch(-100, 100), batch(-200, 100), batch(-300, 100)];
     let status = put(&server, put_messages("checked", &batches)).await.unwrap_err();
@@ -213,7 +213,7 @@ async fn a_batch_that_does_not_fit_the_table_fails_its_precondition() {
 async fn a_batch_that_breaks_a_table_constraint_fails_its_precondition() {
     let server = TestServer::start().await;
     let create = "CREATE TABLE checked (id BIGINT CHECK (id < 100), name VARCHAR, price DOUBLE)";
-    server.state.loader.with_connection(|c| c.execute_batch(create)).unwrap();
+    server.app.database().with_connection(|c| c.execute_batch(create)).unwrap();
     let status = put(&server, put_messages("checked", &[batch(0, 50), batch(95, 10)])).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
     assert_eq!(status.metadata().get("x-arrowport-code").unwrap(), "constraint_violation");
@@ -299,7 +299,7 @@ async fn unknown_streams_are_not_found_when_auto_create_is_off() {
 #[tokio::test]
 async fn an_exhausted_memory_budget_is_resource_exhausted() {
     let server = TestServer::start().await;
-    let budget = server.state.loader.budget();
+    let budget = server.app.loader().budget();
     let held = budget.try_reserve(budget.capacity()).unwrap();
     let status = put(&server, put_messages("events", &[batch(0, 1000)])).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
@@ -501,13 +501,13 @@ async fn flight_sql_metadata_lists_the_tables() {
 async fn flight_can_have_its_own_port() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config { db_path: dir.path().join("split.duckdb"), ..Config::default() };
-    let state = arrowport::open(&config).unwrap();
+    let state = arrowport::app::App::open(&config).unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let flight = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let flight_url = format!("http://{}", flight.local_addr().unwrap());
     let http_url = format!("http://{}", http.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(arrowport::server::serve(http, Some(flight), state, async {
+    let task = tokio::spawn(arrowport::transport::serve(http, Some(flight), state, async {
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(flight_url).unwrap().connect().await.unwrap();

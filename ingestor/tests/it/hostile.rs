@@ -174,20 +174,20 @@ async fn a_stalled_do_put_is_deadline_exceeded_after_the_idle_timeout() {
 }
 
 /// Stops the server once one request is in flight; the stop must not wait past the shutdown deadline.
-async fn stop_with_one_request_open(server: TestServer) -> std::sync::Arc<arrowport::server::AppState> {
+async fn stop_with_one_request_open(server: TestServer) -> std::sync::Arc<arrowport::app::App> {
     wait_until("the request is in flight", Duration::from_secs(10), || async {
         metric(&server.metrics().await, "arrowport_inflight_requests ") == Some(1.0)
     })
     .await;
-    let state = server.state.clone();
+    let state = server.app.clone();
     let started = Instant::now();
     server.stop().await;
     assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
     state
 }
 
-fn has_table(state: &arrowport::server::AppState, table: &str) -> bool {
-    let count = state.loader.with_connection(|c| {
+fn has_table(state: &arrowport::app::App, table: &str) -> bool {
+    let count = state.database().with_connection(|c| {
         c.query_row("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table], |r| r.get::<_, i64>(0))
     });
     count.unwrap() > 0
@@ -257,7 +257,7 @@ async fn a_live_upload_cannot_be_listed_or_scanned_and_commits_exactly_its_rows(
     let (tx, upload) = spawn_upload(&server, "live");
     tx.send(Ok(Bytes::copy_from_slice(&stream[..split]))).await.unwrap();
     let views = || {
-        server.state.loader.with_connection(|c| {
+        server.app.database().with_connection(|c| {
             c.query_row(
                 "SELECT string_agg(database_name || '.' || schema_name || '.' || view_name, ',') FROM duckdb_views() \
                  WHERE NOT internal",
@@ -329,7 +329,7 @@ async fn a_handler_that_panics_answers_500_json_and_the_server_keeps_serving() {
     let app = axum::Router::new()
         .route("/boom", axum::routing::get(boom))
         .route("/fine", axum::routing::get(|| async { "fine" }))
-        .layer(arrowport::server::catch_panics(&server.state, arrowport::server::panicked));
+        .layer(arrowport::transport::catch_panics(&server.app, arrowport::transport::http::panicked));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -62,7 +62,7 @@ async fn compressed_bodies_land() {
         headers.extend(encoding.map(|e| ("content-encoding", e)));
         let response = server.ingest_with(name, body, &headers).await;
         assert_eq!(response.status(), 200, "{name}: {}", response.text().await.unwrap());
-        let report: arrowport::server::IngestReport = response.json().await.unwrap();
+        let report: arrowport_api::IngestReport = response.json().await.unwrap();
         assert_eq!(report.rows, 5000, "{name}");
         assert_eq!(report.bytes_received, wire, "{name}");
         assert!(report.bytes_decoded > wire, "{name}: compressed data decodes to more bytes");
@@ -215,11 +215,11 @@ async fn duckdb_extensions_load_at_start_or_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::from_yaml("duckdb_extensions: [parquet]\n").unwrap();
     config.db_path = dir.path().join("ext.duckdb");
-    let state = arrowport::open(&config).expect("parquet is built in");
+    let state = arrowport::app::App::open(&config).expect("parquet is built in");
     // duckdb_extensions() would list the extension directory, a file access the server refuses itself;
     // the extension's functions show that it is loaded.
     let loaded: bool = state
-        .loader
+        .database()
         .with_connection(|c| {
             c.query_row("SELECT count(*) > 0 FROM duckdb_functions() WHERE function_name = 'read_parquet'", [], |r| {
                 r.get(0)
@@ -230,7 +230,7 @@ async fn duckdb_extensions_load_at_start_or_fail_clearly() {
     drop(state);
     config.duckdb_extensions = vec!["no_such_extension".into()];
     config.db_path = dir.path().join("ext2.duckdb");
-    let message = arrowport::open(&config).err().expect("an unknown extension fails the start").to_string();
+    let message = arrowport::app::App::open(&config).err().expect("an unknown extension fails the start").to_string();
     assert!(message.contains("no_such_extension") && message.contains("does not download"), "{message}");
 }
 

@@ -63,7 +63,7 @@ async fn the_readme_specifies_every_metric_exposed() {
         holder.release().await
     };
     tokio::join!(futures::future::join_all(small), release);
-    let budget = server.state.loader.budget();
+    let budget = server.app.loader().budget();
     let held = budget.try_reserve(budget.capacity()).unwrap();
     assert_eq!(server.ingest("spec", ipc_stream(&[batch(0, 10)], None)).await.status(), 503);
     drop(held);
@@ -72,7 +72,7 @@ async fn the_readme_specifies_every_metric_exposed() {
         None,
     );
     assert_eq!(server.ingest("spec", mismatch).await.status(), 422);
-    server.state.checkpoint().await.unwrap();
+    server.app.checkpoint().await.unwrap();
     let text = server.metrics().await;
     let (specified, exposed) = (specified(), exposed(&text));
     let missing: Vec<_> = specified.iter().filter(|(name, kind)| exposed.get(*name) != Some(kind)).collect();
@@ -109,7 +109,7 @@ async fn metrics_after_known_traffic_are_exact() {
         messages.iter().map(|m| m.data_header.len() + m.data_body.len() + m.app_metadata.len()).sum();
     let acks = put(&server, messages).await.unwrap();
     assert_eq!(acks.len(), 1);
-    server.state.checkpoint().await.unwrap();
+    server.app.checkpoint().await.unwrap();
 
     let text = server.metrics().await;
     let http = r#"stream="web",protocol="http""#;
@@ -148,7 +148,7 @@ async fn metrics_after_known_traffic_are_exact() {
         let got = value(&text, &sample);
         assert!((got - want).abs() <= want.abs() * 1e-9, "{sample}: {got}, expected {want}\n{text}");
     }
-    let (file_bytes, _) = server.state.loader.file_sizes();
+    let file_bytes = server.app.database().sizes().data_bytes;
     assert!(file_bytes > 0);
     assert_eq!(value(&text, "arrowport_database_file_bytes"), file_bytes as f64);
     let resident = value(&text, "arrowport_process_resident_memory_bytes");
@@ -160,7 +160,7 @@ async fn metrics_after_known_traffic_are_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_counted() {
     let server = TestServer::start().await;
-    let budget = server.state.loader.budget();
+    let budget = server.app.loader().budget();
     let _held = budget.try_reserve(budget.capacity()).unwrap();
     let response = server.ingest("big", ipc_stream(&[batch(0, 1000)], None)).await;
     assert_eq!(response.status(), 503);

@@ -51,7 +51,7 @@ async fn flags_beat_env_beat_file() {
     ];
     let mut server = Process::serve(dir.path(), &["--port", "0", "--host", "127.0.0.1"], &env);
     assert!(server.url.starts_with("http://127.0.0.1:"));
-    let streams: arrowport::server::StreamsReport =
+    let streams: arrowport_api::StreamsReport =
         reqwest::get(format!("{}/streams", server.url)).await.unwrap().json().await.unwrap();
     assert_eq!(streams.compression.algorithm.as_str(), "lz4", "ARROWPORT_COMPRESSION beats the file");
     assert_eq!(streams.compression.level, None, "a zstd level does not carry over to lz4");

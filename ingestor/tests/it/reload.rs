@@ -5,7 +5,7 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::time::Duration;
 
-use arrowport::server::{IngestReport, StreamsReport};
+use arrowport_api::{IngestReport, StreamsReport};
 use futures::StreamExt;
 
 use crate::support::*;

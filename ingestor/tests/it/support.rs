@@ -10,7 +10,8 @@ use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray}
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
-use arrowport::server::{AppState, IngestReport};
+use arrowport::app::App;
+use arrowport_api::IngestReport;
 use arrowport_config::{Config, StreamConfig};
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -23,7 +24,7 @@ pub const FILE_TYPE: &str = "application/vnd.apache.arrow.file";
 /// An ingest server on 127.0.0.1 with its own database in a temporary directory.
 pub struct TestServer {
     pub url: String,
-    pub state: Arc<AppState>,
+    pub app: Arc<App>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -39,14 +40,14 @@ impl TestServer {
     pub async fn with_config(mut config: Config) -> Self {
         let dir = tempfile::tempdir().unwrap();
         config.db_path = dir.path().join("test.duckdb");
-        let state = arrowport::open(&config).unwrap();
+        let app = arrowport::app::App::open(&config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(arrowport::server::serve(listener, None, state.clone(), async {
+        let task = tokio::spawn(arrowport::transport::serve(listener, None, app.clone(), async {
             let _ = stopped.await;
         }));
-        Self { url, state, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: dir }
+        Self { url, app, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: dir }
     }
 
     /// POSTs `body` to `/ingest/{stream}` as an Arrow stream.
@@ -78,7 +79,7 @@ impl TestServer {
 
     /// Runs a query returning one value.
     pub fn scalar<T: duckdb::types::FromSql>(&self, sql: &str) -> T {
-        self.state.loader.with_connection(|c| c.query_row(sql, [], |row| row.get(0))).unwrap()
+        self.app.database().with_connection(|c| c.query_row(sql, [], |row| row.get(0))).unwrap()
     }
 
     /// Rows in `table`, or `None` if it does not exist.
@@ -90,11 +91,11 @@ impl TestServer {
 
     /// Runs a query and returns its result as Arrow batches.
     pub fn query_arrow(&self, sql: &str) -> Vec<RecordBatch> {
-        self.state.loader.with_connection(|c| Ok(c.prepare(sql)?.query_arrow([])?.collect())).unwrap()
+        self.app.database().with_connection(|c| Ok(c.prepare(sql)?.query_arrow([])?.collect())).unwrap()
     }
 
     /// `GET /streams`.
-    pub async fn streams_report(&self) -> arrowport::server::StreamsReport {
+    pub async fn streams_report(&self) -> arrowport_api::StreamsReport {
         self.client.get(format!("{}/streams", self.url)).send().await.unwrap().json().await.unwrap()
     }
 

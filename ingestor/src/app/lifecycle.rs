@@ -1,0 +1,91 @@
+//! Lifecycle: shutting down in order (refuse new requests, let open ones finish, abort the rest at the
+//! deadline, checkpoint last) and checkpointing on a schedule in between.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::App;
+use crate::error::IngestError;
+
+/// Where the process is in its life.
+#[derive(Default)]
+pub(super) struct Lifecycle {
+    shutting_down: AtomicBool,
+    /// Cancelled when the shutdown deadline passes: uploads still open roll back and answer at once.
+    aborting: CancellationToken,
+}
+
+impl App {
+    /// From now on new requests are refused (`shutting_down`, and `/readyz` says so).
+    pub fn begin_shutdown(&self) {
+        self.lifecycle.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.lifecycle.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Cancelling this token aborts every upload still open (at the shutdown deadline).
+    pub fn abort_token(&self) -> CancellationToken {
+        self.lifecycle.aborting.clone()
+    }
+
+    /// How long an upload may wait for the client's next bytes or message.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_seconds)
+    }
+
+    /// Waits for the client's next piece of an upload: `None` at its end; an error when it stays silent
+    /// past the idle timeout, or when the shutdown deadline passes first.
+    pub async fn next_from_client<T>(&self, next: impl Future<Output = Option<T>>) -> Result<Option<T>, IngestError> {
+        let timeout = self.idle_timeout();
+        tokio::select! {
+            next = tokio::time::timeout(timeout, next) => {
+                next.map_err(|_| IngestError::IdleTimeout { seconds: timeout.as_secs() })
+            }
+            () = self.lifecycle.aborting.cancelled() => Err(IngestError::ShuttingDown),
+        }
+    }
+
+    /// Checkpoints the storage (for a DuckDB file, folds the WAL into it) and counts it. A checkpoint
+    /// DuckDB cannot take now (other writes in progress) fails harmlessly and is tried again next time.
+    pub async fn checkpoint(&self) -> Result<(), IngestError> {
+        let database = self.database.clone();
+        let started = Instant::now();
+        let outcome = match tokio::task::spawn_blocking(move || database.checkpoint()).await {
+            Ok(outcome) => outcome,
+            Err(join) => Err(IngestError::Database(format!("checkpoint task failed: {join}"))),
+        };
+        self.telemetry.record_checkpoint(outcome.is_ok(), started.elapsed());
+        outcome
+    }
+
+    /// Checkpoints every `duckdb.checkpoint_interval_seconds` until aborted; failures are logged and
+    /// retried next time. `None` if periodic checkpoints are off.
+    pub fn spawn_checkpoints(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let interval = self.checkpoint_interval?;
+        let app = self.clone();
+        Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(error) = app.checkpoint().await {
+                    tracing::info!(%error, "Periodic checkpoint not taken; trying again next interval.");
+                }
+            }
+        }))
+    }
+
+    /// The last step of a shutdown, once no request is open: a final checkpoint.
+    pub async fn finish(&self) {
+        match self.checkpoint().await {
+            Ok(()) => tracing::info!("Checkpointed the database."),
+            Err(error) => tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start."),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The protocol-neutral core, and the composition root that builds it from the configuration.
+//!
+//! [`App`] owns what every transport shares: the route table, the ingest engine ([`Loader`]) and the
+//! ingest session loop ([`session`]), the read-only [`QueryService`], [`Telemetry`] and the lifecycle
+//! (shutdown, checkpoints). Transports ([`crate::transport`]) turn their requests into calls on it and its
+//! results and errors into their answers; nothing here knows HTTP or gRPC.
+
+mod lifecycle;
+mod session;
+mod streams;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use arrowport_config::{Config, Limits};
+
+use crate::budget::MemoryBudget;
+use crate::error::IngestError;
+use crate::load::{Loader, LoaderOptions};
+use crate::query::{QueryLimits, QueryService};
+use crate::routing::Routes;
+use crate::sizing;
+use crate::store::{Database, DatabaseOptions, DuckDbFile, Storage};
+use crate::telemetry::{Resources, Telemetry, metrics};
+use lifecycle::Lifecycle;
+pub use session::{Commits, Incoming, IngestRequest, WireCounter};
+
+/// How long a request waits for room in the memory budget before it gets 503.
+const BUDGET_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The ingester: what every request handler shares.
+pub struct App {
+    routes: RwLock<Arc<Routes>>,
+    database: Arc<Database>,
+    loader: Loader,
+    queries: QueryService,
+    telemetry: Telemetry,
+    lifecycle: Lifecycle,
+    limits: Limits,
+    checkpoint_interval: Option<Duration>,
+}
+
+impl App {
+    /// Opens the storage `config` names and builds the ingester on it.
+    pub fn open(config: &Config) -> Result<Arc<Self>, IngestError> {
+        let storage = DuckDbFile::new(&config.db_path);
+        Self::open_on(Box::new(storage), config)
+    }
+
+    /// Builds the ingester on `storage`, with everything else from `config`.
+    pub fn open_on(storage: Box<dyn Storage>, config: &Config) -> Result<Arc<Self>, IngestError> {
+        let options = DatabaseOptions {
+            extensions: config.duckdb_extensions.clone(),
+            memory_limit: duckdb_memory_limit(config),
+            checkpoint_threshold: config.duckdb.checkpoint_threshold.0,
+        };
+        let database = Arc::new(Database::open(storage, &options)?);
+        let budget = MemoryBudget::new(config.limits.memory_budget_bytes.0, BUDGET_PATIENCE);
+        let loader = Loader::new(
+            database.clone(),
+            LoaderOptions { max_concurrent_loads: config.limits.max_concurrent_loads, budget },
+        );
+        let query_limits = QueryLimits {
+            max_concurrent: config.limits.max_concurrent_queries,
+            timeout: Duration::from_secs(config.limits.query_timeout_seconds),
+        };
+        let queries = QueryService::new(database.clone(), query_limits);
+        let routes = Routes::from_config(config);
+        let telemetry = Telemetry::default();
+        let metrics = &telemetry.metrics;
+        metrics.memory_budget_bytes.set(loader.budget().capacity() as i64);
+        if let Some(limit) = database.memory_limit() {
+            metrics.duckdb_memory_limit_bytes.set(limit as i64);
+        }
+        metrics.config_generation.set(routes.generation as i64);
+        let checkpoint_interval = match config.duckdb.checkpoint_interval_seconds {
+            0 => None,
+            seconds => Some(Duration::from_secs(seconds)),
+        };
+        Ok(Arc::new(Self {
+            routes: RwLock::new(Arc::new(routes)),
+            database,
+            loader,
+            queries,
+            telemetry,
+            lifecycle: Lifecycle::default(),
+            limits: config.limits.clone(),
+            checkpoint_interval,
+        }))
+    }
+
+    /// The routing table now; a request keeps the snapshot it started with.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().expect("routes lock poisoned").clone()
+    }
+
+    /// Puts `routes` in force for requests that start from now on, unless it routes exactly as the
+    /// current table does. Returns the new generation if it changed anything.
+    pub fn replace_routes(&self, mut routes: Routes) -> Option<u64> {
+        let mut current = self.routes.write().expect("routes lock poisoned");
+        if current.hash() == routes.hash() {
+            return None;
+        }
+        routes.generation = current.generation + 1;
+        let generation = routes.generation;
+        *current = Arc::new(routes);
+        self.telemetry.metrics.config_generation.set(generation as i64);
+        Some(generation)
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    pub fn loader(&self) -> &Loader {
+        &self.loader
+    }
+
+    pub fn queries(&self) -> &QueryService {
+        &self.queries
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Reads the resource gauges (memory, storage sizes) for a scrape.
+    pub async fn refresh_resources(&self) {
+        let database = self.database.clone();
+        let resources = tokio::task::spawn_blocking(move || {
+            let sizes = database.sizes();
+            Resources {
+                resident_memory_bytes: metrics::resident_memory_bytes(),
+                duckdb_memory_bytes: database.memory_bytes().ok(),
+                database_file_bytes: sizes.data_bytes,
+                wal_file_bytes: sizes.log_bytes,
+            }
+        })
+        .await
+        .unwrap_or_default();
+        let metrics = &self.telemetry.metrics;
+        metrics.set_resources(&resources);
+        metrics.inflight_bytes.set(self.loader.budget().used() as i64);
+    }
+
+    /// Counts a request refused before it reached the core (a transport's own checks).
+    pub fn refused(&self, protocol: metrics::Protocol, stream: &str, error: &IngestError) {
+        self.telemetry.record_request(protocol, stream, Some(error), 0, Instant::now());
+    }
+}
+
+/// DuckDB's memory limit: the configured one, or [`sizing::default_duckdb_limit`] of the memory this
+/// process may use; `None` (DuckDB's own default) only where that cannot be read.
+fn duckdb_memory_limit(config: &Config) -> Option<u64> {
+    if let Some(limit) = config.duckdb.memory_limit {
+        return Some(limit.0);
+    }
+    let available = sizing::available()?;
+    let budget = config.limits.memory_budget_bytes.0;
+    let limit = sizing::default_duckdb_limit(available.bytes, budget);
+    // In MiB: ByteSize prints sizes that are not whole units in bytes.
+    let (duckdb_mib, available_mib) = (limit >> 20, available.bytes >> 20);
+    if limit + budget > available.bytes {
+        tracing::warn!(
+            duckdb_mib, available_mib, source = %available.source,
+            "DuckDB's memory limit and limits.memory_budget_bytes together exceed the memory available; \
+             lower the budget or give the process more memory."
+        );
+    } else {
+        tracing::info!(
+            duckdb_mib, available_mib, source = %available.source,
+            "DuckDB memory limit: 80% of the memory available, less limits.memory_budget_bytes."
+        );
+    }
+    Some(limit)
+}

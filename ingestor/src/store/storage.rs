@@ -1,0 +1,70 @@
+//! The storage seam: what differs between kinds of storage behind the one DuckDB instance.
+//!
+//! Everything above [`Database`](super::Database) (loading, queries, routing) sees only a catalog to
+//! write tables into. A storage kind says which file DuckDB opens, how the data catalog is attached,
+//! what a checkpoint means for it and how big it is. Today there is one kind, a DuckDB file.
+
+use std::path::{Path, PathBuf};
+
+use duckdb::Connection;
+
+use crate::error::IngestError;
+
+/// Bytes a storage takes on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageSizes {
+    /// The data itself (a DuckDB file).
+    pub data_bytes: u64,
+    /// Written but not yet folded into the data (a DuckDB write-ahead log).
+    pub log_bytes: u64,
+}
+
+/// One kind of storage.
+pub trait Storage: Send + Sync + 'static {
+    /// The file DuckDB opens as its main database.
+    fn database_path(&self) -> &Path;
+
+    /// Attaches the data catalog on the freshly opened database (file access is still allowed) and
+    /// returns its name.
+    fn attach(&self, admin: &Connection) -> Result<String, IngestError>;
+
+    /// Folds recent writes into their long-term form. May fail harmlessly when other writes are in
+    /// progress; it is tried again later.
+    fn checkpoint(&self, admin: &Connection) -> Result<(), IngestError>;
+
+    /// What the storage takes on disk now.
+    fn sizes(&self) -> StorageSizes;
+}
+
+/// A DuckDB database file: the data catalog is the file itself, its WAL beside it.
+#[derive(Debug, Clone)]
+pub struct DuckDbFile {
+    path: PathBuf,
+}
+
+impl DuckDbFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+}
+
+impl Storage for DuckDbFile {
+    fn database_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn attach(&self, admin: &Connection) -> Result<String, IngestError> {
+        Ok(admin.query_row("SELECT current_database()", [], |row| row.get(0))?)
+    }
+
+    fn checkpoint(&self, admin: &Connection) -> Result<(), IngestError> {
+        Ok(admin.execute_batch("CHECKPOINT")?)
+    }
+
+    fn sizes(&self) -> StorageSizes {
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
+        let mut wal = self.path.clone().into_os_string();
+        wal.push(".wal");
+        StorageSizes { data_bytes: size(&self.path), log_bytes: size(Path::new(&wal)) }
+    }
+}

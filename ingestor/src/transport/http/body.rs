@@ -1,0 +1,105 @@
+//! A request body as a stream of decompressed bytes, counting and limiting what came over the wire.
+
+use std::io;
+
+use async_compression::tokio::bufread::{GzipDecoder, Lz4Decoder, ZstdDecoder};
+use axum::body::Body;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+use crate::app::WireCounter;
+use crate::error::IngestError;
+
+/// Read size for decompressed output: large enough to keep per-chunk overhead negligible.
+const DECOMPRESSED_CHUNK: usize = 256 * 1024;
+
+/// Whole-body compression named by `Content-Encoding`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContentEncoding {
+    Identity,
+    Zstd,
+    Lz4,
+    Gzip,
+}
+
+impl ContentEncoding {
+    pub fn from_header(value: Option<&str>) -> Result<Self, IngestError> {
+        let Some(raw) = value else {
+            return Ok(Self::Identity);
+        };
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "" | "identity" => Ok(Self::Identity),
+            "zstd" => Ok(Self::Zstd),
+            "lz4" => Ok(Self::Lz4),
+            "gzip" | "x-gzip" => Ok(Self::Gzip),
+            _ => Err(IngestError::UnsupportedEncoding(raw.to_owned())),
+        }
+    }
+}
+
+/// An [`IngestError`] carried through `io::Error` so it survives the decompressors unchanged.
+#[derive(Debug)]
+struct Carried(IngestError);
+
+impl std::fmt::Display for Carried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Carried {}
+
+/// The body's bytes after `encoding` is undone. `wire_bytes` counts what arrived; more than `limit`
+/// of it ends the stream with [`IngestError::BodyTooLarge`].
+pub fn decoded_bytes(
+    body: Body,
+    encoding: ContentEncoding,
+    limit: u64,
+    wire_bytes: WireCounter,
+) -> BoxStream<'static, Result<Bytes, IngestError>> {
+    let wire = body.into_data_stream().map(move |frame| {
+        let frame = frame.map_err(|e| carried(IngestError::BodyRead(e.to_string())))?;
+        let total = wire_bytes.add(frame.len() as u64);
+        if total > limit {
+            return Err(carried(IngestError::BodyTooLarge { limit }));
+        }
+        Ok(frame)
+    });
+    let name = match encoding {
+        ContentEncoding::Identity => return wire.map(|r| r.map_err(uncarry("identity"))).boxed(),
+        ContentEncoding::Zstd => "zstd",
+        ContentEncoding::Lz4 => "lz4",
+        ContentEncoding::Gzip => "gzip",
+    };
+    let reader = StreamReader::new(wire);
+    let decoded: BoxStream<'static, io::Result<Bytes>> = match encoding {
+        ContentEncoding::Zstd => {
+            let mut decoder = ZstdDecoder::new(reader);
+            decoder.multiple_members(true);
+            ReaderStream::with_capacity(decoder, DECOMPRESSED_CHUNK).boxed()
+        }
+        ContentEncoding::Gzip => {
+            let mut decoder = GzipDecoder::new(reader);
+            decoder.multiple_members(true);
+            ReaderStream::with_capacity(decoder, DECOMPRESSED_CHUNK).boxed()
+        }
+        _ => ReaderStream::with_capacity(Lz4Decoder::new(reader), DECOMPRESSED_CHUNK).boxed(),
+    };
+    decoded.map(move |r| r.map_err(uncarry(name))).boxed()
+}
+
+fn carried(error: IngestError) -> io::Error {
+    io::Error::other(Carried(error))
+}
+
+/// Our own errors come back out as they went in; anything else is the decompressor's complaint.
+fn uncarry(encoding: &'static str) -> impl Fn(io::Error) -> IngestError {
+    move |error| match error.into_inner() {
+        Some(inner) => match inner.downcast::<Carried>() {
+            Ok(carried) => carried.0,
+            Err(other) => IngestError::InvalidEncoding(format!("cannot decompress the {encoding} body: {other}")),
+        },
+        None => IngestError::InvalidEncoding(format!("cannot decompress the {encoding} body")),
+    }
+}

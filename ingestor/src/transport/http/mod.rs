@@ -1,0 +1,156 @@
+//! HTTP: `POST /ingest/{stream}`, `GET /streams`, health, readiness and metrics.
+//!
+//! An ingest request's body is undone of its `Content-Encoding` ([`body`]), cut into IPC messages
+//! ([`framing`]) and handed to the core's ingest loop; errors become a JSON body with the status the
+//! error code's table gives.
+
+mod body;
+pub mod framing;
+
+use std::sync::Arc;
+
+use arrowport_api::{ErrorBody, ErrorCode, IngestReport, StreamsReport};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+
+use crate::app::{App, Commits, Incoming, IngestRequest, WireCounter};
+use crate::error::IngestError;
+use crate::telemetry::Protocol;
+pub use body::ContentEncoding;
+use framing::{IpcDecoder, IpcFormat};
+
+/// All HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/ingest/{stream}", post(ingest))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/streams", get(streams))
+        // Bodies are streamed and limited by `limits.max_body_bytes` in the handler, not buffered.
+        .layer(DefaultBodyLimit::disable())
+        .layer(super::catch_panics(&app, panicked))
+        .with_state(app)
+}
+
+/// An error as an HTTP answer: the status its code's table gives, and `{"error": {"code", "message"}}`.
+fn error_response(code: ErrorCode, message: String) -> Response {
+    let status = code.http_status();
+    let mut response = (status, Json(ErrorBody::new(code, message))).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        error_response(self.code(), self.to_string())
+    }
+}
+
+/// The answer to a request whose handler panicked: a JSON error like any other, and the server goes on.
+pub fn panicked() -> Response {
+    tracing::error!("A request handler panicked; answered 500. This is a bug: please report it.");
+    let mut response = error_response(ErrorCode::Internal, "internal error (the server logged it)".to_owned());
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+async fn ingest(
+    State(app): State<Arc<App>>,
+    Path(stream): Path<String>,
+    version: Version,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    match ingest_body(&app, stream, &headers, body).await {
+        Ok(report) => Json(report).into_response(),
+        Err(error) => {
+            let mut response = error.into_response();
+            // The rest of the body may be unread, so the connection cannot carry another request: say so,
+            // or an HTTP/1.1 client may reuse it and see its next request fail.
+            if version < Version::HTTP_2 {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
+}
+
+async fn ingest_body(
+    app: &Arc<App>,
+    stream: String,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<IngestReport, IngestError> {
+    let ingest = app.start_ingest(IngestRequest::new(Protocol::Http, stream, Commits::AtEnd))?;
+    let wire = WireCounter::default();
+    let messages = (|| {
+        let format = IpcFormat::from_content_type(header_text(headers, header::CONTENT_TYPE))?;
+        let encoding = ContentEncoding::from_header(header_text(headers, header::CONTENT_ENCODING))?;
+        let limit = app.limits().max_body_bytes.0;
+        let declared_length = header_text(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+        if declared_length.is_some_and(|length| length > limit) {
+            return Err(IngestError::BodyTooLarge { limit });
+        }
+        let bytes = body::decoded_bytes(body, encoding, limit, wire.clone());
+        Ok(messages(bytes, IpcDecoder::new(format, app.limits().max_message_bytes.0)))
+    })();
+    match messages {
+        Ok(messages) => ingest.run(messages, &wire, None).await,
+        Err(error) => Err(ingest.refuse(error)),
+    }
+}
+
+/// The IPC messages of a body's bytes; an error ends them.
+fn messages(
+    bytes: impl Stream<Item = Result<bytes::Bytes, IngestError>> + Unpin,
+    decoder: IpcDecoder,
+) -> impl Stream<Item = Result<Incoming, IngestError>> {
+    futures::stream::try_unfold((bytes, decoder), |(mut bytes, mut decoder)| async move {
+        loop {
+            if let Some(message) = decoder.next_message()? {
+                return Ok(Some((Incoming { message, request_id: None }, (bytes, decoder))));
+            }
+            match bytes.next().await {
+                Some(chunk) => decoder.push(chunk?),
+                None => {
+                    decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    })
+}
+
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready while the database is open and the server is not shutting down.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.refresh_resources().await;
+    let body = app.telemetry().metrics.encode();
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+}
+
+async fn streams(State(app): State<Arc<App>>) -> Json<StreamsReport> {
+    Json(app.streams_report())
+}
