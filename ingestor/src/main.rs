@@ -55,6 +55,8 @@ struct ServeArgs {
     compression: Option<CompressionArg>,
 }
 
+/// Only with glibc (see `arrowport::malloc`); elsewhere the system allocator serves as it is.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[global_allocator]
 static ALLOCATOR: arrowport::malloc::LargeBuffersMapped = arrowport::malloc::LargeBuffersMapped;
 

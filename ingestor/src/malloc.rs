@@ -13,264 +13,283 @@
 //! glibc keeps resident (it only gives back their tops): 50–70 MB of a 1 GiB upload's peak.
 //! [`release_free_memory`], every second, gives it back: −25 MB at that peak, for ~5% more page faults
 //! and no measurable CPU.
+//!
+//! All of this is glibc's (arenas, `malloc_trim`) and Linux's (`mremap`, huge pages), so it exists only
+//! on Linux with glibc. Elsewhere (musl, other systems) the binary keeps the system allocator as it is,
+//! and [`release_free_memory_every`] does nothing.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::time::Duration;
-
-/// Blocks at least this large are mapped on their own and unmapped when freed.
+/// Blocks at least this large are mapped on their own and unmapped when freed (on Linux with glibc).
+/// Defined everywhere: the transports size their frames below it.
 pub const LARGE_BYTES: usize = 1 << 20;
-/// Blocks at least this large are also offered transparent huge pages; below it, rounding up to whole
-/// huge pages would waste too much.
-const HUGE_BYTES: usize = 4 << 20;
-const HUGE_PAGE_BYTES: usize = 2 << 20;
-const PAGE_BYTES: usize = 4096;
 
-/// Hands the free pages inside glibc's arenas back to the system (`malloc_trim`). The pages stay mapped,
-/// so the next allocation there costs a page fault, not a system call.
-pub fn release_free_memory() {
-    // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
-    unsafe { libc::malloc_trim(0) };
-}
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub use glibc::{LargeBuffersMapped, release_free_memory, release_free_memory_every};
 
-/// Calls [`release_free_memory`] every `interval` on a thread of its own, for the life of the process.
-pub fn release_free_memory_every(interval: Duration) -> std::io::Result<()> {
-    std::thread::Builder::new().name("release-memory".into()).spawn(move || {
-        loop {
-            std::thread::sleep(interval);
-            release_free_memory();
-        }
-    })?;
+/// Without glibc there are no arenas to trim: does nothing, and starts no thread.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn release_free_memory_every(_interval: std::time::Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The global allocator of the `arrowport` binary: the system allocator, except that blocks of
-/// [`LARGE_BYTES`] or more are mappings of their own, on huge pages from [`HUGE_BYTES`].
-pub struct LargeBuffersMapped;
+/// The glibc- and Linux-specific implementation.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::time::Duration;
 
-/// How a block of `size` bytes with `align` is allocated: `None` for the system allocator, otherwise
-/// the length of its mapping.
-fn mapping_len(size: usize, align: usize) -> Option<usize> {
-    if size < LARGE_BYTES || align > PAGE_BYTES {
-        return None;
-    }
-    let unit = if size >= HUGE_BYTES { HUGE_PAGE_BYTES } else { PAGE_BYTES };
-    size.checked_next_multiple_of(unit)
-}
+    use super::LARGE_BYTES;
 
-/// Maps `len` zeroed bytes; null if the system has no memory for them.
-fn map(len: usize) -> *mut u8 {
-    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no existing memory.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return std::ptr::null_mut();
-    }
-    if len.is_multiple_of(HUGE_PAGE_BYTES) {
-        // Only advice: where huge pages are off (`never`), the mapping keeps small pages.
-        // SAFETY: the range is the mapping just made.
-        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-    }
-    ptr.cast()
-}
+    /// Blocks at least this large are also offered transparent huge pages; below it, rounding up to whole
+    /// huge pages would waste too much.
+    const HUGE_BYTES: usize = 4 << 20;
+    const HUGE_PAGE_BYTES: usize = 2 << 20;
+    const PAGE_BYTES: usize = 4096;
 
-/// Unmaps a block made by [`map`] with the same `len`.
-///
-/// # Safety
-/// `ptr` and `len` must be a mapping from [`map`] that nothing uses any more.
-unsafe fn unmap(ptr: *mut u8, len: usize) {
-    // SAFETY: the caller passes a whole mapping of ours. munmap only fails for invalid ranges.
-    unsafe { libc::munmap(ptr.cast(), len) };
-}
-
-/// Resizes a mapping made by [`map`], moving it if need be (without copying: the kernel moves the pages).
-///
-/// # Safety
-/// `ptr` and `old_len` must be a mapping from [`map`] that nothing else uses any more.
-#[cfg(target_os = "linux")]
-unsafe fn remap(ptr: *mut u8, old_len: usize, new_len: usize) -> *mut u8 {
-    // SAFETY: the caller passes a whole mapping of ours; MREMAP_MAYMOVE lets the kernel pick a new place.
-    let moved = unsafe { libc::mremap(ptr.cast(), old_len, new_len, libc::MREMAP_MAYMOVE) };
-    if moved == libc::MAP_FAILED {
-        return std::ptr::null_mut();
+    /// Hands the free pages inside glibc's arenas back to the system (`malloc_trim`). The pages stay mapped,
+    /// so the next allocation there costs a page fault, not a system call.
+    pub fn release_free_memory() {
+        // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
+        unsafe { libc::malloc_trim(0) };
     }
-    if new_len.is_multiple_of(HUGE_PAGE_BYTES) {
-        // SAFETY: the range is the mapping just resized.
-        unsafe { libc::madvise(moved, new_len, libc::MADV_HUGEPAGE) };
-    }
-    moved.cast()
-}
 
-// SAFETY: every block comes either from `System` (and goes back to it) or from `map` (and goes back to
-// `munmap` with the length it was mapped with), decided by its layout alone, which the caller passes
-// unchanged to `dealloc` and `realloc`. Mappings are page-aligned, which covers every alignment routed to
-// them, and zeroed, as `alloc_zeroed` requires.
-unsafe impl GlobalAlloc for LargeBuffersMapped {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match mapping_len(layout.size(), layout.align()) {
-            Some(len) => map(len),
-            // SAFETY: the caller's contract for `alloc` is the same as for `System.alloc`.
-            None => unsafe { System.alloc(layout) },
+    /// Calls [`release_free_memory`] every `interval` on a thread of its own, for the life of the process.
+    pub fn release_free_memory_every(interval: Duration) -> std::io::Result<()> {
+        std::thread::Builder::new().name("release-memory".into()).spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                release_free_memory();
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The global allocator of the `arrowport` binary: the system allocator, except that blocks of
+    /// [`LARGE_BYTES`] or more are mappings of their own, on huge pages from [`HUGE_BYTES`].
+    pub struct LargeBuffersMapped;
+
+    /// How a block of `size` bytes with `align` is allocated: `None` for the system allocator, otherwise
+    /// the length of its mapping.
+    fn mapping_len(size: usize, align: usize) -> Option<usize> {
+        if size < LARGE_BYTES || align > PAGE_BYTES {
+            return None;
         }
+        let unit = if size >= HUGE_BYTES { HUGE_PAGE_BYTES } else { PAGE_BYTES };
+        size.checked_next_multiple_of(unit)
     }
 
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        match mapping_len(layout.size(), layout.align()) {
-            Some(len) => map(len),
-            // SAFETY: as in `alloc`.
-            None => unsafe { System.alloc_zeroed(layout) },
+    /// Maps `len` zeroed bytes; null if the system has no memory for them.
+    fn map(len: usize) -> *mut u8 {
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no existing memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return std::ptr::null_mut();
         }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        match mapping_len(layout.size(), layout.align()) {
-            // SAFETY: a block of this layout was mapped with this length.
-            Some(len) => unsafe { unmap(ptr, len) },
-            // SAFETY: a block of this layout came from `System`.
-            None => unsafe { System.dealloc(ptr, layout) },
+        if len.is_multiple_of(HUGE_PAGE_BYTES) {
+            // Only advice: where huge pages are off (`never`), the mapping keeps small pages.
+            // SAFETY: the range is the mapping just made.
+            unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         }
+        ptr.cast()
     }
 
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let old_len = mapping_len(layout.size(), layout.align());
-        let new_len = mapping_len(new_size, layout.align());
-        match (old_len, new_len) {
-            // SAFETY: the block came from `System` and stays there.
-            (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
-            (Some(old_len), Some(new_len)) if old_len == new_len => ptr,
-            // SAFETY: the block was mapped with `old_len`; the caller gives it up for the new one.
-            #[cfg(target_os = "linux")]
-            (Some(old_len), Some(new_len)) => unsafe { remap(ptr, old_len, new_len) },
-            _ => {
-                // Moving between the system allocator and a mapping: copy. Growing buffers double, so
-                // this is amortised like any reallocation.
-                // SAFETY: `new_size` is non-zero and, rounded up to `align`, does not overflow (the
-                // caller's contract for `realloc`).
-                let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+    /// Unmaps a block made by [`map`] with the same `len`.
+    ///
+    /// # Safety
+    /// `ptr` and `len` must be a mapping from [`map`] that nothing uses any more.
+    unsafe fn unmap(ptr: *mut u8, len: usize) {
+        // SAFETY: the caller passes a whole mapping of ours. munmap only fails for invalid ranges.
+        unsafe { libc::munmap(ptr.cast(), len) };
+    }
+
+    /// Resizes a mapping made by [`map`], moving it if need be (without copying: the kernel moves the pages).
+    ///
+    /// # Safety
+    /// `ptr` and `old_len` must be a mapping from [`map`] that nothing else uses any more.
+    unsafe fn remap(ptr: *mut u8, old_len: usize, new_len: usize) -> *mut u8 {
+        // SAFETY: the caller passes a whole mapping of ours; MREMAP_MAYMOVE lets the kernel pick a new place.
+        let moved = unsafe { libc::mremap(ptr.cast(), old_len, new_len, libc::MREMAP_MAYMOVE) };
+        if moved == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        if new_len.is_multiple_of(HUGE_PAGE_BYTES) {
+            // SAFETY: the range is the mapping just resized.
+            unsafe { libc::madvise(moved, new_len, libc::MADV_HUGEPAGE) };
+        }
+        moved.cast()
+    }
+
+    // SAFETY: every block comes either from `System` (and goes back to it) or from `map` (and goes back to
+    // `munmap` with the length it was mapped with), decided by its layout alone, which the caller passes
+    // unchanged to `dealloc` and `realloc`. Mappings are page-aligned, which covers every alignment routed to
+    // them, and zeroed, as `alloc_zeroed` requires.
+    unsafe impl GlobalAlloc for LargeBuffersMapped {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            match mapping_len(layout.size(), layout.align()) {
+                Some(len) => map(len),
+                // SAFETY: the caller's contract for `alloc` is the same as for `System.alloc`.
+                None => unsafe { System.alloc(layout) },
+            }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            match mapping_len(layout.size(), layout.align()) {
+                Some(len) => map(len),
                 // SAFETY: as in `alloc`.
-                let new_ptr = unsafe { self.alloc(new_layout) };
-                if !new_ptr.is_null() {
-                    // SAFETY: both blocks are valid for the smaller size and are distinct allocations.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(ptr, new_ptr, layout.size().min(new_size));
-                        self.dealloc(ptr, layout);
+                None => unsafe { System.alloc_zeroed(layout) },
+            }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            match mapping_len(layout.size(), layout.align()) {
+                // SAFETY: a block of this layout was mapped with this length.
+                Some(len) => unsafe { unmap(ptr, len) },
+                // SAFETY: a block of this layout came from `System`.
+                None => unsafe { System.dealloc(ptr, layout) },
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let old_len = mapping_len(layout.size(), layout.align());
+            let new_len = mapping_len(new_size, layout.align());
+            match (old_len, new_len) {
+                // SAFETY: the block came from `System` and stays there.
+                (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
+                (Some(old_len), Some(new_len)) if old_len == new_len => ptr,
+                // SAFETY: the block was mapped with `old_len`; the caller gives it up for the new one.
+                (Some(old_len), Some(new_len)) => unsafe { remap(ptr, old_len, new_len) },
+                _ => {
+                    // Moving between the system allocator and a mapping: copy. Growing buffers double, so
+                    // this is amortised like any reallocation.
+                    // SAFETY: `new_size` is non-zero and, rounded up to `align`, does not overflow (the
+                    // caller's contract for `realloc`).
+                    let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+                    // SAFETY: as in `alloc`.
+                    let new_ptr = unsafe { self.alloc(new_layout) };
+                    if !new_ptr.is_null() {
+                        // SAFETY: both blocks are valid for the smaller size and are distinct allocations.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(ptr, new_ptr, layout.size().min(new_size));
+                            self.dealloc(ptr, layout);
+                        }
                     }
+                    new_ptr
                 }
-                new_ptr
             }
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    #[cfg(test)]
+    mod tests {
+        use super::*;
 
-    #[test]
-    fn large_blocks_are_mapped_in_whole_pages_and_huge_pages_from_four_mib() {
-        assert_eq!(mapping_len(1000, 8), None);
-        assert_eq!(mapping_len(LARGE_BYTES - 1, 64), None);
-        assert_eq!(mapping_len(LARGE_BYTES + 1, 64), Some(LARGE_BYTES + PAGE_BYTES));
-        assert_eq!(mapping_len(HUGE_BYTES + 1, 64), Some(HUGE_BYTES + HUGE_PAGE_BYTES));
-        assert_eq!(mapping_len(HUGE_BYTES, 8192), None, "alignments above a page stay with the system");
-    }
+        #[test]
+        fn large_blocks_are_mapped_in_whole_pages_and_huge_pages_from_four_mib() {
+            assert_eq!(mapping_len(1000, 8), None);
+            assert_eq!(mapping_len(LARGE_BYTES - 1, 64), None);
+            assert_eq!(mapping_len(LARGE_BYTES + 1, 64), Some(LARGE_BYTES + PAGE_BYTES));
+            assert_eq!(mapping_len(HUGE_BYTES + 1, 64), Some(HUGE_BYTES + HUGE_PAGE_BYTES));
+            assert_eq!(mapping_len(HUGE_BYTES, 8192), None, "alignments above a page stay with the system");
+        }
 
-    /// Fills a block, reallocates it to each size in turn, and checks the contents survive every move
-    /// between the system allocator, small-page and huge-page mappings.
-    #[test]
-    fn blocks_keep_their_contents_across_every_kind_of_reallocation() {
-        let allocator = LargeBuffersMapped;
-        let sizes = [100, LARGE_BYTES + 10, LARGE_BYTES + 20, HUGE_BYTES * 3, HUGE_BYTES + 5, 200, 64];
-        let mut layout = Layout::from_size_align(sizes[0], 64).unwrap();
-        // SAFETY: the layout is non-zero; every block is used within its size and freed once, below.
-        unsafe {
-            let mut ptr = allocator.alloc(layout);
-            assert!(!ptr.is_null());
-            let pattern = |i: usize| (i % 251) as u8;
-            for i in 0..layout.size() {
-                *ptr.add(i) = pattern(i);
-            }
-            for &size in &sizes[1..] {
-                ptr = allocator.realloc(ptr, layout, size);
+        /// Fills a block, reallocates it to each size in turn, and checks the contents survive every move
+        /// between the system allocator, small-page and huge-page mappings.
+        #[test]
+        fn blocks_keep_their_contents_across_every_kind_of_reallocation() {
+            let allocator = LargeBuffersMapped;
+            let sizes = [100, LARGE_BYTES + 10, LARGE_BYTES + 20, HUGE_BYTES * 3, HUGE_BYTES + 5, 200, 64];
+            let mut layout = Layout::from_size_align(sizes[0], 64).unwrap();
+            // SAFETY: the layout is non-zero; every block is used within its size and freed once, below.
+            unsafe {
+                let mut ptr = allocator.alloc(layout);
                 assert!(!ptr.is_null());
-                let kept = layout.size().min(size);
-                assert!((0..kept).all(|i| *ptr.add(i) == pattern(i)), "contents lost at {size} bytes");
-                layout = Layout::from_size_align(size, 64).unwrap();
-                for i in kept..size {
+                let pattern = |i: usize| (i % 251) as u8;
+                for i in 0..layout.size() {
                     *ptr.add(i) = pattern(i);
                 }
-            }
-            allocator.dealloc(ptr, layout);
-        }
-    }
-
-    /// Frees blocks from glibc's arenas and checks that the whole pages inside them stop being resident
-    /// once released. (Blocks of other tests may take some of them back in between: hence the margin.)
-    #[test]
-    fn freed_arena_memory_goes_back_to_the_system() {
-        const BLOCK: usize = 64 << 10;
-        let layout = Layout::from_size_align(BLOCK, 16).unwrap();
-        let resident = |blocks: &[usize]| -> usize {
-            blocks
-                .iter()
-                .map(|&start| {
-                    let first = start.next_multiple_of(PAGE_BYTES);
-                    resident_pages(first, (start + BLOCK - first) / PAGE_BYTES * PAGE_BYTES)
-                })
-                .sum()
-        };
-        // SAFETY: every block is written within its size and freed once; afterwards only the residency
-        // of its pages is queried, never its contents.
-        let (before, after) = unsafe {
-            let blocks: Vec<*mut u8> = (0..64).map(|_| System.alloc(layout)).collect();
-            assert!(blocks.iter().all(|b| !b.is_null()));
-            // A block allocated last keeps glibc from giving the freed ones back by shrinking the arena.
-            let pin = System.alloc(layout);
-            for &block in &blocks {
-                block.write_bytes(1, BLOCK);
-            }
-            let addresses: Vec<usize> = blocks.iter().map(|&b| b as usize).collect();
-            for &block in &blocks {
-                System.dealloc(block, layout);
-            }
-            let before = resident(&addresses);
-            release_free_memory();
-            let after = resident(&addresses);
-            System.dealloc(pin, layout);
-            (before, after)
-        };
-        assert!(before >= 64 * 15, "freed blocks stay resident until released: {before} pages");
-        assert!(after * 4 < before, "{after} of {before} pages still resident after release");
-    }
-
-    /// How many of the pages in `len` bytes from the page-aligned `addr` are resident.
-    fn resident_pages(addr: usize, len: usize) -> usize {
-        let mut pages = vec![0u8; len / PAGE_BYTES];
-        // SAFETY: the range lies inside a mapping of this process; mincore only reports on it.
-        let status = unsafe { libc::mincore(addr as *mut libc::c_void, len, pages.as_mut_ptr()) };
-        assert_eq!(status, 0, "mincore: {}", std::io::Error::last_os_error());
-        pages.iter().filter(|&&page| page & 1 == 1).count()
-    }
-
-    #[test]
-    fn zeroed_blocks_are_zero() {
-        let allocator = LargeBuffersMapped;
-        for size in [64, LARGE_BYTES, HUGE_BYTES * 2] {
-            let layout = Layout::from_size_align(size, 64).unwrap();
-            // SAFETY: the block is read within its size and freed once.
-            unsafe {
-                let ptr = allocator.alloc_zeroed(layout);
-                assert!(!ptr.is_null());
-                assert!(std::slice::from_raw_parts(ptr, size).iter().all(|&b| b == 0));
+                for &size in &sizes[1..] {
+                    ptr = allocator.realloc(ptr, layout, size);
+                    assert!(!ptr.is_null());
+                    let kept = layout.size().min(size);
+                    assert!((0..kept).all(|i| *ptr.add(i) == pattern(i)), "contents lost at {size} bytes");
+                    layout = Layout::from_size_align(size, 64).unwrap();
+                    for i in kept..size {
+                        *ptr.add(i) = pattern(i);
+                    }
+                }
                 allocator.dealloc(ptr, layout);
+            }
+        }
+
+        /// Frees blocks from glibc's arenas and checks that the whole pages inside them stop being resident
+        /// once released. (Blocks of other tests may take some of them back in between: hence the margin.)
+        #[test]
+        fn freed_arena_memory_goes_back_to_the_system() {
+            const BLOCK: usize = 64 << 10;
+            let layout = Layout::from_size_align(BLOCK, 16).unwrap();
+            let resident = |blocks: &[usize]| -> usize {
+                blocks
+                    .iter()
+                    .map(|&start| {
+                        let first = start.next_multiple_of(PAGE_BYTES);
+                        resident_pages(first, (start + BLOCK - first) / PAGE_BYTES * PAGE_BYTES)
+                    })
+                    .sum()
+            };
+            // SAFETY: every block is written within its size and freed once; afterwards only the residency
+            // of its pages is queried, never its contents.
+            let (before, after) = unsafe {
+                let blocks: Vec<*mut u8> = (0..64).map(|_| System.alloc(layout)).collect();
+                assert!(blocks.iter().all(|b| !b.is_null()));
+                // A block allocated last keeps glibc from giving the freed ones back by shrinking the arena.
+                let pin = System.alloc(layout);
+                for &block in &blocks {
+                    block.write_bytes(1, BLOCK);
+                }
+                let addresses: Vec<usize> = blocks.iter().map(|&b| b as usize).collect();
+                for &block in &blocks {
+                    System.dealloc(block, layout);
+                }
+                let before = resident(&addresses);
+                release_free_memory();
+                let after = resident(&addresses);
+                System.dealloc(pin, layout);
+                (before, after)
+            };
+            assert!(before >= 64 * 15, "freed blocks stay resident until released: {before} pages");
+            assert!(after * 4 < before, "{after} of {before} pages still resident after release");
+        }
+
+        /// How many of the pages in `len` bytes from the page-aligned `addr` are resident.
+        fn resident_pages(addr: usize, len: usize) -> usize {
+            let mut pages = vec![0u8; len / PAGE_BYTES];
+            // SAFETY: the range lies inside a mapping of this process; mincore only reports on it.
+            let status = unsafe { libc::mincore(addr as *mut libc::c_void, len, pages.as_mut_ptr()) };
+            assert_eq!(status, 0, "mincore: {}", std::io::Error::last_os_error());
+            pages.iter().filter(|&&page| page & 1 == 1).count()
+        }
+
+        #[test]
+        fn zeroed_blocks_are_zero() {
+            let allocator = LargeBuffersMapped;
+            for size in [64, LARGE_BYTES, HUGE_BYTES * 2] {
+                let layout = Layout::from_size_align(size, 64).unwrap();
+                // SAFETY: the block is read within its size and freed once.
+                unsafe {
+                    let ptr = allocator.alloc_zeroed(layout);
+                    assert!(!ptr.is_null());
+                    assert!(std::slice::from_raw_parts(ptr, size).iter().all(|&b| b == 0));
+                    allocator.dealloc(ptr, layout);
+                }
             }
         }
     }
