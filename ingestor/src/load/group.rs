@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -27,6 +28,8 @@ const MAX_GROUP_ROWS: u64 = 1 << 20;
 #[derive(Default)]
 pub(super) struct GroupQueues {
     queues: std::sync::Mutex<HashMap<GroupKey, Vec<Member>>>,
+    /// Requests retried one at a time because the group they were in failed, since the loader opened.
+    retried_alone: AtomicU64,
 }
 
 /// Requests can share a transaction when they write the same columns to the same table the same way.
@@ -121,6 +124,7 @@ impl Loader {
             Err(error) => {
                 tracing::debug!(table = %target.table, requests = group.len(), %error,
                     "A group commit failed; committing its requests one at a time.");
+                self.shared.groups.retried_alone.fetch_add(group.len() as u64, Ordering::Relaxed);
                 for member in group {
                     let session = self.begin(target.clone(), schema.clone()).await;
                     let outcome = load_members(session, std::slice::from_ref(&member)).await;
@@ -260,6 +264,8 @@ mod tests {
         loader.database().with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT PRIMARY KEY)")).unwrap();
         // The second request violates the primary key on its own: the group fails, then each is retried alone.
         let outcomes = upload_together(&loader, target(), &[&[1, 2], &[10, 10], &[20]]).await;
+        let retried = loader.shared.groups.retried_alone.load(Ordering::Relaxed);
+        assert_eq!(retried, 3, "all three met in one group, which failed, and were retried alone");
         assert_eq!(outcomes[0].as_ref().unwrap().rows, 2);
         assert!(!outcomes[0].as_ref().unwrap().grouped, "committed alone on the retry");
         let error = outcomes[1].as_ref().unwrap_err().to_string();
