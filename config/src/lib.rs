@@ -211,20 +211,24 @@ impl SchemaPolicy {
     }
 }
 
+/// The zstd level of Arrow IPC compression: zstd's default, the only level Arrow IPC compresses at.
+pub const ZSTD_LEVEL: i32 = 3;
+
 /// Compression of Arrow IPC buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Compression {
     /// `zstd`, `lz4` or `none`.
     pub algorithm: CompressionAlgorithm,
-    /// zstd level (1-22); only meaningful for zstd.
+    /// zstd level: only [`ZSTD_LEVEL`] (3), or left out, which means the same. Arrow IPC compresses zstd
+    /// at level 3 and cannot use another level; lz4 and none take no level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<i32>,
 }
 
 impl Default for Compression {
     fn default() -> Self {
-        Self { algorithm: CompressionAlgorithm::Zstd, level: Some(3) }
+        Self { algorithm: CompressionAlgorithm::Zstd, level: Some(ZSTD_LEVEL) }
     }
 }
 
@@ -404,7 +408,9 @@ fn check_streams(issues: &mut Vec<Issue>, streams: &BTreeMap<String, StreamConfi
 
 fn check_compression(issues: &mut Vec<Issue>, mut path: Vec<String>, compression: &Compression) {
     let message = match (compression.algorithm, compression.level) {
-        (CompressionAlgorithm::Zstd, Some(level)) if !(1..=22).contains(&level) => "zstd levels run from 1 to 22",
+        (CompressionAlgorithm::Zstd, Some(level)) if level != ZSTD_LEVEL => {
+            "Arrow IPC compresses zstd at level 3 and cannot use another level: set 3 or leave the level out"
+        }
         (CompressionAlgorithm::Lz4 | CompressionAlgorithm::None, Some(_)) => "a level applies only to zstd",
         _ => return,
     };
@@ -458,7 +464,29 @@ mod tests {
     #[test]
     fn level_only_for_zstd() {
         let err = Config::from_yaml("compression: {algorithm: lz4, level: 3}\n").unwrap_err();
-        assert!(err.to_string().contains("compression.level"), "{err}");
+        assert_eq!(err.to_string(), "compression.level: a level applies only to zstd (line 1)");
+        let err = Config::from_yaml("compression: {algorithm: none, level: 3}\n").unwrap_err();
+        assert_eq!(err.to_string(), "compression.level: a level applies only to zstd (line 1)");
+    }
+
+    #[test]
+    fn zstd_takes_level_3_or_none() {
+        for text in ["compression: {algorithm: zstd, level: 3}\n", "compression: {algorithm: zstd}\n"] {
+            Config::from_yaml(text).unwrap();
+        }
+        for level in [7, 1, 22, 0] {
+            let text = format!("compression: {{algorithm: zstd, level: {level}}}\n");
+            let err = Config::from_yaml(&text).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "compression.level: Arrow IPC compresses zstd at level 3 and cannot use another level: set 3 or \
+                 leave the level out (line 1)",
+                "level {level}"
+            );
+        }
+        let err = StreamsFile::from_yaml("streams:\n  a: {compression: {algorithm: zstd, level: 7}}\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.starts_with("streams.a.compression.level: Arrow IPC compresses zstd at level 3"), "{message}");
     }
 
     #[test]
@@ -488,7 +516,8 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_key_and_line() {
         let text = "limits:\n  max_concurrent_loads: 0\ncompression: {algorithm: lz4, level: 3}\nstreams:\n  \
-                    events:\n    chunk_size: 0\n    target_table: 'a-b'\n  sensors.v2: {flush: {rows: 0}}\n";
+                    events:\n    chunk_size: 0\n    target_table: 'a-b'\n    \
+                    compression: {algorithm: zstd, level: 7}\n  sensors.v2: {flush: {rows: 0}}\n";
         let problems: Vec<String> = Config::check_yaml(text).unwrap_err().iter().map(ToString::to_string).collect();
         assert_eq!(
             problems,
@@ -497,7 +526,9 @@ mod tests {
                 "compression.level: a level applies only to zstd (line 3)",
                 "streams.events.target_table: table names are 1-128 characters of [A-Za-z0-9_], not starting with a digit (line 7)",
                 "streams.events.chunk_size: must be at least 1 (line 6)",
-                "streams.sensors.v2.flush.rows: must be at least 1 (line 8)",
+                "streams.events.compression.level: Arrow IPC compresses zstd at level 3 and cannot use another \
+                 level: set 3 or leave the level out (line 8)",
+                "streams.sensors.v2.flush.rows: must be at least 1 (line 9)",
             ]
         );
         // The single-error API keeps returning the first problem.
@@ -506,7 +537,7 @@ mod tests {
             matches!(&first, ConfigError::Invalid { key, line: Some(2), .. } if key == "limits.max_concurrent_loads")
         );
         let config: Config = error::parse_yaml(text).unwrap();
-        assert_eq!(config.problems().len(), 5);
+        assert_eq!(config.problems().len(), 6);
         assert_eq!(config.validate().unwrap_err().to_string(), "limits.max_concurrent_loads: must be at least 1");
     }
 

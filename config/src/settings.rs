@@ -191,7 +191,7 @@ mod tests {
     fn precedence_is_override_then_file_then_default() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
-        std::fs::write(&path, "port: 9000\ndb_path: file.duckdb\ncompression: {algorithm: zstd, level: 5}\n").unwrap();
+        std::fs::write(&path, "port: 9000\ndb_path: file.duckdb\ncompression: {algorithm: zstd, level: 3}\n").unwrap();
         let from_file = load(Some(&path), &Overrides::default()).unwrap();
         assert_eq!((from_file.port, from_file.host.as_str()), (9000, "0.0.0.0"));
         let overridden = load(

@@ -84,7 +84,7 @@ async fn lifecycle(client: Client, namespace: String, stand_in: bool) {
         .patch("bad", &PatchParams::apply("arrowport-e2e"), &Patch::Apply(&bad))
         .await
         .expect_err("the API server accepted a level for lz4");
-    assert!(refused.to_string().contains("level applies only to zstd"), "{refused}");
+    assert!(refused.to_string().contains("level may only be 3 and only with algorithm zstd"), "{refused}");
 
     apply(&streams, &example(LINEITEM_YAML)).await;
     if stand_in {
@@ -112,7 +112,7 @@ async fn lifecycle(client: Client, namespace: String, stand_in: bool) {
     .await;
     let sensors_route = streams_file(&config_map).unwrap().streams["sensors.v2"].clone();
     assert_eq!(sensors_route.chunk_size, Some(65536));
-    assert_eq!(sensors_route.compression.unwrap().level, Some(9));
+    assert_eq!(sensors_route.compression.unwrap().level, Some(3));
 
     // An update reaches the ConfigMap and the status records the new generation.
     let change = serde_json::json!({"spec": {"targetTable": "sensor_readings_v2"}});

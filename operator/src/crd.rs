@@ -116,14 +116,15 @@ fn default_ingester() -> String {
 
 /// Compression of Arrow IPC buffers.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[x_kube(validation = Rule::new("!has(self.level) || self.algorithm == 'zstd'")
-    .message("level applies only to zstd compression: remove it or use algorithm zstd"))]
+#[x_kube(validation = Rule::new("!has(self.level) || (self.algorithm == 'zstd' && self.level == 3)")
+    .message("level may only be 3 and only with algorithm zstd (Arrow IPC compresses zstd at level 3 and \
+    cannot use another level): remove it, or use algorithm zstd with level 3"))]
 pub struct StreamCompression {
     /// The codec: `zstd`, `lz4` or `none`.
     pub algorithm: StreamCompressionAlgorithm,
-    /// The zstd level, 1 (fastest) to 22 (smallest); only for `zstd`.
+    /// The zstd level: only 3, and only for `zstd`; left out, it is 3 too. Arrow IPC compresses zstd at
+    /// level 3 and cannot use another level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 22))]
     pub level: Option<i32>,
 }
 

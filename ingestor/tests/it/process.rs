@@ -38,7 +38,7 @@ async fn flags_beat_env_beat_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("config.yaml"),
-        "db_path: from_file.duckdb\nport: 1\ncompression: {algorithm: zstd, level: 9}\n",
+        "db_path: from_file.duckdb\nport: 1\ncompression: {algorithm: zstd, level: 3}\n",
     )
     .unwrap();
     std::fs::write(dir.path().join("env-streams.yaml"), "streams:\n  from_env: {target_table: routed}\n").unwrap();
