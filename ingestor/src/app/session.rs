@@ -149,11 +149,6 @@ impl App {
 }
 
 impl Ingest {
-    /// The route this ingest follows.
-    pub fn route(&self) -> &Route {
-        &self.route
-    }
-
     /// Ends the ingest before any data, because the transport refused the request; counts it.
     pub fn refuse(self, error: IngestError) -> IngestError {
         let request = &self.request;
