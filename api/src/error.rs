@@ -38,6 +38,8 @@ pub enum ErrorCode {
     InvalidQuery,
     ConstraintViolation,
     QueryTimeout,
+    /// Another request with the same idempotency key is being committed right now (retry shortly).
+    RequestInProgress,
     DatabaseError,
     /// A handler panicked: a bug, logged by the server.
     Internal,
@@ -45,7 +47,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 26] = [
         Self::InvalidStreamName,
         Self::UnknownStream,
         Self::UnsupportedMediaType,
@@ -69,6 +71,7 @@ impl ErrorCode {
         Self::InvalidQuery,
         Self::ConstraintViolation,
         Self::QueryTimeout,
+        Self::RequestInProgress,
         Self::DatabaseError,
         Self::Internal,
     ];
@@ -99,6 +102,7 @@ impl ErrorCode {
             Self::InvalidQuery => "invalid_query",
             Self::ConstraintViolation => "constraint_violation",
             Self::QueryTimeout => "query_timeout",
+            Self::RequestInProgress => "request_in_progress",
             Self::DatabaseError => "database_error",
             Self::Internal => "internal",
         }
@@ -140,6 +144,7 @@ impl ErrorCode {
             Self::InvalidQuery => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
             Self::ConstraintViolation => (StatusCode::CONFLICT, Code::FailedPrecondition),
             Self::QueryTimeout => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+            Self::RequestInProgress => (StatusCode::CONFLICT, Code::Aborted),
             Self::DatabaseError => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }

@@ -15,4 +15,6 @@ mod report;
 
 pub use error::{ERROR_CODE_METADATA, ErrorBody, ErrorCode, ErrorDetail, UnknownErrorCode};
 pub use ipc::{decoded_size, ipc_write_options};
-pub use report::{Ack, IngestReport, StreamReport, StreamStats, StreamsReport};
+pub use report::{
+    Ack, IDEMPOTENCY_KEY_HEADER, IngestReport, REPLAYED_HEADER, StreamReport, StreamStats, StreamsReport,
+};

@@ -24,7 +24,16 @@ pub struct IngestReport {
     /// Committed in one transaction with other requests (counted in the metrics, not in the answer).
     #[serde(skip)]
     pub grouped: bool,
+    /// A retry whose idempotency key was already committed: this is the first commit's report (its rows,
+    /// batches and bytes), and nothing was written again. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
+
+/// The HTTP header that names a request for retries (the IETF httpapi draft's name).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// The HTTP header set on the answer to a replayed request.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// The `app_metadata` of each `PutResult`, as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +137,7 @@ mod tests {
             elapsed_ms: 1,
             commit_time: Duration::ZERO,
             grouped: false,
+            replayed: false,
         };
         let mut stats = StreamStats::default();
         assert_eq!(stats.compression_ratio(), None);
@@ -138,5 +148,26 @@ mod tests {
         let last_write = stats.last_write.as_deref().unwrap();
         assert!(last_write.len() == 24 && last_write.ends_with('Z'), "{last_write}");
         assert_eq!(stats.compression_ratio(), Some(2.0));
+    }
+
+    #[test]
+    fn replayed_appears_only_when_true() {
+        let mut report = IngestReport {
+            stream: "s".into(),
+            table: "t".into(),
+            rows: 1,
+            batches: 1,
+            bytes_received: 1,
+            bytes_decoded: 1,
+            elapsed_ms: 0,
+            commit_time: Duration::ZERO,
+            grouped: false,
+            replayed: false,
+        };
+        assert!(!serde_json::to_string(&report).unwrap().contains("replayed"));
+        report.replayed = true;
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.contains(r#""replayed":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<IngestReport>(&json).unwrap(), report);
     }
 }

@@ -262,7 +262,7 @@ async fn in_process_native(parts: &[&[RecordBatch]]) -> anyhow::Result<Outcome> 
     let storage = DuckDbFile::new(dir.path().join("native.duckdb"));
     let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold };
     let database = Arc::new(Database::open(Box::new(storage), &options)?);
-    let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget });
+    let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget })?;
     let target = Target {
         table: "lineitem".into(),
         chunk_size: 122_880,
@@ -276,7 +276,7 @@ async fn in_process_native(parts: &[&[RecordBatch]]) -> anyhow::Result<Outcome> 
             let reservation = loader.budget().reserve_batch(decoded_size(batch)).await?;
             session.send(batch.clone(), reservation).await?;
         }
-        anyhow::Ok(session.commit().await?.rows)
+        anyhow::Ok(session.commit(Vec::new()).await?.rows)
     });
     let rows: u64 = futures::future::try_join_all(sessions).await?.into_iter().sum();
     let (elapsed, cpu) = clock.stop()?;

@@ -54,6 +54,8 @@ pub struct Config {
     pub limits: Limits,
     /// Settings of the embedded DuckDB database.
     pub duckdb: DuckDbSettings,
+    /// How long retries with an idempotency key are recognised.
+    pub idempotency: IdempotencySettings,
     /// Per-stream routing, keyed by stream name.
     pub streams: BTreeMap<String, StreamConfig>,
 }
@@ -71,8 +73,25 @@ impl Default for Config {
             auto_create: true,
             limits: Limits::default(),
             duckdb: DuckDbSettings::default(),
+            idempotency: IdempotencySettings::default(),
             streams: BTreeMap::new(),
         }
+    }
+}
+
+/// Retries with an idempotency key (`Idempotency-Key`, or a Flight producer's key): each committed key
+/// is remembered beside the data, so a retry of a committed request is answered, not written again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencySettings {
+    /// How long a committed key is remembered. A day covers a producer that retries after an outage of
+    /// hours; each key costs a row of about 100 bytes until it expires.
+    pub key_window_seconds: u64,
+}
+
+impl Default for IdempotencySettings {
+    fn default() -> Self {
+        Self { key_window_seconds: 86_400 }
     }
 }
 
@@ -302,6 +321,9 @@ impl Config {
             if value == 0 {
                 issues.push(Issue::new(key(&["limits", field]), message));
             }
+        }
+        if self.idempotency.key_window_seconds == 0 {
+            issues.push(Issue::new(key(&["idempotency", "key_window_seconds"]), "must be at least 1"));
         }
         check_compression(&mut issues, key(&["compression"]), &self.compression);
         check_streams(&mut issues, &self.streams);

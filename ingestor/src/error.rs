@@ -57,6 +57,8 @@ pub enum IngestError {
     ConstraintViolation(String),
     #[error("query cancelled after the limit of {seconds} s")]
     QueryTimeout { seconds: u64 },
+    #[error("a request with idempotency key {0:?} is being committed right now; retry once it is answered")]
+    RequestInProgress(String),
     #[error("DuckDB error: {0}")]
     Database(String),
 }
@@ -89,6 +91,7 @@ impl IngestError {
             Self::InvalidQuery(_) => ErrorCode::InvalidQuery,
             Self::ConstraintViolation(_) => ErrorCode::ConstraintViolation,
             Self::QueryTimeout { .. } => ErrorCode::QueryTimeout,
+            Self::RequestInProgress(_) => ErrorCode::RequestInProgress,
             Self::Database(_) => ErrorCode::DatabaseError,
         }
     }

@@ -6,10 +6,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::App;
 use crate::error::IngestError;
+
+/// How often expired idempotency keys are pruned (and the remembered ones counted).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Runs `work` every `interval`, the first time one interval from now.
+fn every<F, Fut>(interval: Duration, app: Arc<App>, work: F) -> JoinHandle<()>
+where
+    F: Fn(Arc<App>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            work(app.clone()).await;
+        }
+    })
+}
 
 /// Where the process is in its life.
 #[derive(Default)]
@@ -64,21 +84,27 @@ impl App {
         outcome
     }
 
-    /// Checkpoints every `duckdb.checkpoint_interval_seconds` until aborted; failures are logged and
-    /// retried next time. `None` if periodic checkpoints are off.
-    pub fn spawn_checkpoints(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let interval = self.checkpoint_interval?;
-        let app = self.clone();
-        Some(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
+    /// Starts the work done on a schedule until the returned tasks are aborted: checkpoints every
+    /// `duckdb.checkpoint_interval_seconds` (unless 0), and pruning expired idempotency keys every
+    /// [`PRUNE_INTERVAL`]. Failures are logged and tried again next time.
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if let Some(interval) = self.checkpoint_interval {
+            tasks.push(every(interval, self.clone(), |app| async move {
                 if let Err(error) = app.checkpoint().await {
                     tracing::info!(%error, "Periodic checkpoint not taken; trying again next interval.");
                 }
+            }));
+        }
+        tasks.push(every(PRUNE_INTERVAL, self.clone(), |app| async move {
+            match app.loader.prune_receipts(app.key_window).await {
+                Ok(left) => {
+                    app.telemetry.metrics.idempotency_keys.set(left as i64);
+                }
+                Err(error) => tracing::info!(%error, "Expired idempotency keys not pruned; trying again later."),
             }
-        }))
+        }));
+        tasks
     }
 
     /// The last step of a shutdown, once no request is open: a final checkpoint.

@@ -9,7 +9,8 @@ mod lifecycle;
 mod session;
 mod streams;
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use arrowport_config::{Config, Limits};
@@ -38,6 +39,10 @@ pub struct App {
     lifecycle: Lifecycle,
     limits: Limits,
     checkpoint_interval: Option<Duration>,
+    /// How long a committed idempotency key is remembered.
+    key_window: Duration,
+    /// (stream, idempotency key) of the ingests running now.
+    keys_in_flight: Mutex<HashSet<(String, String)>>,
 }
 
 impl App {
@@ -59,7 +64,7 @@ impl App {
         let loader = Loader::new(
             database.clone(),
             LoaderOptions { max_concurrent_loads: config.limits.max_concurrent_loads, budget },
-        );
+        )?;
         let query_limits = QueryLimits {
             max_concurrent: config.limits.max_concurrent_queries,
             timeout: Duration::from_secs(config.limits.query_timeout_seconds),
@@ -73,6 +78,8 @@ impl App {
             metrics.duckdb_memory_limit_bytes.set(limit as i64);
         }
         metrics.config_generation.set(routes.generation as i64);
+        let key_window = Duration::from_secs(config.idempotency.key_window_seconds);
+        metrics.idempotency_key_window_seconds.set(key_window.as_secs() as i64);
         let checkpoint_interval = match config.duckdb.checkpoint_interval_seconds {
             0 => None,
             seconds => Some(Duration::from_secs(seconds)),
@@ -86,6 +93,8 @@ impl App {
             lifecycle: Lifecycle::default(),
             limits: config.limits.clone(),
             checkpoint_interval,
+            key_window,
+            keys_in_flight: Mutex::new(HashSet::new()),
         }))
     }
 

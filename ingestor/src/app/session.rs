@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use super::App;
 use crate::error::IngestError;
 use crate::ipc::{Checked, MessageDecoder, Payload, RawMessage};
-use crate::load::{TableMode, Target, Upload};
+use crate::load::{Found, Receipt, TableMode, Target, Upload};
 use crate::routing::Route;
 use crate::telemetry::Protocol;
 
@@ -42,14 +42,21 @@ pub struct IngestRequest {
     /// Whether the table may be created, appended to or replaced (Flight SQL's table options).
     pub mode: TableMode,
     pub commits: Commits,
+    /// The client's idempotency key: for a request committed at the end, its name (a retry of a
+    /// committed request is answered from its receipt); for a Flight `DoPut`, the producer's name, whose
+    /// batches up to the highest committed `request_id` are skipped on a retry.
+    pub key: Option<String>,
 }
 
 impl IngestRequest {
     /// Appends to `stream`'s table, creating it if needed.
     pub fn new(protocol: Protocol, stream: impl Into<String>, commits: Commits) -> Self {
-        Self { protocol, stream: stream.into(), mode: TableMode::default(), commits }
+        Self { protocol, stream: stream.into(), mode: TableMode::default(), commits, key: None }
     }
 }
+
+/// Longest idempotency key accepted.
+const MAX_KEY_CHARS: usize = 255;
 
 /// One IPC message from the client.
 pub struct Incoming {
@@ -90,6 +97,44 @@ pub struct Ingest {
     /// metadata-only messages included, so the commits add up to the request.
     wire_committed: u64,
     committed_request_id: Option<u64>,
+    /// Held while this ingest runs: no other request with the same key starts meanwhile.
+    _claim: Option<KeyClaim>,
+    /// A committed receipt for this request's key: answer from it, write nothing.
+    replay: Option<Found>,
+    /// A Flight producer's batches up to this `request_id` are committed already: skip them.
+    skip_through: Option<u64>,
+}
+
+/// An idempotency key taken for the duration of one ingest.
+struct KeyClaim {
+    app: Arc<App>,
+    id: (String, String),
+}
+
+impl KeyClaim {
+    fn take(app: &Arc<App>, stream: &str, key: &str) -> Result<Self, IngestError> {
+        let id = (stream.to_owned(), key.to_owned());
+        if !app.keys_in_flight.lock().expect("key set lock poisoned").insert(id.clone()) {
+            return Err(IngestError::RequestInProgress(key.to_owned()));
+        }
+        Ok(Self { app: app.clone(), id })
+    }
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        self.app.keys_in_flight.lock().expect("key set lock poisoned").remove(&self.id);
+    }
+}
+
+/// 1 to 255 visible ASCII characters: a key goes into logs and the database, never anything else.
+fn check_key(key: &str) -> Result<(), IngestError> {
+    if key.is_empty() || key.len() > MAX_KEY_CHARS || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(IngestError::InvalidRequest(format!(
+            "an idempotency key is 1 to {MAX_KEY_CHARS} visible ASCII characters"
+        )));
+    }
+    Ok(())
 }
 
 /// What the open upload holds, not yet committed.
@@ -102,17 +147,15 @@ struct Pending {
 }
 
 impl App {
-    /// Starts an ingest: refused while shutting down, or when the stream does not route. A refusal is
-    /// counted here; an ingest that starts is counted by [`Ingest::run`].
-    pub fn start_ingest(self: &Arc<Self>, request: IngestRequest) -> Result<Ingest, IngestError> {
+    /// Starts an ingest: refused while shutting down, when the stream does not route, or while another
+    /// request with the same idempotency key runs. A refusal is counted here; an ingest that starts is
+    /// counted by [`Ingest::run`].
+    pub async fn start_ingest(self: &Arc<Self>, request: IngestRequest) -> Result<Ingest, IngestError> {
         let started = Instant::now();
-        let route = match self.routes().resolve(&request.stream) {
-            Ok(_) if self.is_shutting_down() => Err(IngestError::ShuttingDown),
-            other => other,
-        };
-        let route = route.inspect_err(|error| {
+        let prepared = self.prepare_ingest(&request).await.inspect_err(|error| {
             self.telemetry.record_request(request.protocol, &request.stream, Some(error), 0, started);
-        })?;
+        });
+        let (route, claim, found) = prepared?;
         let target = Target {
             table: route.table.clone(),
             chunk_size: route.chunk_size,
@@ -130,6 +173,11 @@ impl App {
             elapsed_ms: 0,
             commit_time: Duration::ZERO,
             grouped: false,
+            replayed: false,
+        };
+        let (replay, skip_through) = match request.commits {
+            Commits::AtEnd => (found, None),
+            Commits::AtFlushThresholds => (None, found.and_then(|found| found.request_id)),
         };
         Ok(Ingest {
             app: self.clone(),
@@ -143,8 +191,27 @@ impl App {
             pending: Pending::default(),
             totals,
             wire_committed: 0,
-            committed_request_id: None,
+            committed_request_id: skip_through,
+            _claim: claim,
+            replay,
+            skip_through,
         })
+    }
+
+    /// The route, and for a keyed request its claim and any receipt already committed for the key.
+    async fn prepare_ingest(
+        self: &Arc<Self>,
+        request: &IngestRequest,
+    ) -> Result<(Route, Option<KeyClaim>, Option<Found>), IngestError> {
+        let route = self.routes().resolve(&request.stream)?;
+        if self.is_shutting_down() {
+            return Err(IngestError::ShuttingDown);
+        }
+        let Some(key) = &request.key else { return Ok((route, None, None)) };
+        check_key(key)?;
+        let claim = KeyClaim::take(self, &route.stream, key)?;
+        let found = self.loader.find_receipt(&route.stream, key).await?;
+        Ok((route, Some(claim), found))
     }
 }
 
@@ -170,6 +237,9 @@ impl Ingest {
     {
         let app = self.app.clone();
         let _inflight = app.telemetry.inflight();
+        if let Some(found) = self.replay.take() {
+            return self.answer_replay(found, messages, wire).await;
+        }
         let outcome = self.receive(messages, wire, acks).await;
         // Dropping an uncommitted upload rolls it back.
         self.upload.take();
@@ -185,6 +255,36 @@ impl Ingest {
         self.totals.bytes_received = wire.get();
         self.totals.elapsed_ms = self.started.elapsed().as_millis() as u64;
         Ok(self.totals)
+    }
+
+    /// A retry of a committed request: reads the client's data to its end (so the connection stays in
+    /// order), writes nothing, and answers with the first commit's figures.
+    async fn answer_replay<S>(self, found: Found, messages: S, wire: &WireCounter) -> Result<IngestReport, IngestError>
+    where
+        S: Stream<Item = Result<Incoming, IngestError>>,
+    {
+        let mut messages = std::pin::pin!(messages);
+        let drained = async {
+            while let Some(incoming) = self.app.next_from_client(messages.next()).await? {
+                incoming?;
+            }
+            Ok(())
+        };
+        let outcome: Result<(), IngestError> = drained.await;
+        let request = &self.request;
+        let telemetry = &self.app.telemetry;
+        telemetry.record_request(request.protocol, &request.stream, outcome.as_ref().err(), wire.get(), self.started);
+        outcome?;
+        telemetry.record_replay(request.protocol, &request.stream);
+        Ok(IngestReport {
+            rows: found.rows,
+            batches: found.batches,
+            bytes_received: found.bytes_received,
+            bytes_decoded: found.bytes_decoded,
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            replayed: true,
+            ..self.totals
+        })
     }
 
     async fn receive<S>(
@@ -223,8 +323,15 @@ impl Ingest {
             };
             let Some(incoming) = next else { break };
             let Incoming { message, request_id } = incoming?;
+            let checked = decoder.check(&message)?;
+            // A producer's retry resends batches already committed under its key: skip them undecoded.
+            if let (Checked::Batch { .. }, Some(id), Some(done)) = (checked, request_id, self.skip_through)
+                && id <= done
+            {
+                continue;
+            }
             // Room in the budget first, then decoding: a batch never exists outside the budget.
-            let reservation = match decoder.check(&message)? {
+            let reservation = match checked {
                 Checked::Batch { decoded_bytes } => Some(budget.reserve_batch(decoded_bytes).await?),
                 // Dictionaries live as long as the request: they hold their room in the budget too.
                 Checked::Dictionary { dictionary_bytes } => {
@@ -299,18 +406,29 @@ impl Ingest {
     ) -> Result<(), IngestError> {
         let Some(upload) = self.upload.take() else { return Ok(()) };
         let pending = std::mem::take(&mut self.pending);
-        let committed = upload.commit().await?;
         let wire_now = wire.get();
+        let bytes_received = wire_now - std::mem::replace(&mut self.wire_committed, wire_now);
+        let receipt = self.request.key.as_ref().map(|key| Receipt {
+            stream: self.route.stream.clone(),
+            key: key.clone(),
+            request_id: pending.request_id,
+            rows: None,
+            batches: None,
+            bytes_received,
+            bytes_decoded: pending.bytes,
+        });
+        let committed = upload.commit(receipt).await?;
         let report = IngestReport {
             stream: self.route.stream.clone(),
             table: self.route.table.clone(),
             rows: committed.rows,
             batches: committed.batches,
-            bytes_received: wire_now - std::mem::replace(&mut self.wire_committed, wire_now),
+            bytes_received,
             bytes_decoded: pending.bytes,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             commit_time: committed.commit_time,
             grouped: committed.grouped,
+            replayed: false,
         };
         self.app.telemetry.record_commit(self.request.protocol, &report);
         let totals = &mut self.totals;

@@ -17,7 +17,7 @@ use arrow::datatypes::SchemaRef;
 use arrowport_config::SchemaPolicy;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use super::{Committed, LoadSession, Loader, TableMode, Target};
+use super::{Committed, LoadSession, Loader, Receipt, TableMode, Target};
 use crate::budget::Reservation;
 use crate::error::IngestError;
 
@@ -47,6 +47,8 @@ struct Member {
     /// Held until the request is answered.
     _reservations: Vec<Reservation>,
     rows: u64,
+    /// Committed with the member's rows, whichever transaction takes them.
+    receipt: Option<Receipt>,
     answer: oneshot::Sender<Result<Committed, IngestError>>,
 }
 
@@ -59,11 +61,14 @@ impl Loader {
         schema: SchemaRef,
         batches: Vec<RecordBatch>,
         reservations: Vec<Reservation>,
+        receipt: Option<Receipt>,
     ) -> Result<Committed, IngestError> {
         let started = Instant::now();
         let (answer, answered) = oneshot::channel();
         let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
-        let member = Member { batches, _reservations: reservations, rows, answer };
+        let receipt =
+            receipt.map(|receipt| Receipt { rows: Some(rows), batches: Some(batches.len() as u64), ..receipt });
+        let member = Member { batches, _reservations: reservations, rows, receipt, answer };
         let key = GroupKey { table: target.table.clone(), policy: target.policy, mode: target.mode, schema };
         let start_runner = match self.shared.groups.lock().entry(key.clone()) {
             Entry::Occupied(mut queue) => {
@@ -142,7 +147,7 @@ async fn load_members(session: Result<LoadSession, IngestError>, members: &[Memb
     for batch in members.iter().flat_map(|member| &member.batches) {
         session.feed(batch.clone(), None).await?;
     }
-    session.commit().await
+    session.commit(members.iter().filter_map(|member| member.receipt.clone()).collect()).await
 }
 
 /// Takes the oldest requests up to [`MAX_GROUP_ROWS`] (always at least one).
@@ -199,7 +204,7 @@ mod tests {
         let database = Database::open(Box::new(storage), &options).unwrap();
         let options =
             LoaderOptions { max_concurrent_loads: 4, budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)) };
-        Loader::new(Arc::new(database), options)
+        Loader::new(Arc::new(database), options).unwrap()
     }
 
     fn target() -> Target {
@@ -222,7 +227,7 @@ mod tests {
             let batch = ids(values);
             let mut upload = loader.upload(target.clone(), batch.schema()).unwrap();
             send(loader, &mut upload, batch).await?;
-            upload.commit().await
+            upload.commit(None).await
         });
         futures::future::join_all(uploads).await
     }
@@ -296,15 +301,20 @@ mod tests {
         let mut upload = loader.upload(target, batch.schema()).unwrap();
         send(&loader, &mut upload, batch).await.unwrap();
         send(&loader, &mut upload, ids(&[3, 4])).await.unwrap();
-        let committed = upload.commit().await.unwrap();
+        let committed = upload.commit(None).await.unwrap();
         assert_eq!((committed.rows, committed.grouped), (4, false));
         assert_eq!(table(&loader), [1, 2, 3, 4]);
     }
 
     #[test]
     fn the_next_group_stops_at_the_row_limit() {
-        let member =
-            |rows| Member { batches: Vec::new(), _reservations: Vec::new(), rows, answer: oneshot::channel().0 };
+        let member = |rows| Member {
+            batches: Vec::new(),
+            _reservations: Vec::new(),
+            rows,
+            receipt: None,
+            answer: oneshot::channel().0,
+        };
         let mut queue = vec![member(MAX_GROUP_ROWS / 2), member(MAX_GROUP_ROWS / 2), member(1)];
         assert_eq!(next_group(&mut queue).len(), 2);
         assert_eq!(next_group(&mut queue).len(), 1);

@@ -7,6 +7,7 @@
 
 mod group;
 mod reader;
+mod receipts;
 mod schema;
 mod tables;
 mod upload;
@@ -27,6 +28,7 @@ use crate::error::IngestError;
 use crate::store::{Database, RawConnection, SCRATCH, sql};
 pub use arrowport_api::decoded_size;
 use reader::{ChannelReader, Feed};
+pub use receipts::{Found, Receipt};
 pub use schema::{Column, IfExists, TableMode, TablePlan, check_supported};
 use tables::{TableGuard, TableLocks};
 pub use upload::{SMALL_REQUEST_BYTES, Upload};
@@ -88,8 +90,10 @@ struct Worker {
 }
 
 impl Loader {
-    pub fn new(db: Arc<Database>, options: LoaderOptions) -> Self {
-        Self {
+    /// A loader on `db`; creates the table of receipts if it is missing.
+    pub fn new(db: Arc<Database>, options: LoaderOptions) -> Result<Self, IngestError> {
+        receipts::create_table(&db)?;
+        Ok(Self {
             shared: Arc::new(Shared {
                 db,
                 idle: Mutex::new(Vec::new()),
@@ -99,7 +103,19 @@ impl Loader {
                 budget: options.budget,
                 next_view: AtomicU64::new(0),
             }),
-        }
+        })
+    }
+
+    /// The committed receipt of `key` on `stream`, if any (see [`Receipt`]).
+    pub async fn find_receipt(&self, stream: &str, key: &str) -> Result<Option<Found>, IngestError> {
+        let (db, stream, key) = (self.shared.db.clone(), stream.to_owned(), key.to_owned());
+        blocking(move || receipts::find(&db, &stream, &key)).await
+    }
+
+    /// Forgets receipts older than `window`; returns how many are left.
+    pub async fn prune_receipts(&self, window: Duration) -> Result<u64, IngestError> {
+        let db = self.shared.db.clone();
+        blocking(move || receipts::prune(&db, window.as_millis() as u64)).await
     }
 
     /// The database this loader writes to.
@@ -185,10 +201,11 @@ impl Shared {
     ) -> Result<Committed, IngestError> {
         let view = format!("ingest_{}", self.next_view.fetch_add(1, Ordering::Relaxed));
         let batches = Arc::new(AtomicU64::new(0));
-        let reader = ChannelReader::new(schema, rx, batches.clone());
+        let receipts = Arc::new(Mutex::new(Vec::new()));
+        let reader = ChannelReader::new(schema, rx, batches.clone(), receipts.clone());
         let stream = worker.scan.register(&view, Box::new(reader)).map_err(IngestError::Database)?;
         let view = sql::qualified(SCRATCH, "main", &view);
-        let outcome = self.load_view(&worker.sql, target, &view, ready);
+        let outcome = self.load_view(&worker.sql, target, &view, ready, &batches, &receipts);
         // The view points at `stream`: drop the view first. Failure here only leaves an in-memory entry.
         if let Err(error) = worker.sql.execute_batch(&format!("DROP VIEW IF EXISTS {view}")) {
             tracing::warn!(%view, %error, "Could not drop a scan view.");
@@ -208,6 +225,8 @@ impl Shared {
         target: &Target,
         view: &str,
         ready: oneshot::Sender<()>,
+        batches: &AtomicU64,
+        receipts: &Mutex<Vec<Receipt>>,
     ) -> Result<u64, IngestError> {
         let incoming = describe(conn, view)?;
         let lock = self.tables.lock_for(&target.table);
@@ -232,6 +251,9 @@ impl Shared {
             let _ = ready.send(());
             let columns = sql::ident_list(incoming.iter().map(|c| c.name.as_str()));
             let rows = conn.execute(&format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {view}"), [])?;
+            // The stream ended (else the INSERT failed): its receipts commit with its rows, or neither does.
+            let receipts = std::mem::take(&mut *receipts.lock().expect("receipts lock poisoned"));
+            receipts::record(&self.db, conn, &receipts, rows as u64, batches.load(Ordering::Relaxed))?;
             conn.execute_batch("COMMIT")?;
             Ok(rows as u64)
         })();
@@ -329,11 +351,11 @@ impl LoadSession {
         Ok(())
     }
 
-    /// Ends the stream and waits until its rows are committed.
-    pub async fn commit(self) -> Result<Committed, IngestError> {
+    /// Ends the stream and waits until its rows, and `receipts` with them, are committed.
+    pub async fn commit(self, receipts: Vec<Receipt>) -> Result<Committed, IngestError> {
         let started = Instant::now();
         // If the worker already stopped, its result says why.
-        let _ = self.feed.send(Feed::End).await;
+        let _ = self.feed.send(Feed::End(receipts)).await;
         match self.handle.await {
             Ok(result) => result.map(|committed| Committed { commit_time: started.elapsed(), ..committed }),
             Err(join) => Err(IngestError::Database(format!("load task failed: {join}"))),
@@ -347,4 +369,10 @@ impl LoadSession {
             Err(join) => IngestError::Database(format!("load task failed: {join}")),
         }
     }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IngestError> + Send + 'static,
+) -> Result<T, IngestError> {
+    tokio::task::spawn_blocking(f).await.map_err(|join| IngestError::Database(format!("task failed: {join}")))?
 }

@@ -1,21 +1,22 @@
 //! The Arrow stream DuckDB pulls a session's batches from.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{RecordBatch, RecordBatchReader};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use tokio::sync::mpsc;
 
+use super::Receipt;
 use crate::budget::Reservation;
 
 /// What a session sends to DuckDB.
 pub enum Feed {
     /// A batch, holding its share of the memory budget until DuckDB takes it (unless its request holds it).
     Batch(RecordBatch, Option<Reservation>),
-    /// The stream is complete: the transaction may commit.
-    End,
+    /// The stream is complete: the transaction may commit, with these receipts.
+    End(Vec<Receipt>),
 }
 
 /// Yields batches until [`Feed::End`]. A channel closed without `End` means the producer failed or went
@@ -25,11 +26,18 @@ pub struct ChannelReader {
     rx: mpsc::Receiver<Feed>,
     finished: bool,
     batches: Arc<AtomicU64>,
+    /// Where the receipts that came with [`Feed::End`] are left for the commit.
+    receipts: Arc<Mutex<Vec<Receipt>>>,
 }
 
 impl ChannelReader {
-    pub fn new(schema: SchemaRef, rx: mpsc::Receiver<Feed>, batches: Arc<AtomicU64>) -> Self {
-        Self { schema, rx, finished: false, batches }
+    pub fn new(
+        schema: SchemaRef,
+        rx: mpsc::Receiver<Feed>,
+        batches: Arc<AtomicU64>,
+        receipts: Arc<Mutex<Vec<Receipt>>>,
+    ) -> Self {
+        Self { schema, rx, finished: false, batches, receipts }
     }
 }
 
@@ -46,8 +54,9 @@ impl Iterator for ChannelReader {
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 Some(Ok(batch))
             }
-            Some(Feed::End) => {
+            Some(Feed::End(receipts)) => {
                 self.finished = true;
+                *self.receipts.lock().expect("receipts lock poisoned") = receipts;
                 None
             }
             None => {

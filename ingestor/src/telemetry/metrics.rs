@@ -75,6 +75,9 @@ pub struct Metrics {
     pub schema_mismatches: Family<StreamLabels, Counter>,
     pub overloaded: Family<StreamLabels, Counter>,
     pub grouped_requests: Family<StreamLabels, Counter>,
+    pub replayed_requests: Family<StreamLabels, Counter>,
+    pub idempotency_keys: Gauge,
+    pub idempotency_key_window_seconds: Gauge,
     pub request_duration: LatencyFamily,
     pub commit_duration: LatencyFamily,
     pub inflight_bytes: Gauge,
@@ -120,6 +123,9 @@ impl Default for Metrics {
         let schema_mismatches = Family::<StreamLabels, Counter>::default();
         let overloaded = Family::<StreamLabels, Counter>::default();
         let grouped_requests = Family::<StreamLabels, Counter>::default();
+        let replayed_requests = Family::<StreamLabels, Counter>::default();
+        let idempotency_keys = Gauge::default();
+        let idempotency_key_window_seconds = Gauge::default();
         let request_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let commit_duration: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let checkpoints = Family::<CheckpointLabels, Counter>::default();
@@ -156,6 +162,21 @@ impl Default for Metrics {
             "grouped_requests",
             "Requests committed in one transaction together with other small requests (group commit)",
             grouped_requests.clone(),
+        );
+        registry.register(
+            "replayed_requests",
+            "Retries with an idempotency key already committed: answered from the first commit, not written again",
+            replayed_requests.clone(),
+        );
+        registry.register(
+            "idempotency_keys",
+            "Committed idempotency keys remembered (counted when expired keys are pruned, every minute)",
+            idempotency_keys.clone(),
+        );
+        registry.register(
+            "idempotency_key_window_seconds",
+            "How long a committed idempotency key is remembered (idempotency.key_window_seconds)",
+            idempotency_key_window_seconds.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -232,6 +253,9 @@ impl Default for Metrics {
             schema_mismatches,
             overloaded,
             grouped_requests,
+            replayed_requests,
+            idempotency_keys,
+            idempotency_key_window_seconds,
             request_duration,
             commit_duration,
             inflight_bytes,

@@ -92,6 +92,12 @@ impl Telemetry {
             .inc();
     }
 
+    /// Counts a retry answered from its idempotency key's receipt.
+    pub fn record_replay(&self, protocol: Protocol, stream: &str) {
+        let labels = StreamLabels { stream: stream.to_owned(), protocol };
+        self.metrics.replayed_requests.get_or_create(&labels).inc();
+    }
+
     /// Counts a checkpoint and, if it was taken, how long it took.
     pub fn record_checkpoint(&self, taken: bool, duration: Duration) {
         let label = CheckpointLabels { outcome: if taken { "ok" } else { "failed" } };

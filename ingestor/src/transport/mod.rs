@@ -51,7 +51,7 @@ pub async fn serve(
             let _ = stopped.wait_for(|stop| *stop).await;
         }
     };
-    let checkpoints = app.spawn_checkpoints();
+    let background = app.spawn_background();
     let limits = app.limits();
     let timeouts = listen::Timeouts {
         header: Duration::from_secs(limits.header_timeout_seconds),
@@ -67,8 +67,6 @@ pub async fn serve(
             tokio::join!(http, flight);
         }
     }
-    if let Some(checkpoints) = checkpoints {
-        checkpoints.abort();
-    }
+    background.iter().for_each(|task| task.abort());
     app.finish().await;
 }

@@ -4,6 +4,7 @@ mod bad_input;
 mod cli;
 mod flight;
 mod hostile;
+mod idempotency;
 mod ingest;
 mod metrics;
 mod process;

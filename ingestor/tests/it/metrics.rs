@@ -51,6 +51,12 @@ async fn the_readme_specifies_every_metric_exposed() {
     let server = TestServer::with_config(config).await;
     // Traffic first, of every kind: families with labels only appear once they have a series.
     server.ingest_ok("spec", ipc_stream(&[batch(0, 10)], None)).await;
+    // A retry of a committed request is answered from its receipt.
+    for _ in 0..2 {
+        let keyed = ipc_stream(&[batch(50, 1)], None);
+        let headers = [("content-type", STREAM_TYPE), ("idempotency-key", "spec-1")];
+        assert_eq!(server.ingest_with("spec", keyed, &headers).await.status(), 200);
+    }
     // Two small requests queued behind another load are committed together.
     let holder = SlotHolder::take(&server).await;
     let small = (0..2).map(|i| server.ingest_ok("spec", ipc_stream(&[batch(100 + i, 1)], None)));

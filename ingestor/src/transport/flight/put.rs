@@ -11,10 +11,11 @@ use std::sync::Arc;
 use arrow_flight::sql::Any;
 use arrow_flight::sql::server::PeekableFlightDataStream;
 use arrow_flight::{FlightData, PutResult};
-use arrowport_api::Ack;
+use arrowport_api::{Ack, IDEMPOTENCY_KEY_HEADER};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::message::raw_message;
@@ -45,8 +46,9 @@ pub async fn put_stream(
         )));
     }
     let stream = path_stream(&descriptor)?.to_owned();
-    let asked = IngestRequest::new(Protocol::Flight, stream, Commits::AtFlushThresholds);
-    let ingest = app.start_ingest(asked).map_err(|e| status(&e))?;
+    let key = idempotency_key(request.metadata());
+    let asked = IngestRequest { key, ..IngestRequest::new(Protocol::Flight, stream, Commits::AtFlushThresholds) };
+    let ingest = app.start_ingest(asked).await.map_err(|e| status(&e))?;
     let (acks, replies) = mpsc::channel(ACK_DEPTH);
     let failed = acks.clone();
     let max_message = app.limits().max_message_bytes.0;
@@ -70,6 +72,12 @@ pub async fn put_stream(
         Err(error) => Err(status(&error)),
     });
     Ok(Response::new(Box::pin(replies)))
+}
+
+/// The `idempotency-key` of a call's metadata (see [`IngestRequest::key`]); a key that is not text is
+/// passed on as it is, to be refused with a clear error.
+pub fn idempotency_key(metadata: &MetadataMap) -> Option<String> {
+    metadata.get(IDEMPOTENCY_KEY_HEADER).map(|key| String::from_utf8_lossy(key.as_bytes()).into_owned())
 }
 
 /// The IPC messages of a call's `FlightData`, their bytes counted on `wire`.

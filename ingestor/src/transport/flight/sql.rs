@@ -253,8 +253,10 @@ impl FlightSqlService for SqlService {
             self.app.refused(Protocol::FlightSql, &command.table, error);
         });
         let mode = mode.map_err(|e| status(&e))?;
-        let asked = IngestRequest { mode, ..IngestRequest::new(Protocol::FlightSql, command.table, Commits::AtEnd) };
-        let ingest = self.app.start_ingest(asked).map_err(|e| status(&e))?;
+        let key = put::idempotency_key(request.metadata());
+        let asked =
+            IngestRequest { mode, key, ..IngestRequest::new(Protocol::FlightSql, command.table, Commits::AtEnd) };
+        let ingest = self.app.start_ingest(asked).await.map_err(|e| status(&e))?;
         let wire = WireCounter::default();
         let messages = put::messages(request.into_inner(), wire.clone(), self.app.limits().max_message_bytes.0);
         let report = ingest.run(messages, &wire, None).await.map_err(|e| status(&e))?;

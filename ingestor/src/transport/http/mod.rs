@@ -9,7 +9,7 @@ pub mod framing;
 
 use std::sync::Arc;
 
-use arrowport_api::{ErrorBody, ErrorCode, IngestReport, StreamsReport};
+use arrowport_api::{ErrorBody, ErrorCode, IDEMPOTENCY_KEY_HEADER, IngestReport, REPLAYED_HEADER, StreamsReport};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
@@ -69,6 +69,9 @@ async fn ingest(
     body: axum::body::Body,
 ) -> Response {
     match ingest_body(&app, stream, &headers, body).await {
+        Ok(report) if report.replayed => {
+            ([(REPLAYED_HEADER, HeaderValue::from_static("true"))], Json(report)).into_response()
+        }
         Ok(report) => Json(report).into_response(),
         Err(error) => {
             let mut response = error.into_response();
@@ -88,7 +91,10 @@ async fn ingest_body(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<IngestReport, IngestError> {
-    let ingest = app.start_ingest(IngestRequest::new(Protocol::Http, stream, Commits::AtEnd))?;
+    // A key that is not text is still a key: refused by the core with a clear error, not ignored.
+    let key = headers.get(IDEMPOTENCY_KEY_HEADER).map(|key| String::from_utf8_lossy(key.as_bytes()).into_owned());
+    let request = IngestRequest { key, ..IngestRequest::new(Protocol::Http, stream, Commits::AtEnd) };
+    let ingest = app.start_ingest(request).await?;
     let wire = WireCounter::default();
     let messages = (|| {
         let format = IpcFormat::from_content_type(header_text(headers, header::CONTENT_TYPE))?;
