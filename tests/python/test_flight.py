@@ -618,3 +618,37 @@ def test_readme_python_adbc_example(server, tmp_path):
     assert lines == ["3 rows ingested", "[('Grace',), ('Edsger',)]"]
     back = read_duckdb(server, "SELECT id, name FROM people ORDER BY id")
     assert back.to_pylist() == PEOPLE.to_pylist()
+
+
+# --- Retries with an idempotency key --------------------------------------------------------------
+
+
+def test_a_producer_retrying_with_its_key_resends_without_duplicates(server):
+    flight = client(server)
+    keyed = fl.FlightCallOptions(timeout=20, headers=[(b"idempotency-key", b"sensor-17")])
+
+    def put(batches):
+        writer, reader = flight.do_put(fl.FlightDescriptor.for_path("readings"), SCHEMA, options=keyed)
+        for batch, meta in batches:
+            writer.write_with_metadata(batch, meta)
+        writer.done_writing()
+        acks = []
+        while (ack := reader.read()) is not None:
+            acks.append(json.loads(ack.to_pybytes()))
+        writer.close()
+        return acks
+
+    sent = [(rows(i * 10, 10), metadata(i)) for i in range(6)]
+    assert put(sent[:4])[-1]["request_id"] == 3
+    # The producer does not know what landed: it resends everything.
+    acks = put(sent)
+    assert (acks[-1]["rows_total"], acks[-1]["request_id"]) == (20, 5)
+    assert sorted_table(do_get(flight, "readings")).equals(pa.Table.from_batches([rows(0, 60)]))
+
+
+def test_adbc_ingest_with_an_idempotency_key_is_written_once(server):
+    options = {"adbc.flight.sql.rpc.call_header.idempotency-key": "nightly-load-2026-11-29"}
+    with flight_sql.connect(f"grpc://{server.addr}", db_kwargs=options, autocommit=True) as conn:
+        assert ingest(conn, "nightly", PEOPLE, "create_append") == 3
+        assert ingest(conn, "nightly", PEOPLE, "create_append") == 3  # the replay answers the same count
+        assert query(conn, "SELECT count(*) AS n FROM nightly").column("n").to_pylist() == [3]

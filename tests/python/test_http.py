@@ -112,3 +112,17 @@ def test_bad_input_gets_json_errors_and_server_keeps_serving(server):
     assert status == 400 and body["error"]["code"] == "invalid_ipc"
     status, body = post(server, "bad", ipc_stream(table))
     assert status == 200 and body["rows"] == 1
+
+
+def test_a_retry_with_an_idempotency_key_is_answered_and_not_written_twice(server):
+    body = ipc_stream(pa.table({"id": list(range(50))}))
+    key = {"Idempotency-Key": "4b0c6f3e-retry-1"}
+    status, first = post(server, "retried", body, key)
+    assert (status, first["rows"], first.get("replayed")) == (200, 50, None)
+    status, again = post(server, "retried", body, key)
+    assert (status, again["rows"], again["replayed"]) == (200, 50, True)
+    status, _ = post(server, "retried", body)  # no key: written again
+    assert status == 200
+    with urllib.request.urlopen(f"{server.url}/streams") as response:
+        streams = {s["stream"]: s for s in json.loads(response.read())["streams"]}
+    assert streams["retried"]["rows"] == 100
