@@ -34,8 +34,11 @@ pub const DEFAULT_CHUNK_SIZE: usize = 122_880;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// DuckDB database file the ingester writes into (created if missing).
+    /// DuckDB database file the ingester writes into (created if missing), when `storage.kind` is
+    /// `duckdb` (the default).
     pub db_path: PathBuf,
+    /// What the ingester writes into: a DuckDB file (`db_path`) or a DuckLake.
+    pub storage: StorageConfig,
     /// Address to listen on.
     pub host: String,
     /// Port for HTTP and Arrow Flight (gRPC), multiplexed on one listener.
@@ -64,6 +67,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             db_path: PathBuf::from(DEFAULT_DB_PATH),
+            storage: StorageConfig::default(),
             host: DEFAULT_HOST.to_owned(),
             port: DEFAULT_PORT,
             flight_port: None,
@@ -76,6 +80,72 @@ impl Default for Config {
             idempotency: IdempotencySettings::default(),
             streams: BTreeMap::new(),
         }
+    }
+}
+
+/// The storage kind, with its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// One DuckDB database file, `db_path`: one writing process.
+    #[default]
+    Duckdb,
+    /// A DuckLake: a catalog (a local file, or PostgreSQL for several ingesters) and Parquet files.
+    Ducklake(DuckLakeConfig),
+}
+
+/// A DuckLake to write into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DuckLakeConfig {
+    /// The lake's catalog: a local file (`/data/lake/meta.ducklake`, one ingester), or `postgres:`
+    /// followed by a libpq connection string (`postgres:host=pg dbname=lake user=arrowport`; several
+    /// ingesters). A password comes from the environment (`PGPASSWORD`), never from this file.
+    pub catalog: String,
+    /// Directory of the lake's Parquet files; shared storage when several ingesters write the lake.
+    /// Relative paths are made absolute at start (DuckLake stores the path as it is given).
+    pub data_path: PathBuf,
+    /// Inserts of up to this many rows are kept in the catalog instead of a Parquet file of their own,
+    /// and written out to Parquet by maintenance (DuckLake's `DATA_INLINING_ROW_LIMIT`).
+    #[serde(default = "default_inlining_row_limit")]
+    pub data_inlining_row_limit: u64,
+    /// How often one ingester runs the lake's maintenance (write inlined rows to Parquet, merge small
+    /// files, expire old snapshots, delete files no snapshot needs); 0 turns it off.
+    #[serde(default = "default_maintenance_interval")]
+    pub maintenance_interval_seconds: u64,
+    /// Snapshots (and the files only they reference) are kept this long for time travel.
+    #[serde(default = "default_snapshot_retention")]
+    pub snapshot_retention_seconds: u64,
+}
+
+fn default_inlining_row_limit() -> u64 {
+    // A group commit of small requests up to a chunk of rows stays in the catalog until maintenance.
+    10_000
+}
+
+fn default_maintenance_interval() -> u64 {
+    300
+}
+
+fn default_snapshot_retention() -> u64 {
+    3_600
+}
+
+impl DuckLakeConfig {
+    /// A lake at `catalog` with its data in `data_path`, and the defaults for the rest.
+    pub fn new(catalog: impl Into<String>, data_path: impl Into<PathBuf>) -> Self {
+        Self {
+            catalog: catalog.into(),
+            data_path: data_path.into(),
+            data_inlining_row_limit: default_inlining_row_limit(),
+            maintenance_interval_seconds: default_maintenance_interval(),
+            snapshot_retention_seconds: default_snapshot_retention(),
+        }
+    }
+
+    /// Whether the catalog is a PostgreSQL database (which several ingesters may share).
+    pub fn is_postgres(&self) -> bool {
+        self.catalog.starts_with("postgres:")
     }
 }
 
@@ -106,6 +176,9 @@ pub struct DuckDbSettings {
     /// Arrowport runs `CHECKPOINT` this often (0: only at shutdown); DuckDB also checkpoints by itself
     /// when its write-ahead log grows past `checkpoint_threshold`.
     pub checkpoint_interval_seconds: u64,
+    /// Directory holding DuckDB extension files (`<name>.duckdb_extension`) for the extensions a DuckLake
+    /// needs (`ducklake`, `icu`, and `postgres_scanner` for a PostgreSQL catalog). Nothing is downloaded.
+    pub extension_directory: Option<PathBuf>,
     /// DuckDB's `checkpoint_threshold`: the write-ahead log size at which a commit checkpoints. Small
     /// commits go through the log, and checkpointing a few of them at a time costs far more than a larger
     /// batch of them (DuckDB's own default, 16 MiB, halves small-request throughput); a larger log takes
@@ -115,7 +188,12 @@ pub struct DuckDbSettings {
 
 impl Default for DuckDbSettings {
     fn default() -> Self {
-        Self { memory_limit: None, checkpoint_interval_seconds: 300, checkpoint_threshold: ByteSize::mib(64) }
+        Self {
+            memory_limit: None,
+            checkpoint_interval_seconds: 300,
+            extension_directory: None,
+            checkpoint_threshold: ByteSize::mib(64),
+        }
     }
 }
 
@@ -320,6 +398,23 @@ impl Config {
         ] {
             if value == 0 {
                 issues.push(Issue::new(key(&["limits", field]), message));
+            }
+        }
+        if let StorageConfig::Ducklake(lake) = &self.storage {
+            if lake.catalog.trim().is_empty() {
+                issues.push(Issue::new(
+                    key(&["storage", "catalog"]),
+                    "must name a catalog file or postgres:<connection string>",
+                ));
+            }
+            if lake.data_path.as_os_str().is_empty() {
+                issues.push(Issue::new(key(&["storage", "data_path"]), "must name a directory"));
+            }
+            if self.duckdb.extension_directory.is_none() {
+                issues.push(Issue::new(
+                    key(&["duckdb", "extension_directory"]),
+                    "a DuckLake needs the directory holding ducklake.duckdb_extension (and icu, postgres_scanner)",
+                ));
             }
         }
         if self.idempotency.key_window_seconds == 0 {
@@ -580,5 +675,21 @@ mod tests {
         let config = Config::from_yaml("limits: {memory_budget_bytes: 64MiB, max_body_bytes: 1000}\n").unwrap();
         assert_eq!(config.limits.memory_budget_bytes, ByteSize::mib(64));
         assert_eq!(config.limits.max_body_bytes, ByteSize(1000));
+    }
+
+    #[test]
+    fn storage_is_a_duckdb_file_or_a_ducklake() {
+        assert_eq!(Config::default().storage, StorageConfig::Duckdb);
+        let text = "storage:\n  kind: ducklake\n  catalog: postgres:host=pg dbname=lake\n  data_path: /data/lake\n\
+                    duckdb:\n  extension_directory: /ext\n";
+        let StorageConfig::Ducklake(lake) = Config::from_yaml(text).unwrap().storage else { panic!("a lake") };
+        assert!(lake.is_postgres());
+        assert_eq!((lake.data_inlining_row_limit, lake.maintenance_interval_seconds), (10_000, 300));
+        let unknown = Config::from_yaml("storage: {kind: ducklake, catalog: c, data_path: d, extra: 1}\n").unwrap_err();
+        assert!(unknown.to_string().contains("extra"), "{unknown}");
+        let no_extensions = Config::from_yaml("storage: {kind: ducklake, catalog: c, data_path: d}\n").unwrap_err();
+        assert!(no_extensions.to_string().contains("duckdb.extension_directory"), "{no_extensions}");
+        let other = Config::from_yaml("storage: {kind: sqlite}\n").unwrap_err();
+        assert!(other.to_string().contains("sqlite"), "{other}");
     }
 }

@@ -64,6 +64,15 @@ fn config_keys() -> BTreeMap<String, Value> {
         keys.insert(format!("streams.<name>.flush.{field}"), value);
     }
     keys.remove("streams.<name>.flush");
+    // The DuckLake storage kind's fields, its defaults from parsing the required ones alone.
+    let lake: arrowport_config::StorageConfig =
+        serde_saphyr::from_str("kind: ducklake\ncatalog: c\ndata_path: d\n").unwrap();
+    for (field, value) in flatten_of(serde_json::to_value(lake).unwrap()) {
+        let required = field == "catalog" || field == "data_path";
+        if field != "kind" {
+            keys.insert(format!("storage.{field}"), if required { Value::Null } else { value });
+        }
+    }
     keys
 }
 
@@ -92,7 +101,7 @@ fn documented_defaults_are_the_real_ones() {
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),
             Value::Array(items) if items.is_empty() => "[]".to_owned(),
-            Value::Null if !key.starts_with("streams.") => "none".to_owned(),
+            Value::Null if !key.starts_with("streams.") && !key.starts_with("storage.") => "none".to_owned(),
             _ => continue,
         };
         assert_eq!(documented[&key], expected, "README default of `{key}`");

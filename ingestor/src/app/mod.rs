@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use arrowport_config::{Config, Limits};
+use arrowport_config::{Config, Limits, StorageConfig};
 
 use crate::budget::MemoryBudget;
 use crate::error::IngestError;
@@ -21,7 +21,7 @@ use crate::load::{Loader, LoaderOptions};
 use crate::query::{QueryLimits, QueryService};
 use crate::routing::Routes;
 use crate::sizing;
-use crate::store::{Database, DatabaseOptions, DuckDbFile, Storage};
+use crate::store::{Database, DatabaseOptions, DuckDbFile, DuckLake, Storage};
 use crate::telemetry::{Resources, Telemetry, metrics};
 use lifecycle::Lifecycle;
 pub use session::{Commits, Incoming, IngestRequest, WireCounter};
@@ -48,12 +48,23 @@ pub struct App {
 impl App {
     /// Opens the storage `config` names and builds the ingester on it.
     pub fn open(config: &Config) -> Result<Arc<Self>, IngestError> {
-        let storage = DuckDbFile::new(&config.db_path);
-        Self::open_on(Box::new(storage), config)
-    }
-
-    /// Builds the ingester on `storage`, with everything else from `config`.
-    pub fn open_on(storage: Box<dyn Storage>, config: &Config) -> Result<Arc<Self>, IngestError> {
+        let storage: Box<dyn Storage> = match &config.storage {
+            StorageConfig::Duckdb => Box::new(DuckDbFile::new(&config.db_path)),
+            StorageConfig::Ducklake(lake) => {
+                let extensions =
+                    config.duckdb.extension_directory.as_deref().ok_or_else(|| {
+                        IngestError::Database("a DuckLake needs duckdb.extension_directory".to_owned())
+                    })?;
+                Box::new(DuckLake::new(
+                    &lake.catalog,
+                    &lake.data_path,
+                    extensions,
+                    lake.data_inlining_row_limit,
+                    Duration::from_secs(lake.snapshot_retention_seconds),
+                )?)
+            }
+        };
+        tracing::info!(storage = %storage.describe(), "Opening the storage.");
         let options = DatabaseOptions {
             extensions: config.duckdb_extensions.clone(),
             memory_limit: duckdb_memory_limit(config),
@@ -80,10 +91,12 @@ impl App {
         metrics.config_generation.set(routes.generation as i64);
         let key_window = Duration::from_secs(config.idempotency.key_window_seconds);
         metrics.idempotency_key_window_seconds.set(key_window.as_secs() as i64);
-        let checkpoint_interval = match config.duckdb.checkpoint_interval_seconds {
-            0 => None,
-            seconds => Some(Duration::from_secs(seconds)),
+        // A DuckDB file checkpoints its WAL; a lake runs its maintenance.
+        let interval = match &config.storage {
+            StorageConfig::Duckdb => config.duckdb.checkpoint_interval_seconds,
+            StorageConfig::Ducklake(lake) => lake.maintenance_interval_seconds,
         };
+        let checkpoint_interval = (interval > 0).then(|| Duration::from_secs(interval));
         Ok(Arc::new(Self {
             routes: RwLock::new(Arc::new(routes)),
             database,

@@ -229,21 +229,28 @@ impl Shared {
         receipts: &Mutex<Vec<Receipt>>,
     ) -> Result<u64, IngestError> {
         let incoming = describe(conn, view)?;
+        let storage = self.db.storage();
+        if let Some(reason) = incoming.iter().find_map(|column| storage.unsupported_type(&column.sql_type)) {
+            return Err(IngestError::UnsupportedType(reason));
+        }
         let lock = self.tables.lock_for(&target.table);
         // Appends share the table; creating or altering it takes it exclusively for the whole transaction.
         let mut guard = TableGuard::shared(&lock);
-        let plan = |conn| {
+        let plan = || {
             let existing = self.table_columns(conn, &target.table)?;
             schema::plan(&target.table, existing.as_deref(), &incoming, target.policy, target.mode)
         };
-        let mut plan_now = plan(conn)?;
+        let mut plan_now = plan()?;
         if plan_now.changes_table() {
             drop(guard);
             guard = TableGuard::exclusive(&lock);
-            plan_now = plan(conn)?;
+            plan_now = plan()?;
+        }
+        let table = self.db.table_name(&target.table);
+        if storage.schema_changes_alone() && matches!(plan_now, TablePlan::Create(_) | TablePlan::AddColumns(_)) {
+            plan_now = self.change_schema_alone(conn, &table, plan_now, plan)?;
         }
         let plan = plan_now;
-        let table = self.db.table_name(&target.table);
         conn.execute_batch("BEGIN TRANSACTION")?;
         let outcome = (|| {
             apply(conn, &table, &plan)?;
@@ -263,6 +270,37 @@ impl Shared {
         }
         drop(guard);
         outcome
+    }
+
+    /// Creates or alters the table in a transaction of its own, for storage where another writer may do
+    /// the same at once: a conflict means the other won, so the plan is made again against what it left
+    /// (usually an append). Returns the plan for the rows' transaction.
+    fn change_schema_alone(
+        &self,
+        conn: &Connection,
+        table: &str,
+        mut current: TablePlan,
+        plan: impl Fn() -> Result<TablePlan, IngestError>,
+    ) -> Result<TablePlan, IngestError> {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            if !current.changes_table() {
+                break;
+            }
+            conn.execute_batch("BEGIN TRANSACTION")?;
+            match apply(conn, table, &current).and_then(|()| Ok(conn.execute_batch("COMMIT")?)) {
+                Ok(()) => current = TablePlan::Append,
+                Err(error) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    if attempt == ATTEMPTS || !error.to_string().to_ascii_lowercase().contains("conflict") {
+                        return Err(error);
+                    }
+                    tracing::debug!(%table, %error, "Another writer changed the table first; planning again.");
+                    current = plan()?;
+                }
+            }
+        }
+        Ok(current)
     }
 
     /// The table's columns, or `None` if it does not exist.

@@ -56,15 +56,15 @@ impl RawDatabase {
         unsafe { duckdb::Connection::open_from_raw(self.db) }
     }
 
-    /// A raw connection whose default catalog is `catalog`, used only to register Arrow streams.
-    pub fn scan_connection(&self, catalog: &str) -> Result<RawConnection, String> {
+    /// A raw connection whose default catalog is `catalog`.
+    pub fn connection_in(&self, catalog: &str) -> Result<RawConnection, String> {
         let connection = self.raw_connection()?;
         connection.execute(&format!("USE {}", super::sql::ident(catalog)))?;
         Ok(connection)
     }
 
     /// A raw connection in the default catalog.
-    pub fn raw_connection(&self) -> Result<RawConnection, String> {
+    fn raw_connection(&self) -> Result<RawConnection, String> {
         let mut con: sys::duckdb_connection = ptr::null_mut();
         // SAFETY: `self.db` is open; out-pointer to a local.
         if unsafe { sys::duckdb_connect(self.db, &mut con) } != sys::duckdb_state_DuckDBSuccess {

@@ -6,6 +6,7 @@
 //! may touch a file beyond the storage's own nor change a setting. The loader ([`crate::load`]) and the
 //! query service ([`crate::query`]) share the one `Database`.
 
+mod ducklake;
 mod ffi;
 pub mod sql;
 mod storage;
@@ -15,6 +16,7 @@ use std::sync::Mutex;
 use duckdb::Connection;
 
 use crate::error::IngestError;
+pub use ducklake::DuckLake;
 pub use ffi::RawConnection;
 use ffi::RawDatabase;
 pub use storage::{DuckDbFile, Storage, StorageSizes};
@@ -76,6 +78,11 @@ impl Database {
         &self.catalog
     }
 
+    /// The storage behind the data catalog.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
     /// `"catalog"."main"."table"` in the data catalog.
     pub fn table_name(&self, table: &str) -> String {
         sql::qualified(&self.catalog, "main", table)
@@ -86,19 +93,21 @@ impl Database {
         self.memory_limit
     }
 
-    /// A new connection for SQL.
+    /// A new connection for SQL, in the data catalog (names without a catalog are the data's).
     pub fn connect(&self) -> Result<Connection, IngestError> {
-        Ok(self.raw.connect()?)
+        let conn = self.raw.connect()?;
+        conn.execute_batch(&format!("USE {}", sql::ident(&self.catalog)))?;
+        Ok(conn)
     }
 
-    /// A raw connection in the default catalog (to classify statements).
+    /// A raw connection in the data catalog (to classify statements).
     pub fn raw_connection(&self) -> Result<RawConnection, IngestError> {
-        self.raw.raw_connection().map_err(IngestError::Database)
+        self.raw.connection_in(&self.catalog).map_err(IngestError::Database)
     }
 
     /// A raw connection in [`SCRATCH`], to register Arrow streams as views there.
     pub fn scan_connection(&self) -> Result<RawConnection, IngestError> {
-        self.raw.scan_connection(SCRATCH).map_err(IngestError::Database)
+        self.raw.connection_in(SCRATCH).map_err(IngestError::Database)
     }
 
     /// Folds recent writes into the storage's long-term form (for a DuckDB file: `CHECKPOINT`).

@@ -2,7 +2,8 @@
 //!
 //! Everything above [`Database`](super::Database) (loading, queries, routing) sees only a catalog to
 //! write tables into. A storage kind says which file DuckDB opens, how the data catalog is attached,
-//! what a checkpoint means for it and how big it is. Today there is one kind, a DuckDB file.
+//! what a checkpoint means for it, how big it is, and what it cannot store. Two kinds: a DuckDB file
+//! ([`DuckDbFile`]) and a DuckLake ([`DuckLake`](super::DuckLake)).
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,12 @@ pub struct StorageSizes {
 
 /// One kind of storage.
 pub trait Storage: Send + Sync + 'static {
+    /// The kind's name, as configured (`storage.kind`).
+    fn kind(&self) -> &'static str;
+
+    /// Where the data is, for logs.
+    fn describe(&self) -> String;
+
     /// The file DuckDB opens as its main database.
     fn database_path(&self) -> &Path;
 
@@ -34,6 +41,17 @@ pub trait Storage: Send + Sync + 'static {
 
     /// What the storage takes on disk now.
     fn sizes(&self) -> StorageSizes;
+
+    /// Why a column of this DuckDB type cannot be stored here, if it cannot.
+    fn unsupported_type(&self, _sql_type: &str) -> Option<String> {
+        None
+    }
+
+    /// Whether creating or altering a table commits on its own, before the rows' transaction, because
+    /// another writer may race it (and a conflict found at the rows' commit could not be retried).
+    fn schema_changes_alone(&self) -> bool {
+        false
+    }
 }
 
 /// A DuckDB database file: the data catalog is the file itself, its WAL beside it.
@@ -49,6 +67,14 @@ impl DuckDbFile {
 }
 
 impl Storage for DuckDbFile {
+    fn kind(&self) -> &'static str {
+        "duckdb"
+    }
+
+    fn describe(&self) -> String {
+        format!("DuckDB file {}", self.path.display())
+    }
+
     fn database_path(&self) -> &Path {
         &self.path
     }

@@ -176,6 +176,12 @@ async fn a_batch_larger_than_the_whole_budget_is_413_not_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constraint_violations_are_409_and_write_nothing() {
+    if crate::support::skip_on_ducklake(
+        "constraint_violations_are_409_and_write_nothing",
+        "DuckLake has no table constraints",
+    ) {
+        return;
+    }
     let server = TestServer::start().await;
     let create = "CREATE TABLE keyed (id BIGINT PRIMARY KEY, name VARCHAR, price DOUBLE)";
     server.app.database().with_connection(|c| c.execute_batch(create)).unwrap();

@@ -108,6 +108,12 @@ async fn a_long_do_put_acks_each_commit_with_its_own_rows_and_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_fails_mid_call_ends_it_and_rolls_back_what_came_after() {
+    if crate::support::skip_on_ducklake(
+        "a_commit_that_fails_mid_call_ends_it_and_rolls_back_what_came_after",
+        "DuckLake has no table constraints",
+    ) {
+        return;
+    }
     let server = TestServer::with_config(session_config("checked", 100, 100)).await;
     let create = "CREATE TABLE checked (id BIGINT CHECK (id < 150), name VARCHAR, price DOUBLE)";
     server.app.database().with_connection(|c| c.execute_batch(create)).unwrap();
@@ -211,6 +217,12 @@ async fn a_batch_that_does_not_fit_the_table_fails_its_precondition() {
 
 #[tokio::test]
 async fn a_batch_that_breaks_a_table_constraint_fails_its_precondition() {
+    if crate::support::skip_on_ducklake(
+        "a_batch_that_breaks_a_table_constraint_fails_its_precondition",
+        "DuckLake has no table constraints",
+    ) {
+        return;
+    }
     let server = TestServer::start().await;
     let create = "CREATE TABLE checked (id BIGINT CHECK (id < 100), name VARCHAR, price DOUBLE)";
     server.app.database().with_connection(|c| c.execute_batch(create)).unwrap();

@@ -1,8 +1,10 @@
 //! Retries with an idempotency key: a committed key is answered from its receipt and never written
 //! twice; a key in use waits for nobody and is refused; a failed request leaves no receipt.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow_flight::{FlightClient, PutResult};
 use arrowport_api::{Ack, IngestReport};
 use arrowport_config::Config;
@@ -111,18 +113,18 @@ async fn a_key_in_use_is_refused_until_its_request_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_request_leaves_no_receipt_and_bad_keys_are_refused() {
     let server = TestServer::start().await;
-    server
-        .app
-        .database()
-        .with_connection(|c| c.execute_batch("CREATE TABLE strict (id BIGINT PRIMARY KEY, name VARCHAR, price DOUBLE)"))
-        .unwrap();
     server.ingest_ok("strict", ipc_stream(&[batch(0, 3)], None)).await;
-    // Duplicate ids: refused, and the key stays unused.
-    let (status, code) = error_code(ingest_keyed(&server, "strict", "retry-me", 3).await).await;
-    assert_eq!((status, code.as_str()), (409, "constraint_violation"));
-    let fixed = ipc_stream(&[batch(10, 3)], None);
-    let response =
-        server.ingest_with("strict", fixed, &[("content-type", STREAM_TYPE), ("idempotency-key", "retry-me")]).await;
+    // A column the table lacks: refused, and the key stays unused.
+    let extra = RecordBatch::try_from_iter([
+        ("id", Arc::new(Int64Array::from(vec![7])) as ArrayRef),
+        ("surprise", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+    ])
+    .unwrap();
+    let headers = [("content-type", STREAM_TYPE), ("idempotency-key", "retry-me")];
+    let response = server.ingest_with("strict", ipc_stream(&[extra], None), &headers).await;
+    let (status, code) = error_code(response).await;
+    assert_eq!((status, code.as_str()), (422, "schema_mismatch"));
+    let response = server.ingest_with("strict", ipc_stream(&[batch(10, 3)], None), &headers).await;
     let (fixed, _) = report(response).await;
     assert!(!fixed.replayed, "the failed attempt left no receipt");
     assert_eq!(server.count("strict"), Some(6));

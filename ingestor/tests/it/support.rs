@@ -36,10 +36,12 @@ impl TestServer {
         Self::with_config(Config::default()).await
     }
 
-    /// Starts a server with `config`; its `db_path` is replaced by a fresh temporary file.
+    /// Starts a server with `config`; its storage is replaced by a fresh one in a temporary directory: a
+    /// DuckDB file, or a DuckLake when `ARROWPORT_TEST_STORAGE=ducklake` (see [`storage_under_test`]).
     pub async fn with_config(mut config: Config) -> Self {
         let dir = tempfile::tempdir().unwrap();
         config.db_path = dir.path().join("test.duckdb");
+        use_storage_under_test(&mut config, dir.path());
         let app = arrowport::app::App::open(&config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -108,6 +110,43 @@ impl TestServer {
         self.stop.take().unwrap().send(()).unwrap();
         self.task.take().unwrap().await.unwrap();
     }
+}
+
+/// The storage kind the suite runs against: `duckdb` (a file, the default) or `ducklake` (a local lake;
+/// `ARROWPORT_TEST_EXTENSIONS` names the extension directory, as `scripts/duckdb-extensions` prints it).
+pub fn storage_under_test() -> &'static str {
+    match std::env::var("ARROWPORT_TEST_STORAGE").as_deref() {
+        Ok("ducklake") => "ducklake",
+        Ok("duckdb") | Err(_) => "duckdb",
+        Ok(other) => panic!("ARROWPORT_TEST_STORAGE={other}: use duckdb or ducklake"),
+    }
+}
+
+/// Whether the suite runs against a DuckLake.
+pub fn on_ducklake() -> bool {
+    storage_under_test() == "ducklake"
+}
+
+/// For tests of what only a DuckDB file has (table constraints): true, after saying so, on a lake.
+pub fn skip_on_ducklake(test: &str, why: &str) -> bool {
+    if on_ducklake() {
+        eprintln!("SKIPPED on DuckLake: {test}: {why}");
+    }
+    on_ducklake()
+}
+
+/// Points `config` at the storage under test, in `dir`. A lake runs its maintenance where a DuckDB file
+/// checkpoints, at `duckdb.checkpoint_interval_seconds`.
+pub fn use_storage_under_test(config: &mut Config, dir: &Path) {
+    if !on_ducklake() {
+        return;
+    }
+    let extensions = std::env::var("ARROWPORT_TEST_EXTENSIONS")
+        .expect("ARROWPORT_TEST_EXTENSIONS names the extension directory (bash scripts/duckdb-extensions)");
+    config.duckdb.extension_directory = Some(extensions.into());
+    let mut lake = arrowport_config::DuckLakeConfig::new(dir.join("meta.ducklake").to_string_lossy(), dir.join("data"));
+    lake.maintenance_interval_seconds = config.duckdb.checkpoint_interval_seconds;
+    config.storage = arrowport_config::StorageConfig::Ducklake(lake);
 }
 
 /// Lets a [`SlotHolder`] take the server's only load slot: one load at a time, and a stream whose

@@ -151,7 +151,21 @@ fn columns() -> Vec<(&'static str, ArrayRef)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_supported_type_round_trips() {
     let server = TestServer::start().await;
-    let columns = columns();
+    let mut columns = columns();
+    if crate::support::on_ducklake() {
+        // DuckLake cannot store fixed-size arrays: each such column alone is refused, naming the kind.
+        let (fixed, rest): (Vec<_>, Vec<_>) =
+            columns.into_iter().partition(|(_, array)| matches!(array.data_type(), DataType::FixedSizeList(..)));
+        assert!(!fixed.is_empty());
+        for (name, array) in fixed {
+            let schema = Arc::new(Schema::new(vec![Field::new(name, array.data_type().clone(), true)]));
+            let batch = RecordBatch::try_new(schema, vec![array]).unwrap();
+            let response = server.ingest("fixed_size", ipc_stream(&[batch], None)).await;
+            let (status, code) = error_code(response).await;
+            assert_eq!((status, code.as_str()), (422, "unsupported_type"), "{name}");
+        }
+        columns = rest;
+    }
     let mut fields = vec![Field::new("id", DataType::Int32, false)];
     let mut arrays: Vec<ArrayRef> = vec![Arc::new(Int32Array::from(vec![0, 1, 2]))];
     for (name, array) in &columns {

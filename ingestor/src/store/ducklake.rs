@@ -1,0 +1,186 @@
+//! DuckLake storage: a catalog (a local DuckDB file, or PostgreSQL shared by several ingesters) and a
+//! directory of Parquet files, attached to an in-memory DuckDB as the data catalog `lake`.
+//!
+//! Facts this follows (DuckDB 1.5.5, DuckLake 0.3): the extensions come from files, never the network;
+//! DuckLake stores `DATA_PATH` verbatim, so it is made absolute; with file access locked down, only the
+//! data directory stays reachable (`allowed_directories`); one transaction writes one attached database,
+//! which is why receipts live in the lake too; DuckLake cannot store ENUM, UNION, fixed-size ARRAY or BIT
+//! columns; creating or altering a table conflicts with another writer doing the same, so schema changes
+//! commit on their own (see [`Storage::schema_changes_alone`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use duckdb::Connection;
+
+use super::storage::{Storage, StorageSizes};
+use crate::error::IngestError;
+
+/// The data catalog's name.
+const LAKE: &str = "lake";
+
+/// A DuckLake to write into.
+#[derive(Debug, Clone)]
+pub struct DuckLake {
+    /// `ducklake:` + this is what is attached: a file path or `postgres:...`.
+    catalog: String,
+    data_path: PathBuf,
+    extension_directory: PathBuf,
+    inlining_row_limit: u64,
+    snapshot_retention: Duration,
+}
+
+impl DuckLake {
+    /// A lake with `catalog` and `data_path` (made absolute against the working directory), loading its
+    /// extensions from `extension_directory`.
+    pub fn new(
+        catalog: &str,
+        data_path: &Path,
+        extension_directory: &Path,
+        inlining_row_limit: u64,
+        snapshot_retention: Duration,
+    ) -> Result<Self, IngestError> {
+        let absolute = |path: &Path| {
+            std::path::absolute(path)
+                .map_err(|e| IngestError::Database(format!("cannot resolve {}: {e}", path.display())))
+        };
+        let data_path = absolute(data_path)?;
+        std::fs::create_dir_all(&data_path)
+            .map_err(|e| IngestError::Database(format!("cannot create {}: {e}", data_path.display())))?;
+        let catalog = match catalog.strip_prefix("postgres:") {
+            Some(_) => catalog.to_owned(),
+            None => absolute(Path::new(catalog))?.to_string_lossy().into_owned(),
+        };
+        Ok(Self {
+            catalog,
+            data_path,
+            extension_directory: extension_directory.to_owned(),
+            inlining_row_limit,
+            snapshot_retention,
+        })
+    }
+
+    fn is_postgres(&self) -> bool {
+        self.catalog.starts_with("postgres:")
+    }
+
+    /// The extensions this lake needs, by their file names.
+    fn extensions(&self) -> Vec<&'static str> {
+        let mut names = vec!["ducklake", "icu"];
+        if self.is_postgres() {
+            names.push("postgres_scanner");
+        }
+        names
+    }
+}
+
+/// Loads `name` from `directory`, or says which file, for which DuckDB, is missing or does not load.
+fn load_extension(admin: &Connection, directory: &Path, name: &str) -> Result<(), IngestError> {
+    let file = directory.join(format!("{name}.duckdb_extension"));
+    let quoted = file.to_string_lossy().replace('\'', "''");
+    admin.execute_batch(&format!("LOAD '{quoted}'")).map_err(|error| {
+        let version: String = admin
+            .query_row("SELECT version() || ' ' || (SELECT platform FROM pragma_platform())", [], |row| row.get(0))
+            .unwrap_or_else(|_| "?".to_owned());
+        IngestError::Database(format!(
+            "cannot load the DuckDB extension {name} from {} (this is DuckDB {version}; install the matching file, \
+             e.g. with scripts/duckdb-extensions): {error}",
+            file.display()
+        ))
+    })
+}
+
+impl Storage for DuckLake {
+    fn kind(&self) -> &'static str {
+        "ducklake"
+    }
+
+    fn database_path(&self) -> &Path {
+        Path::new(":memory:")
+    }
+
+    fn describe(&self) -> String {
+        format!("DuckLake {} with data in {}", self.catalog, self.data_path.display())
+    }
+
+    fn attach(&self, admin: &Connection) -> Result<String, IngestError> {
+        admin.execute_batch("SET autoinstall_known_extensions = false; SET autoload_known_extensions = false")?;
+        for name in self.extensions() {
+            load_extension(admin, &self.extension_directory, name)?;
+        }
+        let data_path = format!("{}/", self.data_path.to_string_lossy().trim_end_matches('/'));
+        let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+        admin
+            .execute_batch(&format!(
+                "ATTACH IF NOT EXISTS {} AS {LAKE} (DATA_PATH {}, DATA_INLINING_ROW_LIMIT {}); USE {LAKE}",
+                quote(&format!("ducklake:{}", self.catalog)),
+                quote(&data_path),
+                self.inlining_row_limit
+            ))
+            .map_err(|e| IngestError::Database(format!("cannot attach the DuckLake {}: {e}", self.describe())))?;
+        // Once file access is locked down, the lake's own files must stay reachable.
+        admin.execute_batch(&format!("SET allowed_directories = [{}]", quote(&data_path)))?;
+        Ok(LAKE.to_owned())
+    }
+
+    fn checkpoint(&self, admin: &Connection) -> Result<(), IngestError> {
+        // Files older than the retention that no snapshot references are left by writers that died
+        // mid-insert; a running insert's files are younger than that.
+        let older_than = format!("older_than => now() - INTERVAL '{} seconds'", self.snapshot_retention.as_secs());
+        let steps = [
+            format!("CALL ducklake_flush_inlined_data('{LAKE}')"),
+            format!("CALL ducklake_merge_adjacent_files('{LAKE}')"),
+            format!("CALL ducklake_expire_snapshots('{LAKE}', {older_than})"),
+            format!("CALL ducklake_cleanup_old_files('{LAKE}', {older_than})"),
+            format!("CALL ducklake_delete_orphaned_files('{LAKE}', {older_than})"),
+        ];
+        for step in steps {
+            admin
+                .execute_batch(&step)
+                .map_err(|e| IngestError::Database(format!("DuckLake maintenance ({step}) failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn sizes(&self) -> StorageSizes {
+        let catalog = if self.is_postgres() { 0 } else { std::fs::metadata(&self.catalog).map_or(0, |m| m.len()) };
+        StorageSizes { data_bytes: directory_bytes(&self.data_path), log_bytes: catalog }
+    }
+
+    fn unsupported_type(&self, sql_type: &str) -> Option<String> {
+        let upper = sql_type.to_ascii_uppercase();
+        let reason = if upper.starts_with("ENUM") {
+            "ENUM"
+        } else if upper.starts_with("UNION") {
+            "UNION"
+        } else if upper == "BIT" {
+            "BIT"
+        } else if upper.ends_with(']') && !upper.ends_with("[]") {
+            "fixed-size ARRAY (Arrow FixedSizeList)"
+        } else {
+            return None;
+        };
+        Some(format!("{reason} columns ({sql_type}) cannot be stored in a DuckLake"))
+    }
+
+    fn schema_changes_alone(&self) -> bool {
+        true
+    }
+}
+
+/// Bytes of the files under `path`.
+fn directory_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![path.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => pending.push(entry.path()),
+                Ok(meta) => total += meta.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
