@@ -12,7 +12,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("app", &["budget", "error", "ipc", "load", "query", "routing", "sizing", "store", "telemetry"]),
     ("load", &["budget", "error", "store"]),
     ("query", &["error", "store"]),
-    ("telemetry", &["error"]),
+    ("telemetry", &["error", "store"]),
     ("routing", &["error"]),
     ("store", &["error"]),
     ("ipc", &["error"]),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::App;
 use crate::error::IngestError;
+use crate::store::Checkpoint;
 
 /// How often expired idempotency keys are pruned (and the remembered ones counted).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
@@ -73,14 +74,14 @@ impl App {
 
     /// Checkpoints the storage (for a DuckDB file, folds the WAL into it) and counts it. A checkpoint
     /// DuckDB cannot take now (other writes in progress) fails harmlessly and is tried again next time.
-    pub async fn checkpoint(&self) -> Result<(), IngestError> {
+    pub async fn checkpoint(&self) -> Result<Checkpoint, IngestError> {
         let database = self.database.clone();
         let started = Instant::now();
         let outcome = match tokio::task::spawn_blocking(move || database.checkpoint()).await {
             Ok(outcome) => outcome,
             Err(join) => Err(IngestError::Database(format!("checkpoint task failed: {join}"))),
         };
-        self.telemetry.record_checkpoint(outcome.is_ok(), started.elapsed());
+        self.telemetry.record_checkpoint(outcome.as_ref().ok().copied(), started.elapsed());
         outcome
     }
 
@@ -110,7 +111,7 @@ impl App {
     /// The last step of a shutdown, once no request is open: a final checkpoint.
     pub async fn finish(&self) {
         match self.checkpoint().await {
-            Ok(()) => tracing::info!("Checkpointed the database."),
+            Ok(_) => tracing::info!("Checkpointed the database."),
             Err(error) => tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start."),
         }
     }

@@ -61,6 +61,7 @@ impl App {
                     extensions,
                     lake.data_inlining_row_limit,
                     Duration::from_secs(lake.snapshot_retention_seconds),
+                    Duration::from_secs(lake.maintenance_interval_seconds),
                 )?)
             }
         };

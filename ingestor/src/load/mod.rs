@@ -292,7 +292,9 @@ impl Shared {
                 Ok(()) => current = TablePlan::Append,
                 Err(error) => {
                     let _ = conn.execute_batch("ROLLBACK");
-                    if attempt == ATTEMPTS || !error.to_string().to_ascii_lowercase().contains("conflict") {
+                    let message = error.to_string().to_ascii_lowercase();
+                    let raced = message.contains("conflict") || message.contains("already exists");
+                    if attempt == ATTEMPTS || !raced {
                         return Err(error);
                     }
                     tracing::debug!(%table, %error, "Another writer changed the table first; planning again.");

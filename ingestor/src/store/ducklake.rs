@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use duckdb::Connection;
 
-use super::storage::{Storage, StorageSizes};
+use super::storage::{Checkpoint, Storage, StorageSizes};
 use crate::error::IngestError;
 
 /// The data catalog's name.
 const LAKE: &str = "lake";
+/// Tries to attach a catalog that other ingesters are creating at the same moment.
+const ATTACH_ATTEMPTS: u32 = 5;
 
 /// A DuckLake to write into.
 #[derive(Debug, Clone)]
@@ -28,6 +30,10 @@ pub struct DuckLake {
     extension_directory: PathBuf,
     inlining_row_limit: u64,
     snapshot_retention: Duration,
+    /// This ingester's name in the maintenance lease.
+    holder: String,
+    /// How long a maintenance turn lasts unless renewed.
+    lease: Duration,
 }
 
 impl DuckLake {
@@ -39,6 +45,7 @@ impl DuckLake {
         extension_directory: &Path,
         inlining_row_limit: u64,
         snapshot_retention: Duration,
+        maintenance_interval: Duration,
     ) -> Result<Self, IngestError> {
         let absolute = |path: &Path| {
             std::path::absolute(path)
@@ -57,6 +64,10 @@ impl DuckLake {
             extension_directory: extension_directory.to_owned(),
             inlining_row_limit,
             snapshot_retention,
+            holder: format!("{}-{}", hostname(), now_ms()),
+            // Two missed turns pass it on, and never sooner than a minute: a turn that runs long under load
+            // does not hand the lake to a second maintainer while the first is still at it.
+            lease: (maintenance_interval * 2).max(Duration::from_secs(60)),
         })
     }
 
@@ -72,6 +83,54 @@ impl DuckLake {
         }
         names
     }
+}
+
+impl DuckLake {
+    /// Whether this ingester may maintain the lake now: one at a time may, since two compactions of a
+    /// table conflict. The turn is a lease in the lake itself (`arrowport.maintenance`, one row): taking
+    /// or renewing it is an UPDATE, and of two ingesters updating it at once DuckLake commits one and
+    /// fails the other with a conflict. The holder renews it each time; it passes on once it has not
+    /// been renewed for the lease time.
+    fn take_maintenance_turn(&self, admin: &Connection) -> Result<bool, IngestError> {
+        let table = format!("{LAKE}.arrowport.maintenance");
+        // One row from the start: created with it, so there is never a row to insert (inserts do not conflict).
+        let created = admin.execute_batch(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {LAKE}.arrowport; \
+             CREATE TABLE IF NOT EXISTS {table} AS SELECT ''::VARCHAR AS holder, 0::BIGINT AS until_ms"
+        ));
+        if let Err(error) = created {
+            // Another ingester created it at the same moment: it is there now.
+            tracing::debug!(%error, "The maintenance lease table was created by another ingester.");
+        }
+        let now = now_ms();
+        let until = now + self.lease.as_millis() as i64;
+        let taken = (|| {
+            admin.execute_batch("BEGIN TRANSACTION")?;
+            let updated = admin.execute(
+                &format!("UPDATE {table} SET holder = ?, until_ms = ? WHERE holder = ? OR until_ms < ?"),
+                duckdb::params![self.holder, until, self.holder, now],
+            )?;
+            admin.execute_batch("COMMIT")?;
+            Ok::<_, duckdb::Error>(updated > 0)
+        })();
+        match taken {
+            Ok(taken) => Ok(taken),
+            Err(error) => {
+                let _ = admin.execute_batch("ROLLBACK");
+                tracing::debug!(%error, "Another ingester took the maintenance turn.");
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// The host's name (a pod's name in Kubernetes), for the lease's holder.
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map_or_else(|_| std::process::id().to_string(), |h| h.trim().to_owned())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Loads `name` from `directory`, or says which file, for which DuckDB, is missing or does not load.
@@ -110,20 +169,32 @@ impl Storage for DuckLake {
         }
         let data_path = format!("{}/", self.data_path.to_string_lossy().trim_end_matches('/'));
         let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
-        admin
-            .execute_batch(&format!(
-                "ATTACH IF NOT EXISTS {} AS {LAKE} (DATA_PATH {}, DATA_INLINING_ROW_LIMIT {}); USE {LAKE}",
-                quote(&format!("ducklake:{}", self.catalog)),
-                quote(&data_path),
-                self.inlining_row_limit
-            ))
-            .map_err(|e| IngestError::Database(format!("cannot attach the DuckLake {}: {e}", self.describe())))?;
+        let attach = format!(
+            "ATTACH IF NOT EXISTS {} AS {LAKE} (DATA_PATH {}, DATA_INLINING_ROW_LIMIT {}); USE {LAKE}",
+            quote(&format!("ducklake:{}", self.catalog)),
+            quote(&data_path),
+            self.inlining_row_limit
+        );
+        // Ingesters starting together on a new PostgreSQL catalog race to create its tables; the losers
+        // fail once and find them made on the next try.
+        let mut attempt = 1;
+        while let Err(error) = admin.execute_batch(&attach) {
+            if attempt == ATTACH_ATTEMPTS || !error.to_string().contains("Failed to initialize DuckLake") {
+                return Err(IngestError::Database(format!("cannot attach the DuckLake {}: {error}", self.describe())));
+            }
+            tracing::info!(%error, "Another ingester is creating the lake's catalog; attaching again.");
+            std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+            attempt += 1;
+        }
         // Once file access is locked down, the lake's own files must stay reachable.
         admin.execute_batch(&format!("SET allowed_directories = [{}]", quote(&data_path)))?;
         Ok(LAKE.to_owned())
     }
 
-    fn checkpoint(&self, admin: &Connection) -> Result<(), IngestError> {
+    fn checkpoint(&self, admin: &Connection) -> Result<Checkpoint, IngestError> {
+        if !self.take_maintenance_turn(admin)? {
+            return Ok(Checkpoint::NotOurTurn);
+        }
         // Files older than the retention that no snapshot references are left by writers that died
         // mid-insert; a running insert's files are younger than that.
         let older_than = format!("older_than => now() - INTERVAL '{} seconds'", self.snapshot_retention.as_secs());
@@ -139,7 +210,7 @@ impl Storage for DuckLake {
                 .execute_batch(&step)
                 .map_err(|e| IngestError::Database(format!("DuckLake maintenance ({step}) failed: {e}")))?;
         }
-        Ok(())
+        Ok(Checkpoint::Done)
     }
 
     fn sizes(&self) -> StorageSizes {

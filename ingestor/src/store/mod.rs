@@ -19,7 +19,7 @@ use crate::error::IngestError;
 pub use ducklake::DuckLake;
 pub use ffi::RawConnection;
 use ffi::RawDatabase;
-pub use storage::{DuckDbFile, Storage, StorageSizes};
+pub use storage::{Checkpoint, DuckDbFile, Storage, StorageSizes};
 
 /// In-memory catalog holding the per-upload Arrow views, so nothing about them reaches the data.
 pub const SCRATCH: &str = "arrowport_scratch";
@@ -111,7 +111,7 @@ impl Database {
     }
 
     /// Folds recent writes into the storage's long-term form (for a DuckDB file: `CHECKPOINT`).
-    pub fn checkpoint(&self) -> Result<(), IngestError> {
+    pub fn checkpoint(&self) -> Result<Checkpoint, IngestError> {
         let admin = self.admin.lock().expect("admin connection lock poisoned");
         self.storage.checkpoint(&admin)
     }

@@ -20,6 +20,14 @@ pub struct StorageSizes {
     pub log_bytes: u64,
 }
 
+/// What a checkpoint did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    Done,
+    /// Another ingester sharing the storage holds the turn to maintain it.
+    NotOurTurn,
+}
+
 /// One kind of storage.
 pub trait Storage: Send + Sync + 'static {
     /// The kind's name, as configured (`storage.kind`).
@@ -37,7 +45,7 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Folds recent writes into their long-term form. May fail harmlessly when other writes are in
     /// progress; it is tried again later.
-    fn checkpoint(&self, admin: &Connection) -> Result<(), IngestError>;
+    fn checkpoint(&self, admin: &Connection) -> Result<Checkpoint, IngestError>;
 
     /// What the storage takes on disk now.
     fn sizes(&self) -> StorageSizes;
@@ -83,8 +91,9 @@ impl Storage for DuckDbFile {
         Ok(admin.query_row("SELECT current_database()", [], |row| row.get(0))?)
     }
 
-    fn checkpoint(&self, admin: &Connection) -> Result<(), IngestError> {
-        Ok(admin.execute_batch("CHECKPOINT")?)
+    fn checkpoint(&self, admin: &Connection) -> Result<Checkpoint, IngestError> {
+        admin.execute_batch("CHECKPOINT")?;
+        Ok(Checkpoint::Done)
     }
 
     fn sizes(&self) -> StorageSizes {

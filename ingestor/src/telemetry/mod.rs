@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use arrowport_api::{IngestReport, StreamStats};
 
 use crate::error::IngestError;
+use crate::store::Checkpoint;
 use metrics::{CheckpointLabels, OutcomeLabels, StreamLabels};
 pub use metrics::{Metrics, Protocol, Resources};
 
@@ -98,11 +99,15 @@ impl Telemetry {
         self.metrics.replayed_requests.get_or_create(&labels).inc();
     }
 
-    /// Counts a checkpoint and, if it was taken, how long it took.
-    pub fn record_checkpoint(&self, taken: bool, duration: Duration) {
-        let label = CheckpointLabels { outcome: if taken { "ok" } else { "failed" } };
-        self.metrics.checkpoints.get_or_create(&label).inc();
-        if taken {
+    /// Counts a checkpoint (`None`: it failed) and, if it was taken, how long it took.
+    pub fn record_checkpoint(&self, outcome: Option<Checkpoint>, duration: Duration) {
+        let outcome = match outcome {
+            Some(Checkpoint::Done) => "ok",
+            Some(Checkpoint::NotOurTurn) => "skipped",
+            None => "failed",
+        };
+        self.metrics.checkpoints.get_or_create(&CheckpointLabels { outcome }).inc();
+        if outcome == "ok" {
             self.metrics.checkpoint_duration.observe(duration.as_secs_f64());
         }
     }

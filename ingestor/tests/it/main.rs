@@ -6,6 +6,7 @@ mod flight;
 mod hostile;
 mod idempotency;
 mod ingest;
+mod lake;
 mod metrics;
 mod process;
 mod reload;
