@@ -1,6 +1,7 @@
 """Real pyarrow producers against the real server, including the README's examples as written."""
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -126,3 +127,27 @@ def test_a_retry_with_an_idempotency_key_is_answered_and_not_written_twice(serve
     with urllib.request.urlopen(f"{server.url}/streams") as response:
         streams = {s["stream"]: s for s in json.loads(response.read())["streams"]}
     assert streams["retried"]["rows"] == 100
+
+
+def test_a_ducklake_written_by_arrowport_reads_back_in_duckdb(start_server, tmp_path):
+    """A local lake: what Arrowport wrote, DuckDB's own client sees by attaching the lake."""
+    extensions = os.environ.get("ARROWPORT_TEST_EXTENSIONS")
+    if not extensions:
+        pytest.skip("set ARROWPORT_TEST_EXTENSIONS (bash scripts/duckdb-extensions) for the DuckLake tests")
+    server = start_server(
+        f"storage: {{kind: ducklake, catalog: meta.ducklake, data_path: lake}}\n"
+        f"duckdb: {{extension_directory: {extensions}}}\n"
+    )
+    table = pa.table({"id": list(range(1000)), "name": [f"n{i}" for i in range(1000)]})
+    status, report = post(server, "events", ipc_stream(table))
+    assert (status, report["rows"]) == (200, 1000)
+    assert server.stop() == 0
+    import duckdb
+
+    with duckdb.connect() as db:
+        for name in ("ducklake", "icu"):
+            db.execute(f"LOAD '{extensions}/{name}.duckdb_extension'")
+        db.execute(f"ATTACH 'ducklake:{tmp_path / 'meta.ducklake'}' AS lake (READ_ONLY)")
+        back = db.sql("SELECT * FROM lake.events ORDER BY id").arrow()
+        back = back.read_all() if isinstance(back, pa.RecordBatchReader) else back
+    assert back.equals(table)
