@@ -17,11 +17,11 @@ use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrowport::budget::MemoryBudget;
 use arrowport::load::{Loader, LoaderOptions, TableMode, Target, decoded_size};
-use arrowport::store::{Database, DatabaseOptions, DuckDbFile};
+use arrowport::store::{Database, DatabaseOptions};
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
 
-use server::{Server, Usage, own_cpu_time};
+use server::{Server, StorageKind, Usage, own_cpu_time};
 
 /// Measures Arrowport's HTTP and Flight ingest against in-process DuckDB loading of the same batches.
 #[derive(Parser)]
@@ -52,9 +52,33 @@ struct Args {
     /// Run only the scenarios whose name contains this text (the in-process baseline always runs).
     #[arg(long)]
     only: Option<String>,
+    /// What every scenario, in-process baselines included, writes into.
+    #[arg(long, value_enum, default_value_t = StorageArg::Duckdb)]
+    storage: StorageArg,
+    /// The DuckDB extension directory for `--storage ducklake` (bench/run sets it from
+    /// scripts/duckdb-extensions).
+    #[arg(long, env = "ARROWPORT_EXTENSIONS")]
+    extensions: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum StorageArg {
+    /// A DuckDB database file.
+    Duckdb,
+    /// A DuckLake with a local catalog file.
+    Ducklake,
 }
 
 impl Args {
+    fn storage(&self) -> anyhow::Result<StorageKind> {
+        Ok(match self.storage {
+            StorageArg::Duckdb => StorageKind::Duckdb,
+            StorageArg::Ducklake => StorageKind::Ducklake {
+                extensions: self.extensions.clone().context("--storage ducklake needs --extensions DIR")?,
+            },
+        })
+    }
+
     fn selects(&self, scenario: &str) -> bool {
         self.only.as_deref().is_none_or(|only| scenario.to_lowercase().contains(&only.to_lowercase()))
     }
@@ -79,6 +103,8 @@ struct Outcome {
     peak_rss_kib: Option<u64>,
     /// Median and 99th-percentile time from sending a request to its commit answer.
     latency: Option<(Duration, Duration)>,
+    /// A lake's Parquet files when the load ended, and after the server's last maintenance.
+    files: Option<(u64, u64)>,
 }
 
 #[tokio::main]
@@ -90,17 +116,28 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let bytes: u64 = batches.iter().map(decoded_size).sum();
     println!(
-        "Arrowport benchmark: {} lineitem-like rows in {} batches, {:.0} MB of Arrow data, {} cores",
+        "Arrowport benchmark: {} lineitem-like rows in {} batches, {:.0} MB of Arrow data, {} cores, into {:?}",
         args.rows,
         batches.len(),
         bytes as f64 / 1e6,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        args.storage
     );
 
     let eighths = split(&batches, 8);
     let eighths: Vec<&[RecordBatch]> = eighths.iter().map(Vec::as_slice).collect();
-    let mut bench = Bench { runs: args.runs.max(1), whole: &batches, eighths: &eighths, baselines: Vec::new() };
-    let mut outcomes = vec![bench.median(1, || async { in_process_appender(&batches) }).await?];
+    let mut bench = Bench {
+        runs: args.runs.max(1),
+        storage: args.storage()?,
+        whole: &batches,
+        eighths: &eighths,
+        baselines: Vec::new(),
+    };
+    // The Appender writes a DuckDB file; a lake has no counterpart.
+    let mut outcomes = Vec::new();
+    if matches!(args.storage, StorageArg::Duckdb) {
+        outcomes.push(bench.median(1, || async { in_process_appender(&batches) }).await?);
+    }
     let http_scenarios = [
         ("HTTP, 1 producer", vec![ipc(&batches, None)]),
         ("HTTP, 1 producer, IPC zstd", vec![ipc(&batches, Some(CompressionType::ZSTD))]),
@@ -159,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
 /// session, run just before it, shows what the concurrency costs DuckDB itself.
 struct Bench<'a> {
     runs: usize,
+    storage: StorageKind,
     whole: &'a [RecordBatch],
     eighths: &'a [&'a [RecordBatch]],
     /// Every baseline run so far, by sessions.
@@ -175,11 +213,11 @@ impl Bench<'_> {
     {
         let mut outcomes = Vec::with_capacity(self.runs);
         for _ in 0..self.runs {
-            let single = in_process_native(&[self.whole]).await?;
+            let single = in_process_native(&[self.whole], &self.storage).await?;
             let baseline = match producers {
                 1 => single,
                 n if n == self.eighths.len() => {
-                    let mut concurrent = in_process_native(self.eighths).await?;
+                    let mut concurrent = in_process_native(self.eighths, &self.storage).await?;
                     concurrent.ratio = rate(&concurrent) / rate(&single);
                     self.baselines.push((1, single));
                     concurrent
@@ -255,13 +293,12 @@ fn rate(outcome: &Outcome) -> f64 {
 
 /// DuckDB scanning Arrow streams in-process: the same loader the server uses, without the network. Each
 /// part is one session (one transaction), all at once.
-async fn in_process_native(parts: &[&[RecordBatch]]) -> anyhow::Result<Outcome> {
+async fn in_process_native(parts: &[&[RecordBatch]], storage: &StorageKind) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
-    let storage = DuckDbFile::new(dir.path().join("native.duckdb"));
     let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold };
-    let database = Arc::new(Database::open(Box::new(storage), &options)?);
+    let database = Arc::new(Database::open(storage.open_in_process(dir.path())?, &options)?);
     let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget })?;
     let target = Target {
         table: "lineitem".into(),
@@ -324,6 +361,7 @@ impl Outcome {
             producer_cpu: None,
             peak_rss_kib: None,
             latency: None,
+            files: None,
         }
     }
 
@@ -346,6 +384,7 @@ impl Outcome {
             producer_cpu: Some(producer_cpu),
             peak_rss_kib: Some(server.peak_rss_kib),
             latency: None,
+            files: None,
         }
     }
 }
@@ -361,7 +400,7 @@ enum Payloads {
 
 /// Sends every payload concurrently to a fresh server, one producer each, and waits for all commits.
 async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) -> anyhow::Result<Outcome> {
-    let server = Server::start(&args.server)?;
+    let server = Server::start(&args.server, &args.storage()?)?;
     let client = reqwest::Client::new();
     // Copied before the clock starts: each run sends its own.
     let payloads = payloads.clone();
@@ -388,7 +427,7 @@ async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) ->
 async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes: u64) -> anyhow::Result<Outcome> {
     // Copied before the clock starts: each run sends its own.
     let queue = std::sync::Arc::new(std::sync::Mutex::new(requests.to_vec()));
-    let server = Server::start(&args.server)?;
+    let server = Server::start(&args.server, &args.storage()?)?;
     let client = reqwest::Client::new();
     let clock = Clock::start()?;
     let producers = (0..args.small_producers).map(|_| {
@@ -423,8 +462,11 @@ async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let scenario = format!("{scenario}: {} rows each from {} producers", args.small_rows, args.small_producers);
-    let outcome = Outcome::remote(scenario, rows, bytes, times, server.stop()?);
-    Ok(Outcome { latency: Some((percentile(0.5), percentile(0.99))), ..outcome })
+    let files_at_end = server.parquet_files();
+    let usage = server.stop()?;
+    let files = (matches!(args.storage, StorageArg::Ducklake)).then_some((files_at_end, usage.parquet_files));
+    let outcome = Outcome::remote(scenario, rows, bytes, times, usage);
+    Ok(Outcome { latency: Some((percentile(0.5), percentile(0.99))), files, ..outcome })
 }
 
 /// One small request of either protocol, encoded before the clock starts.
@@ -467,7 +509,7 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
         let _ = tx.blocking_send(Ok(std::mem::take(writer.get_mut())));
         Ok((rows, sent))
     });
-    let server = Server::start(&args.server)?;
+    let server = Server::start(&args.server, &args.storage()?)?;
     let body = reqwest::Body::wrap_stream(tokio_stream(rx));
     let clock = Clock::start()?;
     let committed = server.ingest(&reqwest::Client::new(), "upload", body).await?;
@@ -494,9 +536,9 @@ fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8>
 fn report(outcomes: &[Outcome]) {
     println!();
     println!(
-        "| scenario | rows | seconds | rows/s | MB/s | vs in-process (as many sessions as producers) | server CPU | producer CPU | server peak RSS | ack latency p50 / p99 |"
+        "| scenario | rows | seconds | rows/s | MB/s | vs in-process (as many sessions as producers) | server CPU | producer CPU | server peak RSS | ack latency p50 / p99 | Parquet files per M rows (end / after maintenance) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let seconds = o.elapsed.as_secs_f64();
         let seconds_of =
@@ -506,8 +548,12 @@ fn report(outcomes: &[Outcome]) {
         let latency = o.latency.map_or("-".to_owned(), |(p50, p99)| {
             format!("{:.1} / {:.1} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
         });
+        let per_million = |files: u64| files as f64 * 1e6 / o.rows.max(1) as f64;
+        let files = o
+            .files
+            .map_or("-".to_owned(), |(end, after)| format!("{:.0} / {:.0}", per_million(end), per_million(after)));
         println!(
-            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {:.2}M | {:.0} | {:.2}x | {} | {} | {} | {} | {} |",
             o.scenario,
             o.rows,
             seconds,
@@ -517,7 +563,8 @@ fn report(outcomes: &[Outcome]) {
             cpu,
             producer_cpu,
             rss,
-            latency
+            latency,
+            files
         );
     }
 }

@@ -1,7 +1,7 @@
 //! A freshly started `arrowport serve` process with its own database, and what it cost.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,15 +10,18 @@ use anyhow::Context;
 pub struct Server {
     child: Child,
     url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
-    pub fn start(binary: &Path) -> anyhow::Result<Self> {
+    /// Starts `binary` on fresh storage of `kind` in a temporary directory.
+    pub fn start(binary: &Path, kind: &StorageKind) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, kind.config_yaml(dir.path()))?;
         let mut child = Command::new(binary)
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--db"])
-            .arg(dir.path().join("bench.duckdb"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--config"])
+            .arg(&config)
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
@@ -31,7 +34,12 @@ impl Server {
             }
         };
         std::thread::spawn(move || lines.for_each(drop));
-        Ok(Self { child, url: format!("http://{addr}"), _dir: dir })
+        Ok(Self { child, url: format!("http://{addr}"), dir })
+    }
+
+    /// Parquet files in the lake's data directory now (0 for a DuckDB file).
+    pub fn parquet_files(&self) -> u64 {
+        count_parquet(&self.dir.path().join(LAKE_DATA))
     }
 
     pub fn url(&self) -> &str {
@@ -64,7 +72,8 @@ impl Server {
         let cpu = cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?).context("/proc/<pid>/stat")?;
         Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
         self.child.wait()?;
-        Ok(Usage { peak_rss_kib, cpu })
+        // A lake's maintenance runs once more at shutdown.
+        Ok(Usage { peak_rss_kib, cpu, parquet_files: self.parquet_files() })
     }
 }
 
@@ -74,6 +83,68 @@ pub struct Usage {
     pub peak_rss_kib: u64,
     /// User and system CPU time of all its threads.
     pub cpu: Duration,
+    /// Parquet files in the lake after the server stopped (and maintained it a last time).
+    pub parquet_files: u64,
+}
+
+/// Where a lake's Parquet files go, in the server's directory.
+const LAKE_DATA: &str = "lake-data";
+
+/// What the benchmark writes into.
+#[derive(Debug, Clone)]
+pub enum StorageKind {
+    Duckdb,
+    /// A local DuckLake, with the extension files in this directory.
+    Ducklake {
+        extensions: PathBuf,
+    },
+}
+
+impl StorageKind {
+    /// The server's config file for storage in `dir`.
+    pub fn config_yaml(&self, dir: &Path) -> String {
+        match self {
+            Self::Duckdb => format!("db_path: {}\n", dir.join("bench.duckdb").display()),
+            Self::Ducklake { extensions } => format!(
+                "storage: {{kind: ducklake, catalog: {}, data_path: {}}}\nduckdb: {{extension_directory: {}}}\n",
+                dir.join("meta.ducklake").display(),
+                dir.join(LAKE_DATA).display(),
+                extensions.display()
+            ),
+        }
+    }
+
+    /// The same storage for in-process loading, in `dir`.
+    pub fn open_in_process(&self, dir: &Path) -> anyhow::Result<Box<dyn arrowport::store::Storage>> {
+        Ok(match self {
+            Self::Duckdb => Box::new(arrowport::store::DuckDbFile::new(dir.join("native.duckdb"))),
+            Self::Ducklake { extensions } => Box::new(arrowport::store::DuckLake::new(
+                &dir.join("meta.ducklake").to_string_lossy(),
+                &dir.join(LAKE_DATA),
+                extensions,
+                10_000,
+                Duration::from_secs(3600),
+                Duration::from_secs(300),
+            )?),
+        })
+    }
+}
+
+fn count_parquet(dir: &Path) -> u64 {
+    let mut count = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "parquet") {
+                count += 1;
+            }
+        }
+    }
+    count
 }
 
 /// CPU time this process has used so far.
