@@ -38,6 +38,9 @@ pub enum ErrorCode {
     InvalidQuery,
     ConstraintViolation,
     QueryTimeout,
+    /// The database's volume is full (or over its quota): DuckDB could not write. Retry once space is
+    /// freed; the server's `/readyz` says not ready meanwhile.
+    InsufficientStorage,
     DatabaseError,
     /// A handler panicked: a bug, logged by the server.
     Internal,
@@ -45,7 +48,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 26] = [
         Self::InvalidStreamName,
         Self::UnknownStream,
         Self::UnsupportedMediaType,
@@ -69,6 +72,7 @@ impl ErrorCode {
         Self::InvalidQuery,
         Self::ConstraintViolation,
         Self::QueryTimeout,
+        Self::InsufficientStorage,
         Self::DatabaseError,
         Self::Internal,
     ];
@@ -99,6 +103,7 @@ impl ErrorCode {
             Self::InvalidQuery => "invalid_query",
             Self::ConstraintViolation => "constraint_violation",
             Self::QueryTimeout => "query_timeout",
+            Self::InsufficientStorage => "insufficient_storage",
             Self::DatabaseError => "database_error",
             Self::Internal => "internal",
         }
@@ -140,6 +145,7 @@ impl ErrorCode {
             Self::InvalidQuery => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
             Self::ConstraintViolation => (StatusCode::CONFLICT, Code::FailedPrecondition),
             Self::QueryTimeout => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+            Self::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, Code::ResourceExhausted),
             Self::DatabaseError => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }
@@ -211,6 +217,8 @@ mod tests {
         assert_eq!(statuses(ErrorCode::IdleTimeout), (408, Code::DeadlineExceeded));
         assert_eq!(statuses(ErrorCode::BatchTooLarge), (413, Code::InvalidArgument));
         assert_eq!(statuses(ErrorCode::Internal), (500, Code::Internal));
+        assert_eq!(statuses(ErrorCode::InsufficientStorage), (507, Code::ResourceExhausted));
+        assert_eq!(ErrorCode::InsufficientStorage.as_str(), "insufficient_storage");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
-use crate::store::{Database, RawConnection, SCRATCH, sql};
+use crate::store::{self, Database, RawConnection, SCRATCH, sql};
 pub use arrowport_api::decoded_size;
 use reader::{ChannelReader, Feed};
 pub use schema::{Column, IfExists, TableMode, TablePlan, check_supported};
@@ -83,7 +83,7 @@ struct Shared {
 
 /// One loading slot: a SQL connection and the raw connection that registers its Arrow streams.
 struct Worker {
-    sql: Connection,
+    sql: store::Connection,
     scan: RawConnection,
 }
 
@@ -110,6 +110,13 @@ impl Loader {
     /// The memory budget sessions reserve decoded batches against.
     pub fn budget(&self) -> &MemoryBudget {
         &self.shared.budget
+    }
+
+    /// Drops the idle connections to a database instance that is no longer open (see
+    /// [`Database::reopen`]), so that it can close.
+    pub fn drop_stale_connections(&self) {
+        let db = &self.shared.db;
+        self.shared.idle.lock().expect("worker pool lock poisoned").retain(|worker| db.is_current(&worker.sql));
     }
 
     /// Starts a session: waits for a free slot, checks `schema` against the target table (creating or
@@ -164,14 +171,21 @@ impl Shared {
     ) -> Result<Committed, IngestError> {
         let mut worker = self.checkout()?;
         let outcome = self.load(&mut worker, target, schema, rx, ready);
-        self.idle.lock().expect("worker pool lock poisoned").push(worker);
+        // Connections to an instance that a reopen closed are dropped: it closes with its last one.
+        if self.db.is_current(&worker.sql) {
+            self.idle.lock().expect("worker pool lock poisoned").push(worker);
+        }
         outcome
     }
 
     fn checkout(&self) -> Result<Worker, IngestError> {
-        if let Some(worker) = self.idle.lock().expect("worker pool lock poisoned").pop() {
-            return Ok(worker);
+        let mut idle = self.idle.lock().expect("worker pool lock poisoned");
+        while let Some(worker) = idle.pop() {
+            if self.db.is_current(&worker.sql) {
+                return Ok(worker);
+            }
         }
+        drop(idle);
         Ok(Worker { sql: self.db.connect()?, scan: self.db.scan_connection()? })
     }
 
@@ -186,7 +200,7 @@ impl Shared {
         let view = format!("ingest_{}", self.next_view.fetch_add(1, Ordering::Relaxed));
         let batches = Arc::new(AtomicU64::new(0));
         let reader = ChannelReader::new(schema, rx, batches.clone());
-        let stream = worker.scan.register(&view, Box::new(reader)).map_err(IngestError::Database)?;
+        let stream = worker.scan.register(&view, Box::new(reader)).map_err(|error| self.db.explain(error))?;
         let view = sql::qualified(SCRATCH, "main", &view);
         let outcome = self.load_view(&worker.sql, target, &view, ready);
         // The view points at `stream`: drop the view first. Failure here only leaves an in-memory entry.
@@ -232,7 +246,7 @@ impl Shared {
             let _ = ready.send(());
             let columns = sql::ident_list(incoming.iter().map(|c| c.name.as_str()));
             let rows = conn.execute(&format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {view}"), [])?;
-            conn.execute_batch("COMMIT")?;
+            store::commit(conn)?;
             Ok(rows as u64)
         })();
         if outcome.is_err() {

@@ -52,6 +52,7 @@ pub async fn serve(
         }
     };
     let checkpoints = app.spawn_checkpoints();
+    let storage_checks = app.spawn_storage_checks();
     let limits = app.limits();
     let timeouts = listen::Timeouts {
         header: Duration::from_secs(limits.header_timeout_seconds),
@@ -70,5 +71,6 @@ pub async fn serve(
     if let Some(checkpoints) = checkpoints {
         checkpoints.abort();
     }
+    storage_checks.abort();
     app.finish().await;
 }
