@@ -40,6 +40,9 @@ pub enum ErrorCode {
     QueryTimeout,
     /// Another request with the same idempotency key is being committed right now (retry shortly).
     RequestInProgress,
+    /// The database's volume is full (or over its quota): DuckDB could not write. Retry once space is
+    /// freed; the server's `/readyz` says not ready meanwhile.
+    InsufficientStorage,
     DatabaseError,
     /// A handler panicked: a bug, logged by the server.
     Internal,
@@ -47,7 +50,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [Self; 26] = [
+    pub const ALL: [Self; 27] = [
         Self::InvalidStreamName,
         Self::UnknownStream,
         Self::UnsupportedMediaType,
@@ -72,6 +75,7 @@ impl ErrorCode {
         Self::ConstraintViolation,
         Self::QueryTimeout,
         Self::RequestInProgress,
+        Self::InsufficientStorage,
         Self::DatabaseError,
         Self::Internal,
     ];
@@ -103,6 +107,7 @@ impl ErrorCode {
             Self::ConstraintViolation => "constraint_violation",
             Self::QueryTimeout => "query_timeout",
             Self::RequestInProgress => "request_in_progress",
+            Self::InsufficientStorage => "insufficient_storage",
             Self::DatabaseError => "database_error",
             Self::Internal => "internal",
         }
@@ -145,6 +150,7 @@ impl ErrorCode {
             Self::ConstraintViolation => (StatusCode::CONFLICT, Code::FailedPrecondition),
             Self::QueryTimeout => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
             Self::RequestInProgress => (StatusCode::CONFLICT, Code::Aborted),
+            Self::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, Code::ResourceExhausted),
             Self::DatabaseError => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }
@@ -216,6 +222,8 @@ mod tests {
         assert_eq!(statuses(ErrorCode::IdleTimeout), (408, Code::DeadlineExceeded));
         assert_eq!(statuses(ErrorCode::BatchTooLarge), (413, Code::InvalidArgument));
         assert_eq!(statuses(ErrorCode::Internal), (500, Code::Internal));
+        assert_eq!(statuses(ErrorCode::InsufficientStorage), (507, Code::ResourceExhausted));
+        assert_eq!(ErrorCode::InsufficientStorage.as_str(), "insufficient_storage");
     }
 
     #[test]

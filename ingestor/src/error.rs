@@ -59,6 +59,8 @@ pub enum IngestError {
     QueryTimeout { seconds: u64 },
     #[error("a request with idempotency key {0:?} is being committed right now; retry once it is answered")]
     RequestInProgress(String),
+    #[error("the database's volume is full; retry once space is freed: {0}")]
+    InsufficientStorage(String),
     #[error("DuckDB error: {0}")]
     Database(String),
 }
@@ -92,20 +94,65 @@ impl IngestError {
             Self::ConstraintViolation(_) => ErrorCode::ConstraintViolation,
             Self::QueryTimeout { .. } => ErrorCode::QueryTimeout,
             Self::RequestInProgress(_) => ErrorCode::RequestInProgress,
+            Self::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             Self::Database(_) => ErrorCode::DatabaseError,
         }
     }
 }
 
-impl From<duckdb::Error> for IngestError {
-    fn from(error: duckdb::Error) -> Self {
-        let message = error.to_string();
+/// What the operating system says, through DuckDB, when a write finds the volume full (`ENOSPC`) or the
+/// user's quota spent (`EDQUOT`; glibc says "Disk quota exceeded", musl "Quota exceeded"). DuckDB 1.5.5
+/// passes the system's text on, e.g. `IO Error: Could not write file "/data/db.duckdb": No space left on
+/// device`, or `TransactionContext Error: Failed to commit: Could not write file "/data/db.duckdb.wal": No
+/// space left on device`; matched case-insensitively anywhere in the message.
+const NO_SPACE: [&str; 3] = ["no space left on device", "quota exceeded", "enospc"];
+
+impl IngestError {
+    /// A DuckDB error from its message: a full volume, a constraint the data breaks, or anything else.
+    pub fn database(message: String) -> Self {
         // DuckDB names its error class first ("Constraint Error: Duplicate key ..."): a primary key,
         // unique, NOT NULL or CHECK constraint of a table the user created refused the data, which is
-        // the client's to fix, not a server fault.
-        match message.strip_prefix("Constraint Error: ") {
-            Some(detail) => Self::ConstraintViolation(detail.to_owned()),
-            None => Self::Database(message),
+        // the client's to fix, not a server fault. (Checked first: its message quotes the client's values.)
+        if let Some(detail) = message.strip_prefix("Constraint Error: ") {
+            return Self::ConstraintViolation(detail.to_owned());
         }
+        let lower = message.to_lowercase();
+        if NO_SPACE.iter().any(|text| lower.contains(text)) {
+            return Self::InsufficientStorage(message);
+        }
+        Self::Database(message)
+    }
+}
+
+impl From<duckdb::Error> for IngestError {
+    fn from(error: duckdb::Error) -> Self {
+        Self::database(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_volume_is_insufficient_storage() {
+        // DuckDB 1.5.5's messages, measured on a full tmpfs.
+        for message in [
+            r#"IO Error: Could not write file "/data/db.duckdb": No space left on device"#,
+            r#"TransactionContext Error: Failed to commit: Could not write file "/data/db.duckdb.wal": No space left on device"#,
+            "FATAL Error: Failed: database has been invalidated because of a previous fatal error. The database \
+             must be restarted prior to being used again.\nOriginal error: \"Failed to create checkpoint because \
+             of error: Could not write file \"/data/db.duckdb\": No space left on device\"",
+            r#"IO Error: Could not write file "/data/db.duckdb.wal": Disk quota exceeded"#,
+            r#"IO Error: Could not write file "/data/db.duckdb.wal": Quota exceeded"#,
+        ] {
+            let error = IngestError::database(message.to_owned());
+            assert_eq!(error.code(), ErrorCode::InsufficientStorage, "{message}");
+            assert!(error.to_string().contains(message), "the message keeps DuckDB's: {error}");
+        }
+        let constraint = IngestError::database("Constraint Error: Duplicate key \"id: 1\"".to_owned());
+        assert_eq!(constraint.code(), ErrorCode::ConstraintViolation);
+        let other = IngestError::database("IO Error: Could not read file: Input/output error".to_owned());
+        assert_eq!(other.code(), ErrorCode::DatabaseError);
     }
 }

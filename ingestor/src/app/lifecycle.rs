@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::App;
+use super::{App, health};
 use crate::error::IngestError;
 use crate::store::Checkpoint;
 
@@ -74,10 +74,24 @@ impl App {
 
     /// Checkpoints the storage (for a DuckDB file, folds the WAL into it) and counts it. A checkpoint
     /// DuckDB cannot take now (other writes in progress) fails harmlessly and is tried again next time.
+    /// Nor is one run while the volume lacks room for it (see [`health::has_room`]): a checkpoint that
+    /// cannot write makes DuckDB invalidate the whole database until it is reopened.
     pub async fn checkpoint(&self) -> Result<Checkpoint, IngestError> {
         let database = self.database.clone();
         let started = Instant::now();
-        let outcome = match tokio::task::spawn_blocking(move || database.checkpoint()).await {
+        let checkpoint = move || {
+            let sizes = database.sizes();
+            if !health::has_room(&sizes) {
+                let free = sizes.volume.map_or(0, |volume| volume.free_bytes);
+                return Err(IngestError::InsufficientStorage(format!(
+                    "checkpoint not run: the volume has {free} bytes free, too little for the WAL's {} bytes \
+                     and a margin",
+                    sizes.log_bytes
+                )));
+            }
+            database.checkpoint()
+        };
+        let outcome = match tokio::task::spawn_blocking(checkpoint).await {
             Ok(outcome) => outcome,
             Err(join) => Err(IngestError::Database(format!("checkpoint task failed: {join}"))),
         };

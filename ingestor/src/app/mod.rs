@@ -1,10 +1,12 @@
 //! The protocol-neutral core, and the composition root that builds it from the configuration.
 //!
 //! [`App`] owns what every transport shares: the route table, the ingest engine ([`Loader`]) and the
-//! ingest session loop ([`session`]), the read-only [`QueryService`], [`Telemetry`] and the lifecycle
-//! (shutdown, checkpoints). Transports ([`crate::transport`]) turn their requests into calls on it and its
+//! ingest session loop ([`session`]), the read-only [`QueryService`], [`Telemetry`], the lifecycle
+//! (shutdown, checkpoints) and the storage's health ([`health`]: a full volume, an invalidated database).
+//! Transports ([`crate::transport`]) turn their requests into calls on it and its
 //! results and errors into their answers; nothing here knows HTTP or gRPC.
 
+mod health;
 mod lifecycle;
 mod session;
 mod streams;
@@ -23,6 +25,7 @@ use crate::routing::Routes;
 use crate::sizing;
 use crate::store::{Database, DatabaseOptions, DuckDbFile, DuckLake, Storage};
 use crate::telemetry::{Resources, Telemetry, metrics};
+use health::Health;
 use lifecycle::Lifecycle;
 pub use session::{Commits, Incoming, IngestRequest, WireCounter};
 
@@ -37,6 +40,7 @@ pub struct App {
     queries: QueryService,
     telemetry: Telemetry,
     lifecycle: Lifecycle,
+    health: Health,
     limits: Limits,
     checkpoint_interval: Option<Duration>,
     /// How long a committed idempotency key is remembered.
@@ -105,6 +109,7 @@ impl App {
             queries,
             telemetry,
             lifecycle: Lifecycle::default(),
+            health: Health::default(),
             limits: config.limits.clone(),
             checkpoint_interval,
             key_window,
@@ -151,7 +156,7 @@ impl App {
         &self.limits
     }
 
-    /// Reads the resource gauges (memory, storage sizes) for a scrape.
+    /// Reads the resource gauges (memory, storage sizes, the volume's room) for a scrape.
     pub async fn refresh_resources(&self) {
         let database = self.database.clone();
         let resources = tokio::task::spawn_blocking(move || {
@@ -161,6 +166,8 @@ impl App {
                 duckdb_memory_bytes: database.memory_bytes().ok(),
                 database_file_bytes: sizes.data_bytes,
                 wal_file_bytes: sizes.log_bytes,
+                storage_free_bytes: sizes.volume.map(|volume| volume.free_bytes),
+                storage_total_bytes: sizes.volume.map(|volume| volume.total_bytes),
             }
         })
         .await

@@ -243,6 +243,9 @@ impl Ingest {
         let outcome = self.receive(messages, wire, acks).await;
         // Dropping an uncommitted upload rolls it back.
         self.upload.take();
+        if let Err(error) = &outcome {
+            app.note_failure(error);
+        }
         let request = &self.request;
         app.telemetry.record_request(
             request.protocol,

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
-use crate::store::{Database, RawConnection, SCRATCH, sql};
+use crate::store::{self, Database, RawConnection, SCRATCH, sql};
 pub use arrowport_api::decoded_size;
 use reader::{ChannelReader, Feed};
 pub use receipts::{Found, Receipt};
@@ -85,7 +85,7 @@ struct Shared {
 
 /// One loading slot: a SQL connection and the raw connection that registers its Arrow streams.
 struct Worker {
-    sql: Connection,
+    sql: store::Connection,
     scan: RawConnection,
 }
 
@@ -126,6 +126,13 @@ impl Loader {
     /// The memory budget sessions reserve decoded batches against.
     pub fn budget(&self) -> &MemoryBudget {
         &self.shared.budget
+    }
+
+    /// Drops the idle connections to a database instance that is no longer open (see
+    /// [`Database::reopen`]), so that it can close.
+    pub fn drop_stale_connections(&self) {
+        let db = &self.shared.db;
+        self.shared.idle.lock().expect("worker pool lock poisoned").retain(|worker| db.is_current(&worker.sql));
     }
 
     /// Starts a session: waits for a free slot, checks `schema` against the target table (creating or
@@ -180,14 +187,21 @@ impl Shared {
     ) -> Result<Committed, IngestError> {
         let mut worker = self.checkout()?;
         let outcome = self.load(&mut worker, target, schema, rx, ready);
-        self.idle.lock().expect("worker pool lock poisoned").push(worker);
+        // Connections to an instance that a reopen closed are dropped: it closes with its last one.
+        if self.db.is_current(&worker.sql) {
+            self.idle.lock().expect("worker pool lock poisoned").push(worker);
+        }
         outcome
     }
 
     fn checkout(&self) -> Result<Worker, IngestError> {
-        if let Some(worker) = self.idle.lock().expect("worker pool lock poisoned").pop() {
-            return Ok(worker);
+        let mut idle = self.idle.lock().expect("worker pool lock poisoned");
+        while let Some(worker) = idle.pop() {
+            if self.db.is_current(&worker.sql) {
+                return Ok(worker);
+            }
         }
+        drop(idle);
         Ok(Worker { sql: self.db.connect()?, scan: self.db.scan_connection()? })
     }
 
@@ -203,7 +217,7 @@ impl Shared {
         let batches = Arc::new(AtomicU64::new(0));
         let receipts = Arc::new(Mutex::new(Vec::new()));
         let reader = ChannelReader::new(schema, rx, batches.clone(), receipts.clone());
-        let stream = worker.scan.register(&view, Box::new(reader)).map_err(IngestError::Database)?;
+        let stream = worker.scan.register(&view, Box::new(reader)).map_err(|error| self.db.explain(error))?;
         let view = sql::qualified(SCRATCH, "main", &view);
         let outcome = self.load_view(&worker.sql, target, &view, ready, &batches, &receipts);
         // The view points at `stream`: drop the view first. Failure here only leaves an in-memory entry.
@@ -261,7 +275,7 @@ impl Shared {
             // The stream ended (else the INSERT failed): its receipts commit with its rows, or neither does.
             let receipts = std::mem::take(&mut *receipts.lock().expect("receipts lock poisoned"));
             receipts::record(&self.db, conn, &receipts, rows as u64, batches.load(Ordering::Relaxed))?;
-            conn.execute_batch("COMMIT")?;
+            store::commit(conn)?;
             Ok(rows as u64)
         })();
         if outcome.is_err() {

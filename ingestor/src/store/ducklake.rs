@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use duckdb::Connection;
 
-use super::storage::{Checkpoint, Storage, StorageSizes};
+use super::storage::{Checkpoint, Storage, StorageSizes, Volume};
 use crate::error::IngestError;
 
 /// The data catalog's name.
@@ -215,7 +215,11 @@ impl Storage for DuckLake {
 
     fn sizes(&self) -> StorageSizes {
         let catalog = if self.is_postgres() { 0 } else { std::fs::metadata(&self.catalog).map_or(0, |m| m.len()) };
-        StorageSizes { data_bytes: directory_bytes(&self.data_path), log_bytes: catalog }
+        StorageSizes {
+            data_bytes: directory_bytes(&self.data_path),
+            log_bytes: catalog,
+            volume: Volume::of(&self.data_path),
+        }
     }
 
     fn unsupported_type(&self, sql_type: &str) -> Option<String> {

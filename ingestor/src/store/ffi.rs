@@ -2,8 +2,8 @@
 //!
 //! DuckDB's fastest way to take Arrow data is `duckdb_arrow_scan`: it wraps an `ArrowArrayStream` in a
 //! view that a plain `INSERT ... SELECT` reads with all cores. duckdb-rs does not expose it (nor its raw
-//! connection handle), so this module owns the raw database handle, hands out ordinary duckdb-rs
-//! connections for SQL, and keeps one raw connection per loader for registering streams.
+//! connection handle), so this module owns the raw database handle, hands out duckdb-rs connections for
+//! SQL (each holding the handle open), and keeps one raw connection per loader for registering streams.
 //!
 //! In DuckDB 1.5.5 that view is a persistent one (`CreateView(name, replace, temporary = false)`), in the
 //! registering connection's default catalog, so every connection could list and scan it. A temporary view
@@ -17,7 +17,7 @@
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::path::Path;
 use std::ptr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatchReader;
 use arrow::datatypes::SchemaRef;
@@ -25,7 +25,9 @@ use arrow::ffi::FFI_ArrowSchema;
 use arrow::ffi_stream::FFI_ArrowArrayStream;
 use libduckdb_sys as sys;
 
-/// The raw DuckDB database. Connections made from it must be dropped before it is.
+/// The raw DuckDB database, shared in an `Arc`: every connection made from it holds a clone, so the
+/// handle is closed only after its last connection is gone, and [`Database::reopen`](super::Database::reopen)
+/// can tell when an instance is closed for good (no strong reference left).
 pub struct RawDatabase {
     db: sys::duckdb_database,
 }
@@ -37,7 +39,7 @@ unsafe impl Sync for RawDatabase {}
 
 impl RawDatabase {
     /// Opens (or creates) the database file.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path) -> Result<Arc<Self>, String> {
         let c_path = CString::new(path.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
         let mut db: sys::duckdb_database = ptr::null_mut();
         let mut error: *mut c_char = ptr::null_mut();
@@ -47,43 +49,68 @@ impl RawDatabase {
             let message = take_c_error(error).unwrap_or_else(|| "unknown error".to_owned());
             return Err(message);
         }
-        Ok(Self { db })
+        Ok(Arc::new(Self { db }))
     }
 
     /// A duckdb-rs connection for ordinary SQL.
-    pub fn connect(&self) -> duckdb::Result<duckdb::Connection> {
-        // SAFETY: `self.db` is open for as long as `self` lives, and callers drop connections first.
-        unsafe { duckdb::Connection::open_from_raw(self.db) }
+    pub fn connect(self: &Arc<Self>) -> duckdb::Result<Connection> {
+        // SAFETY: `self.db` stays open while the connection lives: the connection holds `self`.
+        let conn = unsafe { duckdb::Connection::open_from_raw(self.db) }?;
+        Ok(Connection { conn, db: self.clone() })
     }
 
     /// A raw connection whose default catalog is `catalog`.
-    pub fn connection_in(&self, catalog: &str) -> Result<RawConnection, String> {
+    pub fn connection_in(self: &Arc<Self>, catalog: &str) -> Result<RawConnection, String> {
         let connection = self.raw_connection()?;
         connection.execute(&format!("USE {}", super::sql::ident(catalog)))?;
         Ok(connection)
     }
 
     /// A raw connection in the default catalog.
-    fn raw_connection(&self) -> Result<RawConnection, String> {
+    fn raw_connection(self: &Arc<Self>) -> Result<RawConnection, String> {
         let mut con: sys::duckdb_connection = ptr::null_mut();
         // SAFETY: `self.db` is open; out-pointer to a local.
         if unsafe { sys::duckdb_connect(self.db, &mut con) } != sys::duckdb_state_DuckDBSuccess {
             return Err("cannot open a DuckDB connection".to_owned());
         }
-        Ok(RawConnection { con })
+        Ok(RawConnection { con, _db: self.clone() })
     }
 }
 
 impl Drop for RawDatabase {
     fn drop(&mut self) {
-        // SAFETY: we own the handle; all connections were dropped before (see the owner's field order).
+        // SAFETY: we own the handle, and every connection made from it is gone: each held an `Arc` of us.
         unsafe { sys::duckdb_close(&mut self.db) };
+    }
+}
+
+/// A duckdb-rs connection (it derefs to one) that keeps its database open for as long as it lives.
+pub struct Connection {
+    // Declared first: the connection closes before its hold on the database is released.
+    conn: duckdb::Connection,
+    db: Arc<RawDatabase>,
+}
+
+impl Connection {
+    /// Whether this connection belongs to `database`.
+    pub fn is_on(&self, database: &Arc<RawDatabase>) -> bool {
+        Arc::ptr_eq(&self.db, database)
+    }
+}
+
+impl std::ops::Deref for Connection {
+    type Target = duckdb::Connection;
+
+    fn deref(&self) -> &duckdb::Connection {
+        &self.conn
     }
 }
 
 /// A raw connection: registers Arrow streams as views in its default catalog, and classifies statements.
 pub struct RawConnection {
     con: sys::duckdb_connection,
+    /// Keeps the database open until this connection is disconnected (in `drop`, before fields drop).
+    _db: Arc<RawDatabase>,
 }
 
 // SAFETY: a DuckDB connection may move between threads; it is used by one thread at a time (`&mut`/owned).

@@ -11,13 +11,42 @@ use duckdb::Connection;
 
 use crate::error::IngestError;
 
-/// Bytes a storage takes on disk.
+/// Bytes a storage takes on disk, and the room left on its volume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StorageSizes {
     /// The data itself (a DuckDB file).
     pub data_bytes: u64,
     /// Written but not yet folded into the data (a DuckDB write-ahead log).
     pub log_bytes: u64,
+    /// The volume the storage writes to; `None` where that cannot be read (or there is no such volume).
+    pub volume: Option<Volume>,
+}
+
+/// A file system's size and the room left on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Volume {
+    /// Bytes an unprivileged writer may still take (`statvfs`'s `f_bavail`: without the blocks reserved
+    /// for root).
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl Volume {
+    /// The volume holding `path` (a file or directory that exists).
+    #[cfg(unix)]
+    pub fn of(path: &Path) -> Option<Self> {
+        let stat = rustix::fs::statvfs(path).ok()?;
+        Some(Self {
+            free_bytes: stat.f_bavail.saturating_mul(stat.f_frsize),
+            total_bytes: stat.f_blocks.saturating_mul(stat.f_frsize),
+        })
+    }
+
+    /// Not read on this platform.
+    #[cfg(not(unix))]
+    pub fn of(_path: &Path) -> Option<Self> {
+        None
+    }
 }
 
 /// What a checkpoint did.
@@ -47,7 +76,7 @@ pub trait Storage: Send + Sync + 'static {
     /// progress; it is tried again later.
     fn checkpoint(&self, admin: &Connection) -> Result<Checkpoint, IngestError>;
 
-    /// What the storage takes on disk now.
+    /// What the storage takes on disk now, and the room left on its volume.
     fn sizes(&self) -> StorageSizes;
 
     /// Why a column of this DuckDB type cannot be stored here, if it cannot.
@@ -100,6 +129,11 @@ impl Storage for DuckDbFile {
         let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
         let mut wal = self.path.clone().into_os_string();
         wal.push(".wal");
-        StorageSizes { data_bytes: size(&self.path), log_bytes: size(Path::new(&wal)) }
+        // The directory, not the file: it exists even before the file does.
+        let directory = match self.path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        StorageSizes { data_bytes: size(&self.path), log_bytes: size(Path::new(&wal)), volume: Volume::of(directory) }
     }
 }

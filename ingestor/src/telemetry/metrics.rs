@@ -96,6 +96,8 @@ pub struct Metrics {
     pub duckdb_memory_limit_bytes: Gauge,
     pub database_file_bytes: Gauge,
     pub wal_file_bytes: Gauge,
+    pub storage_free_bytes: Gauge,
+    pub storage_total_bytes: Gauge,
 }
 
 /// Resource readings taken at scrape time.
@@ -105,6 +107,9 @@ pub struct Resources {
     pub duckdb_memory_bytes: Option<u64>,
     pub database_file_bytes: u64,
     pub wal_file_bytes: u64,
+    /// The database volume's room and size (`None` where they cannot be read).
+    pub storage_free_bytes: Option<u64>,
+    pub storage_total_bytes: Option<u64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -135,6 +140,8 @@ impl Default for Metrics {
         let duckdb_memory_limit_bytes = Gauge::default();
         let database_file_bytes = Gauge::default();
         let wal_file_bytes = Gauge::default();
+        let storage_free_bytes = Gauge::default();
+        let storage_total_bytes = Gauge::default();
         let inflight_bytes = Gauge::default();
         let memory_budget_bytes = Gauge::default();
         let inflight_requests = Gauge::default();
@@ -243,6 +250,12 @@ impl Default for Metrics {
         );
         registry.register("database_file_bytes", "Size of the DuckDB database file", database_file_bytes.clone());
         registry.register("wal_file_bytes", "Size of DuckDB's write-ahead log (0 when absent)", wal_file_bytes.clone());
+        registry.register(
+            "storage_free_bytes",
+            "Bytes still free for the ingester on the database's volume",
+            storage_free_bytes.clone(),
+        );
+        registry.register("storage_total_bytes", "Size of the database's volume", storage_total_bytes.clone());
         Self {
             registry,
             requests,
@@ -273,6 +286,8 @@ impl Default for Metrics {
             duckdb_memory_limit_bytes,
             database_file_bytes,
             wal_file_bytes,
+            storage_free_bytes,
+            storage_total_bytes,
         }
     }
 }
@@ -291,6 +306,12 @@ impl Metrics {
         }
         set(&self.database_file_bytes, resources.database_file_bytes);
         set(&self.wal_file_bytes, resources.wal_file_bytes);
+        if let Some(bytes) = resources.storage_free_bytes {
+            set(&self.storage_free_bytes, bytes);
+        }
+        if let Some(bytes) = resources.storage_total_bytes {
+            set(&self.storage_total_bytes, bytes);
+        }
     }
 
     /// The Prometheus/OpenMetrics text exposition.

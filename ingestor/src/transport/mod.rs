@@ -52,6 +52,7 @@ pub async fn serve(
         }
     };
     let background = app.spawn_background();
+    let storage_checks = app.spawn_storage_checks();
     let limits = app.limits();
     let timeouts = listen::Timeouts {
         header: Duration::from_secs(limits.header_timeout_seconds),
@@ -68,5 +69,6 @@ pub async fn serve(
         }
     }
     background.iter().for_each(|task| task.abort());
+    storage_checks.abort();
     app.finish().await;
 }

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod cli;
+mod disk;
 mod flight;
 mod hostile;
 mod idempotency;

@@ -28,7 +28,7 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -42,6 +42,11 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         config.db_path = dir.path().join("test.duckdb");
         use_storage_under_test(&mut config, dir.path());
+        Self { _dir: Some(dir), ..Self::with_config_at(config).await }
+    }
+
+    /// Starts a server with `config`, on its storage as it is.
+    pub async fn with_config_at(config: Config) -> Self {
         let app = arrowport::app::App::open(&config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -49,7 +54,7 @@ impl TestServer {
         let task = tokio::spawn(arrowport::transport::serve(listener, None, app.clone(), async {
             let _ = stopped.await;
         }));
-        Self { url, app, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: dir }
+        Self { url, app, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: None }
     }
 
     /// POSTs `body` to `/ingest/{stream}` as an Arrow stream.

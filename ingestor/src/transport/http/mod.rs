@@ -142,12 +142,11 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready while the database is open and the server is not shutting down.
+/// Ready while the server is not shutting down and its storage takes writes (see [`App::not_ready`]).
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.is_shutting_down() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
-    } else {
-        "ready".into_response()
+    match app.not_ready() {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        None => "ready".into_response(),
     }
 }
 
