@@ -3,7 +3,8 @@
 # Arrowport image: both binaries, /usr/local/bin/arrowport (the ingester) and
 # /usr/local/bin/arrowport-operator, on a distroless glibc base, running as uid 65532. The ingester links
 # DuckDB's official prebuilt shared library, /usr/local/lib/libduckdb.so (its licence in
-# /usr/local/share/doc/duckdb/LICENSE).
+# /usr/local/share/doc/duckdb/LICENSE), and a DuckLake loads DuckDB's signed ducklake, icu and
+# postgres_scanner extensions from /usr/local/lib/arrowport/extensions (duckdb.extension_directory).
 #
 #   docker build -t ghcr.io/arrowport/arrowport:0.1.0 .
 #
@@ -19,6 +20,7 @@
 
 ARG RUST_VERSION=1.95
 ARG NODE_VERSION=20
+ARG PYTHON_VERSION=3.12
 ARG DEBIAN_RELEASE=bookworm
 
 # ---- duckdb -----------------------------------------------------------------------------------------
@@ -30,6 +32,20 @@ ARG DEBIAN_RELEASE=bookworm
 FROM node:${NODE_VERSION}-${DEBIAN_RELEASE}-slim AS duckdb
 COPY scripts/duckdb-lib /usr/local/bin/duckdb-lib
 RUN ARROWPORT_DUCKDB_DIR=/duckdb bash /usr/local/bin/duckdb-lib
+
+# ---- extensions -------------------------------------------------------------------------------------
+# scripts/duckdb-extensions fetches the DuckDB extensions a DuckLake needs (ducklake, icu,
+# postgres_scanner; DuckDB's signed builds, published on PyPI as duckdb-extension-<name> wheels) with
+# `pip download --require-hashes`, so pip refuses any wheel that does not match the SHA-256 pinned in the
+# script, and unpacks the .duckdb_extension files into $ARROWPORT_DUCKDB_DIR/extensions. Like
+# duckdb-lib it picks the platform from `uname -m` (the target platform's under buildx). Only the script is
+# copied in, so this stage stays cached until the script (the DuckDB version or a hash) changes.
+FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS extensions
+COPY scripts/duckdb-extensions /usr/local/bin/duckdb-extensions
+RUN ARROWPORT_DUCKDB_DIR=/duckdb ARROWPORT_VENV=/venv bash /usr/local/bin/duckdb-extensions \
+    && test -f /duckdb/extensions/ducklake.duckdb_extension \
+    && test -f /duckdb/extensions/icu.duckdb_extension \
+    && test -f /duckdb/extensions/postgres_scanner.duckdb_extension
 
 # ---- build ------------------------------------------------------------------------------------------
 # The Rust image is Debian with gcc, g++ and make (the C++ tools matter only for the static variant).
@@ -69,6 +85,9 @@ COPY --from=build /out/bin/ /usr/local/bin/
 # libduckdb.so where the binaries' $ORIGIN/../lib rpath looks (empty for the static variant).
 COPY --from=build /out/lib/ /usr/local/lib/
 COPY --from=build /out/doc/duckdb/ /usr/local/share/doc/duckdb/
+# The extensions a DuckLake loads (the chart sets duckdb.extension_directory to this directory); read-only,
+# owned by root. Nothing is downloaded at run time.
+COPY --from=extensions /duckdb/extensions/*.duckdb_extension /usr/local/lib/arrowport/extensions/
 # The database directory (a volume in Kubernetes) and working directory, writable by the runtime user,
 # so that a plain `docker run IMAGE` writes ./arrowport.duckdb there.
 COPY --from=build --chown=65532:65532 /out/data /var/lib/arrowport

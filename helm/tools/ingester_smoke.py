@@ -2,11 +2,16 @@
 """Proves the chart and the ingester binary agree; run by .ci/helm-checks inside its venv.
 
 For each ingester in rendered manifests: takes the base config ConfigMap (<statefulset>-config, key
-config.yaml) exactly as the chart renders it, points its absolute paths (db_path, streams_path) into a temp
-dir, writes an empty streams file there (what the streams ConfigMap holds before the operator writes it) and
-runs `arrowport validate --config FILE`. With --serve it then starts `arrowport serve --config FILE --port P`
-on a free loopback port, waits for GET /readyz to answer 200, sends SIGTERM and expects exit status 0.
+config.yaml) exactly as the chart renders it, moves its absolute paths in the pod (db_path, streams_path, a
+DuckLake's local catalog and data_path) under a temp dir, keeping them where they are relative to each
+other, writes an empty streams file there (what the streams ConfigMap holds before the operator writes it)
+and runs `arrowport validate --config FILE`. With --serve it then starts `arrowport serve --config FILE
+--port P` on a free loopback port, waits for GET /readyz to answer 200, sends SIGTERM and expects exit
+status 0; for a local DuckLake it also checks that the catalog file and the data directory were made where
+the chart put them.
 
+A DuckLake's `duckdb.extension_directory` is the image's directory; --extensions DIR stands in for it
+(needed to serve a lake). A lake with a PostgreSQL catalog is only validated (it needs a server).
 The listen address is rewritten to 127.0.0.1 so the test never listens beyond loopback.
 """
 
@@ -45,17 +50,46 @@ def ingester_configs(manifests: Path) -> dict[str, str]:
     return configs
 
 
-def localize(config_text: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
+def is_lake(config: dict[str, Any]) -> bool:
+    return (config.get("storage") or {}).get("kind") == "ducklake"
+
+
+def is_postgres_lake(config: dict[str, Any]) -> bool:
+    return is_lake(config) and str(config["storage"].get("catalog", "")).startswith("postgres:")
+
+
+def localize(config_text: str, workdir: Path, extensions: Path | None) -> tuple[Path, dict[str, Any]]:
+    """Writes the config with its paths in the pod moved under workdir/root (the volume's directories are
+    made, as the pod has them mounted); returns its path and the config."""
     config = yaml.safe_load(config_text)
-    for key in ("db_path", "streams_path"):
-        if not str(config.get(key, "")).startswith("/"):
-            raise SystemExit(f"config.yaml: {key} is {config.get(key)!r}, expected an absolute path in the pod")
-    config["db_path"] = str(workdir / "data" / Path(config["db_path"]).name)
-    streams = workdir / "streams" / Path(config["streams_path"]).name
-    config["streams_path"] = str(streams)
+    root = workdir / "root"
+
+    def moved(where: str, value: Any) -> str:
+        if not str(value or "").startswith("/"):
+            raise SystemExit(f"config.yaml: {where} is {value!r}, expected an absolute path in the pod")
+        return str(root / str(value).lstrip("/"))
+
+    keys = ["streams_path"] if is_lake(config) else ["db_path", "streams_path"]
+    for key in keys:
+        config[key] = moved(key, config.get(key))
+    if is_lake(config):
+        storage = config["storage"]
+        storage["data_path"] = moved("storage.data_path", storage.get("data_path"))
+        if not is_postgres_lake(config):
+            storage["catalog"] = moved("storage.catalog", storage.get("catalog"))
+        duckdb = config.get("duckdb") or {}
+        if not str(duckdb.get("extension_directory") or "").startswith("/"):
+            raise SystemExit("config.yaml: a DuckLake without an absolute duckdb.extension_directory")
+        if extensions is not None:
+            duckdb["extension_directory"] = str(extensions)
+    elif "storage" in config or "duckdb" in config:
+        raise SystemExit("config.yaml: storage or duckdb settings without storage.kind ducklake")
     config["host"] = "127.0.0.1"
-    (workdir / "data").mkdir()
-    streams.parent.mkdir()
+    # The pod's volumes: the per-pod volume and, when mounted, the shared lake claim.
+    for mount in ("var/lib/arrowport", "lake"):
+        (root / mount).mkdir(parents=True, exist_ok=True)
+    streams = Path(config["streams_path"])
+    streams.parent.mkdir(parents=True, exist_ok=True)
     streams.write_text("")
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -85,7 +119,7 @@ def get_status(url: str) -> int | None:
         return None
 
 
-def serve(binary: str, config: Path, workdir: Path) -> list[str]:
+def serve(binary: str, config: Path, workdir: Path, settings: dict[str, Any]) -> list[str]:
     port = free_port()
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
@@ -126,6 +160,17 @@ def serve(binary: str, config: Path, workdir: Path) -> list[str]:
                 problems.append(f"serve: after SIGTERM the exit status was {code}, expected 0 within {EXIT_TIMEOUT_S}s")
             else:
                 print("    SIGTERM -> exit 0")
+    if is_lake(settings) and not problems:
+        storage = settings["storage"]
+        made = [Path(storage["data_path"])]
+        if not is_postgres_lake(settings):
+            made.append(Path(storage["catalog"]))
+        for path in made:
+            shown = "/" + str(path.relative_to(workdir / "root"))
+            if path.exists():
+                print(f"    made {shown} ({'directory' if path.is_dir() else 'file'})")
+            else:
+                problems.append(f"serve: the lake's {shown} was not made")
     if problems:
         sys.stderr.write(f"--- ingester log ({log_path}) ---\n{log_path.read_text(errors='replace')}\n---\n")
     return problems
@@ -135,6 +180,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin", required=True, help="the arrowport binary")
     parser.add_argument("--serve", action="store_true", help="also start each ingester and stop it")
+    parser.add_argument(
+        "--extensions", type=Path, help="directory of DuckDB extension files standing in for the image's"
+    )
     parser.add_argument("manifests", type=Path)
     args = parser.parse_args()
 
@@ -142,8 +190,11 @@ def main() -> int:
     for sts, text in ingester_configs(args.manifests).items():
         with tempfile.TemporaryDirectory(prefix="arrowport-smoke-") as tmp:
             workdir = Path(tmp)
-            config_path, _ = localize(text, workdir)
-            print(f"  {args.manifests.name}: {sts}: arrowport validate --config <rendered config.yaml>")
+            config_path, settings = localize(text, workdir, args.extensions)
+            kind = "DuckDB file"
+            if is_lake(settings):
+                kind = "DuckLake, PostgreSQL catalog" if is_postgres_lake(settings) else "DuckLake, local catalog"
+            print(f"  {args.manifests.name}: {sts} ({kind}): arrowport validate --config <rendered config.yaml>")
             result = subprocess.run(
                 [args.bin, "validate", "--config", str(config_path)],
                 capture_output=True, text=True, env=clean_env(workdir), cwd=workdir,
@@ -154,9 +205,16 @@ def main() -> int:
                     f"config:\n{config_path.read_text()}"
                 )
                 continue
-            if args.serve:
-                print(f"  {args.manifests.name}: {sts}: arrowport serve --config <rendered config.yaml> --port <free>")
-                problems += [f"{sts}: {p}" for p in serve(args.bin, config_path, workdir)]
+            if not args.serve:
+                continue
+            if is_postgres_lake(settings):
+                print(f"  {args.manifests.name}: {sts}: not served (its catalog is a PostgreSQL server)")
+                continue
+            if is_lake(settings) and args.extensions is None:
+                problems.append(f"{sts}: a DuckLake is served only with --extensions DIR (the image's extensions)")
+                continue
+            print(f"  {args.manifests.name}: {sts}: arrowport serve --config <rendered config.yaml> --port <free>")
+            problems += [f"{sts}: {p}" for p in serve(args.bin, config_path, workdir, settings)]
     for problem in problems:
         print(f"  FAIL {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -6,7 +6,10 @@ Subcommands:
                           unknown fields are errors), ServiceMonitors against a strict schema derived from the
                           Prometheus Operator's monitoring.coreos.com/v1 types, ArrowportStreams against the CRD
   policy FILE...          what the chart promises: hardened pods, the operator-owned streams ConfigMap rendered
-                          without data, at most one replica per DuckDB file, the contract's names and labels
+                          without data, at most one replica per DuckDB file or local lake catalog (several only
+                          for a PostgreSQL-catalog lake with its data on a shared claim), a lake's files on
+                          mounted volumes and its extensions from the image, no catalog password in a
+                          ConfigMap, the contract's names and labels
   examples --crd CRD FILE...
                           ArrowportStream examples against the CRD's openAPIV3Schema, CEL rules included
 
@@ -26,6 +29,8 @@ import yaml
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the schemas know.
 OLDEST_KUBERNETES = "1.29.0"
+# Where the image keeps the DuckDB extensions a DuckLake needs (Dockerfile).
+IMAGE_EXTENSIONS = "/usr/local/lib/arrowport/extensions"
 
 
 def load_docs(path: Path) -> Iterator[dict[str, Any]]:
@@ -216,9 +221,13 @@ def containers(pod_spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def cmd_policy(files: list[Path]) -> list[str]:
     problems = []
     docs = [(path, doc) for path in files for doc in load_docs(path)]
-    by_kind_name = {(d.get("kind"), d["metadata"]["name"]): d for _, d in docs}
+    # Each file is one release: names are looked up in the same file.
+    by_file: dict[Path, dict[tuple[str, str], Any]] = {}
+    for path, d in docs:
+        by_file.setdefault(path, {})[(d.get("kind"), d["metadata"]["name"])] = d
     workloads = 0
     for path, doc in docs:
+        by_kind_name = by_file[path]
         name = f"{path}: {describe(doc)}"
         kind = doc.get("kind")
         if kind in ("Deployment", "StatefulSet"):
@@ -251,9 +260,8 @@ def cmd_policy(files: list[Path]) -> list[str]:
             pod_labels = doc["spec"]["template"]["metadata"].get("labels") or {}
             if not ingester or pod_labels.get("arrowport.dev/ingester") != ingester:
                 problems.append(f"{name}: StatefulSet and its pods must carry label arrowport.dev/ingester")
-            if doc["spec"].get("replicas", 1) > 1:
-                problems.append(f"{name}: more than one replica writing one DuckDB file")
             pod = doc["spec"]["template"]["spec"]
+            problems += storage_problems(name, doc, by_kind_name)
             if (pod.get("terminationGracePeriodSeconds") or 30) < 30:
                 problems.append(f"{name}: terminationGracePeriodSeconds below 30 leaves no time to checkpoint")
             streams_cm = f"{ingester}-streams"
@@ -279,6 +287,71 @@ def cmd_policy(files: list[Path]) -> list[str]:
     if workloads == 0:
         problems.append("no Deployment or StatefulSet rendered")
     print(f"  checked {workloads} workloads for hardening, probes, resources and the operator contract")
+    return problems
+
+
+def storage_problems(name: str, sts: dict[str, Any], by_kind_name: dict[tuple[str, str], Any]) -> list[str]:
+    """What the ingester's config.yaml says about its storage, against the StatefulSet that runs it."""
+    pod = sts["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    config_cm = by_kind_name.get(("ConfigMap", ((volumes.get("config") or {}).get("configMap") or {}).get("name")))
+    if config_cm is None:
+        return [f"{name}: its config ConfigMap is not rendered"]
+    config = yaml.safe_load(config_cm["data"]["config.yaml"]) or {}
+    storage = config.get("storage") or {"kind": "duckdb"}
+    replicas = sts["spec"].get("replicas", 1)
+    templates = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates") or []}
+    mounts = [m for c in containers(pod) if c["name"] == "ingester" for m in c.get("volumeMounts") or []]
+    env = {e["name"]: e for c in containers(pod) if c["name"] == "ingester" for e in c.get("env") or []}
+
+    def volume_of(path: str) -> tuple[str, str] | None:
+        """(kind, name) of the volume holding path: 'template' (one per pod) or 'claim' (one for all)."""
+        candidates = [m for m in mounts if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+        if not candidates:
+            return None
+        mount = max(candidates, key=lambda m: len(m["mountPath"]))
+        if mount.get("readOnly") or mount.get("subPath"):
+            return None
+        if mount["name"] in templates:
+            return ("template", mount["name"])
+        claim = (volumes.get(mount["name"]) or {}).get("persistentVolumeClaim")
+        return ("claim", claim["claimName"]) if claim else None
+
+    problems = []
+    if storage.get("kind") == "duckdb":
+        if replicas > 1:
+            problems.append(f"{name}: {replicas} replicas writing one DuckDB file (one writing process per file)")
+        where = volume_of(str(config.get("db_path", "")))
+        if where is None or where[0] != "template":
+            problems.append(f"{name}: db_path {config.get('db_path')} is not on the pod's PersistentVolumeClaim")
+        return problems
+    catalog, data_path = str(storage.get("catalog", "")), str(storage.get("data_path", ""))
+    postgres = catalog.startswith("postgres:")
+    extensions = (config.get("duckdb") or {}).get("extension_directory")
+    if extensions != IMAGE_EXTENSIONS:
+        problems.append(f"{name}: duckdb.extension_directory is {extensions!r}, not the image's {IMAGE_EXTENSIONS}")
+    data_volume = volume_of(data_path)
+    if data_volume is None:
+        problems.append(f"{name}: storage.data_path {data_path} is not on a writable PersistentVolumeClaim")
+    if postgres:
+        if "password" in catalog.lower():
+            cm_name = config_cm["metadata"]["name"]
+            problems.append(f"{name}: the catalog's connection string in ConfigMap {cm_name} holds a password")
+        password = env.get("PGPASSWORD")
+        if password is not None and "secretKeyRef" not in (password.get("valueFrom") or {}):
+            problems.append(f"{name}: PGPASSWORD does not come from a Secret")
+        if replicas > 1 and (data_volume is None or data_volume[0] != "claim"):
+            problems.append(
+                f"{name}: {replicas} replicas of one lake with storage.data_path {data_path} on per-pod volumes "
+                "(each replica must read the others' Parquet files: a shared claim)"
+            )
+    else:
+        if replicas > 1:
+            problems.append(f"{name}: {replicas} replicas writing one local lake catalog file ({catalog})")
+        if volume_of(catalog) is None:
+            problems.append(f"{name}: the local catalog {catalog} is not on a writable PersistentVolumeClaim")
+        if "PGPASSWORD" in env:
+            problems.append(f"{name}: PGPASSWORD is set for a lake without a PostgreSQL catalog")
     return problems
 
 

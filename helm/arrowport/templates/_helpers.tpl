@@ -75,6 +75,7 @@ resourceName (StatefulSet, Service, config ConfigMap). Returns YAML: {"ingesters
 {{- $_ := set $main "resourceName" (printf "%s-ingester" .Release.Name) }}
 {{- $list := list $main }}
 {{- $seen := dict $mainName true }}
+{{- $lakes := dict }}
 {{- range $i, $extra := .Values.extraIngesters }}
 {{- $name := required (printf "extraIngesters[%d].name is required" $i) $extra.name }}
 {{- if hasKey $seen $name }}
@@ -105,14 +106,115 @@ resourceName (StatefulSet, Service, config ConfigMap). Returns YAML: {"ingesters
 {{- if gt (len (printf "%s-streams" .ingesterName)) 63 }}
 {{- fail (printf "ingester name %q is too long: %s-streams must fit in 63 characters" .ingesterName .ingesterName) }}
 {{- end }}
+{{- include "arrowport.checkStorage" (dict "ing" . "lakes" $lakes) }}
 {{- end }}
 {{- toYaml (dict "ingesters" $list) }}
+{{- end }}
+
+{{/*
+Where the pods find things: the image's DuckDB extensions (Dockerfile), the per-pod volume, and the
+mount of ingester.storage.sharedDataClaim.
+*/}}
+{{- define "arrowport.extensionDirectory" -}}/usr/local/lib/arrowport/extensions{{- end }}
+{{- define "arrowport.volumePath" -}}/var/lib/arrowport{{- end }}
+{{- define "arrowport.sharedPath" -}}/lake{{- end }}
+
+{{/*
+Checks one ingester's storage values (after extraIngesters are merged) and sets its computed key "lake"
+(for kind ducklake; empty otherwise): {catalog, dataPath, postgres, sharedDataClaim}. The values schema checks replicas
+for `ingester` alone; this is the second guard, and the only one for extraIngesters. "lakes" collects
+PostgreSQL catalogs across the release (catalog -> "claim|dataPath"), since ingesters writing one lake
+must share its data path. Call with (dict "ing" <entry> "lakes" <dict>).
+*/}}
+{{- define "arrowport.checkStorage" -}}
+{{- $ing := .ing }}
+{{- $st := $ing.storage }}
+{{- $replicas := int $ing.replicas }}
+{{- $volume := include "arrowport.volumePath" . }}
+{{- $sharedPath := include "arrowport.sharedPath" . }}
+{{- if ne $st.kind "ducklake" }}
+{{- if gt $replicas 1 }}
+{{- fail (printf "ingester %q: replicas is %d, but storage.kind %q allows 1 at most (one process writes a DuckDB file). More than one replica needs storage.kind ducklake with a PostgreSQL catalog (storage.catalog: postgres:...) and storage.sharedDataClaim; or scale out with extraIngesters, one database each" $ing.ingesterName $replicas $st.kind) }}
+{{- end }}
+{{- range $key := list "catalog" "dataPath" "sharedDataClaim" }}
+{{- if get $st $key }}
+{{- fail (printf "ingester %q: storage.%s is set, but it applies to storage.kind ducklake only (storage.kind is %q)" $ing.ingesterName $key $st.kind) }}
+{{- end }}
+{{- end }}
+{{- if $st.postgresPasswordSecret.name }}
+{{- fail (printf "ingester %q: storage.postgresPasswordSecret is set, but it applies to a DuckLake with a PostgreSQL catalog only (storage.kind is %q)" $ing.ingesterName $st.kind) }}
+{{- end }}
+{{- /* Empty, so that .lake.<key> is safe where `and` does not short-circuit (Go before 1.18). */}}
+{{- $_ := set $ing "lake" (dict) }}
+{{- else }}
+{{- $postgres := hasPrefix "postgres:" $st.catalog }}
+{{- $shared := $st.sharedDataClaim }}
+{{- $catalog := default (printf "%s/lake/meta.ducklake" $volume) $st.catalog }}
+{{- $dataPath := $st.dataPath }}
+{{- if not $dataPath }}
+{{- $dataPath = ternary (printf "%s/data" $sharedPath) (printf "%s/lake/data" $volume) (ne $shared "") }}
+{{- end }}
+{{- /* Paths must lie on a volume the pod writes: its own, or the shared claim's. */}}
+{{- $roots := list (printf "%s/" $volume) }}
+{{- if $shared }}
+{{- $roots = append $roots (printf "%s/" $sharedPath) }}
+{{- end }}
+{{- $paths := dict "dataPath" $dataPath }}
+{{- if not $postgres }}
+{{- $_ := set $paths "catalog" $catalog }}
+{{- end }}
+{{- range $key, $path := $paths }}
+{{- $onVolume := false }}
+{{- range $roots }}
+{{- if and (hasPrefix . $path) (gt (len $path) (len .)) }}
+{{- $onVolume = true }}
+{{- end }}
+{{- end }}
+{{- if or (not $onVolume) (contains "/../" (printf "%s/" $path)) (contains "/./" (printf "%s/" $path)) }}
+{{- fail (printf "ingester %q: storage.%s %q must be a path under %s (the pod's root filesystem is read-only, and nothing else lasts)" $ing.ingesterName $key $path (join " or " $roots)) }}
+{{- end }}
+{{- end }}
+{{- if $postgres }}
+{{- if regexMatch "(^|[ :])password[ ]*=" $st.catalog }}
+{{- fail (printf "ingester %q: storage.catalog holds a password; the config file is a ConfigMap: put the password into a Secret and name it in storage.postgresPasswordSecret (the ingester gets it as PGPASSWORD)" $ing.ingesterName) }}
+{{- end }}
+{{- $lakeKey := printf "%s|%s" $shared $dataPath }}
+{{- with get $.lakes $st.catalog }}
+{{- if or (ne . $lakeKey) (not $shared) }}
+{{- fail (printf "ingester %q writes the PostgreSQL catalog %q that another ingester of this release writes too: ingesters of one lake must share its data, with the same storage.sharedDataClaim (set) and storage.dataPath" $ing.ingesterName $st.catalog) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $.lakes $st.catalog $lakeKey }}
+{{- if and (gt $replicas 1) (not $shared) }}
+{{- fail (printf "ingester %q: replicas is %d, which needs storage.sharedDataClaim, a ReadWriteMany PersistentVolumeClaim for the lake's data: every replica reads the Parquet files the others write, so the data path must be shared storage mounted at the same path in every pod" $ing.ingesterName $replicas) }}
+{{- end }}
+{{- else }}
+{{- if gt $replicas 1 }}
+{{- fail (printf "ingester %q: replicas is %d, but a DuckLake with a local catalog file (%s) allows 1 at most (one process writes the file). More than one replica needs a PostgreSQL catalog (storage.catalog: postgres:...) and storage.sharedDataClaim" $ing.ingesterName $replicas $catalog) }}
+{{- end }}
+{{- if $st.postgresPasswordSecret.name }}
+{{- fail (printf "ingester %q: storage.postgresPasswordSecret is set, but storage.catalog is not a PostgreSQL catalog (postgres:...)" $ing.ingesterName) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $ing "lake" (dict "catalog" $catalog "dataPath" $dataPath "postgres" $postgres "sharedDataClaim" $shared) }}
+{{- end }}
 {{- end }}
 
 {{/* The ingester's config.yaml. Call with one entry of arrowport.ingesters. */}}
 {{- define "arrowport.ingesterConfig" -}}
 {{- $config := deepCopy .config }}
-{{- $_ := set $config "db_path" "/var/lib/arrowport/arrowport.duckdb" }}
+{{- with .lake }}
+{{- $_ := set $config "storage" (dict
+      "kind" "ducklake"
+      "catalog" .catalog
+      "data_path" .dataPath
+      "data_inlining_row_limit" (int64 $.storage.dataInliningRowLimit)
+      "maintenance_interval_seconds" (int64 $.storage.maintenanceIntervalSeconds)
+      "snapshot_retention_seconds" (int64 $.storage.snapshotRetentionSeconds)) }}
+{{- $_ := set $config "duckdb" (dict "extension_directory" (include "arrowport.extensionDirectory" $)) }}
+{{- else }}
+{{- $_ := set $config "db_path" (printf "%s/arrowport.duckdb" (include "arrowport.volumePath" $)) }}
+{{- end }}
 {{- $_ := set $config "host" "0.0.0.0" }}
 {{- $_ := set $config "port" (int .port) }}
 {{- $_ := set $config "streams_path" "/etc/arrowport/streams/streams.yaml" }}
