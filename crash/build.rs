@@ -1,0 +1,1 @@
+include!("../ingestor/build.rs");
