@@ -292,7 +292,7 @@ def test_unknown_stream_is_not_found_when_auto_create_is_off(start_server):
     assert trailers.codes() == ["unknown_stream"]
     assert do_put(flight, "known", [(rows(0, 2), metadata(1))])[0]["rows_total"] == 2
     assert {f.descriptor.path[0] for f in flight.list_flights()} == {b"known"}
-    assert read_duckdb(server, "SELECT table_name FROM duckdb_tables()").column(0).to_pylist() == ["known"]
+    assert read_duckdb(server, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").column(0).to_pylist() == ["known"]
 
 
 def test_a_batch_larger_than_the_memory_budget_is_refused_and_rolls_back(start_server):
@@ -365,7 +365,7 @@ def test_adbc_ingest_create_on_existing_and_append_on_missing_fail(server):
             ingest(conn, "missing", MORE, "append")
         assert (b"x-arrowport-code", b"table_not_found") in error.value.details
         assert query(conn, "SELECT * FROM people ORDER BY id").equals(PEOPLE)
-        tables = query(conn, "SELECT table_name FROM duckdb_tables() ORDER BY 1").column(0).to_pylist()
+        tables = query(conn, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' ORDER BY 1").column(0).to_pylist()
         assert tables == ["people"]
 
 
@@ -406,7 +406,7 @@ def test_adbc_ingest_is_routed_like_a_stream(start_server):
     with connect(server) as conn:
         assert ingest(conn, "sensors", readings, "create_append") == 2
         assert query(conn, "SELECT * FROM sensor_readings ORDER BY id").equals(readings)
-        tables = query(conn, "SELECT table_name FROM duckdb_tables()").column(0).to_pylist()
+        tables = query(conn, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").column(0).to_pylist()
         assert tables == ["sensor_readings"]
     assert sorted_table(do_get(client(server), "sensors")).equals(readings)
 
@@ -449,7 +449,7 @@ def test_adbc_writes_through_execute_are_refused(server, sql):
                 cursor.fetchall()
         assert (b"x-arrowport-code", b"invalid_query") in error.value.details
         assert query(conn, "SELECT * FROM people ORDER BY id").equals(PEOPLE)
-        tables = query(conn, "SELECT table_name FROM duckdb_tables()").column(0).to_pylist()
+        tables = query(conn, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").column(0).to_pylist()
         assert tables == ["people"]
     assert not (server.workdir / "people.csv").exists()
 
