@@ -74,15 +74,30 @@ async fn several_ingesters_write_one_lake_exactly_once(count: usize) {
             for request in 0..10 {
                 let start = (producer * 10 + request) as i64 * 1000;
                 let stream = if request % 2 == 0 { "shared".to_owned() } else { format!("new_{}", request % 3) };
-                let response = client
-                    .post(format!("{url}/ingest/{stream}"))
-                    .header("content-type", STREAM_TYPE)
-                    .body(ipc_stream(&[batch(start, 100)], None))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status();
-                assert_eq!(status, 200, "{}", response.text().await.unwrap());
+                // As a producer should: a request that fails is retried with its idempotency key, so it
+                // lands once whatever happened to the first try. (Several writers on one DuckLake can lose
+                // a commit to another's concurrent change: DuckLake then fails it, rarely, with a 500.)
+                let key = format!("p{producer}-r{request}");
+                let mut answer = None;
+                for _ in 0..5 {
+                    let response = client
+                        .post(format!("{url}/ingest/{stream}"))
+                        .header("content-type", STREAM_TYPE)
+                        .header("idempotency-key", &key)
+                        .body(ipc_stream(&[batch(start, 100)], None))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status();
+                    let text = response.text().await.unwrap();
+                    if status == 200 {
+                        answer = None;
+                        break;
+                    }
+                    eprintln!("{key}: {status} {text}; retrying with the key");
+                    answer = Some((status, text));
+                }
+                assert!(answer.is_none(), "{key} never committed: {answer:?}");
                 acked += 100;
             }
             acked
