@@ -170,8 +170,8 @@ impl Default for IdempotencySettings {
 #[serde(deny_unknown_fields, default)]
 pub struct DuckDbSettings {
     /// DuckDB's own `memory_limit` (its buffer pool). `None`: the ingester derives it from the memory
-    /// available, leaving room for `limits.memory_budget_bytes` (DuckDB's own default, 80% of the memory,
-    /// would not).
+    /// available, leaving room for `limits.memory_budget_bytes` and the process itself (DuckDB's own
+    /// default, 80% of the memory, would not).
     pub memory_limit: Option<ByteSize>,
     /// Arrowport runs `CHECKPOINT` this often (0: only at shutdown); DuckDB also checkpoints by itself
     /// when its write-ahead log grows past `checkpoint_threshold`.
@@ -205,8 +205,9 @@ pub struct Limits {
     pub max_body_bytes: ByteSize,
     /// Largest single Arrow IPC message (one record batch); larger messages get 413.
     pub max_message_bytes: ByteSize,
-    /// Decoded Arrow data all in-flight requests may hold together; beyond it requests get 503.
-    pub memory_budget_bytes: ByteSize,
+    /// What all in-flight requests may hold together (messages being received, decoded batches); beyond
+    /// it requests get 503. `None`: the ingester derives it from the memory available.
+    pub memory_budget_bytes: Option<ByteSize>,
     /// DuckDB connections loading data at once; further requests wait for a free one.
     pub max_concurrent_loads: usize,
     /// Read-only Flight SQL queries running at once; further queries wait for a free slot.
@@ -229,7 +230,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: ByteSize::gib(64),
             max_message_bytes: ByteSize::mib(256),
-            memory_budget_bytes: ByteSize::mib(512),
+            memory_budget_bytes: None,
             max_concurrent_loads: 8,
             max_concurrent_queries: 2,
             query_timeout_seconds: 300,
@@ -394,7 +395,7 @@ impl Config {
             ("header_timeout_seconds", limits.header_timeout_seconds, "must be at least 1"),
             ("idle_timeout_seconds", limits.idle_timeout_seconds, "must be at least 1"),
             ("shutdown_timeout_seconds", limits.shutdown_timeout_seconds, "must be at least 1"),
-            ("memory_budget_bytes", limits.memory_budget_bytes.0, "must be greater than 0"),
+            ("memory_budget_bytes", limits.memory_budget_bytes.map_or(1, |b| b.0), "must be greater than 0"),
         ] {
             if value == 0 {
                 issues.push(Issue::new(key(&["limits", field]), message));
@@ -673,7 +674,7 @@ mod tests {
     #[test]
     fn byte_sizes_accept_units() {
         let config = Config::from_yaml("limits: {memory_budget_bytes: 64MiB, max_body_bytes: 1000}\n").unwrap();
-        assert_eq!(config.limits.memory_budget_bytes, ByteSize::mib(64));
+        assert_eq!(config.limits.memory_budget_bytes, Some(ByteSize::mib(64)));
         assert_eq!(config.limits.max_body_bytes, ByteSize(1000));
     }
 

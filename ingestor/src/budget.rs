@@ -83,6 +83,21 @@ impl MemoryBudget {
         self.reserve(bytes).await.ok_or(IngestError::Overloaded)
     }
 
+    /// Makes `held` (room taken earlier, such as a message body's) cover at least `bytes`, reserving the
+    /// rest as [`reserve_batch`](Self::reserve_batch) does.
+    pub async fn top_up(&self, held: Option<Reservation>, bytes: u64) -> Result<Reservation, IngestError> {
+        let Some(mut held) = held else {
+            return self.reserve_batch(bytes).await;
+        };
+        if bytes > self.capacity() {
+            return Err(IngestError::BatchTooLarge { bytes, limit: self.capacity() });
+        }
+        if bytes > held.bytes {
+            held.absorb(self.reserve_batch(bytes - held.bytes).await?);
+        }
+        Ok(held)
+    }
+
     /// Makes `held` (what a stream's dictionaries hold against the budget) `bytes` large: more is
     /// reserved as [`reserve_batch`](Self::reserve_batch) reserves, less is given back.
     pub async fn resize(&self, held: &mut Option<Reservation>, bytes: u64) -> Result<(), IngestError> {
@@ -165,6 +180,14 @@ mod tests {
         assert_eq!(budget.used(), 20);
         drop(dictionaries);
         assert_eq!(budget.used(), 0);
+        // A body's room covers the batch read from it, and grows when the batch needs more.
+        let body = budget.reserve_batch(40).await.unwrap();
+        let batch = budget.top_up(Some(body), 30).await.unwrap();
+        assert_eq!((batch.bytes(), budget.used()), (40, 40));
+        let batch = budget.top_up(Some(batch), 70).await.unwrap();
+        assert_eq!((batch.bytes(), budget.used()), (70, 70));
+        assert!(matches!(budget.top_up(Some(batch), 101).await, Err(IngestError::BatchTooLarge { .. })));
+        assert_eq!(budget.used(), 0, "a refused top-up gives the room it had back");
     }
 
     #[tokio::test]

@@ -1,20 +1,40 @@
-//! DuckDB's memory limit when the configuration leaves it open.
+//! The memory plan when the configuration leaves it open: the memory budget (what requests in flight
+//! hold) and DuckDB's memory limit, from the memory this process may use.
 //!
 //! DuckDB's own default is 80% of the memory it sees (the container's cgroup limit, or the machine's
 //! RAM), and its buffer pool keeps every block it writes until that limit: a long-running ingester grows
-//! by about a quarter of what it loads until then. Arrowport's in-flight batches
-//! (`limits.memory_budget_bytes`) come on top, so DuckDB's default alone lets a busy pod pass its memory
-//! limit and be killed. The default here leaves the budget out of DuckDB's share.
+//! by about a quarter of what it loads until then. The budget comes on top, and the process itself
+//! (code, runtime, HTTP/2 windows, allocator slack) on top of both, so DuckDB's default alone lets a busy
+//! pod pass its memory limit and be killed. The plan splits the memory three ways instead.
 
 use std::fmt;
 use std::path::Path;
 
-/// Share of the available memory that DuckDB and the budget together may fill; the rest is the
-/// process itself (code, allocator arenas, network buffers).
-const SHARE_PERCENT: u64 = 80;
-/// DuckDB's bulk insert runs on at most `limit / 4 / (4 MiB × columns) + 1` threads: 384 MiB keeps both of
-/// two cores busy for tables of up to 24 columns (measured on 16: 200 MiB halved the load rate).
-pub const MIN_DUCKDB_BYTES: u64 = 384 << 20;
+const MIB: u64 = 1 << 20;
+
+/// The budget when unset: a quarter of the memory available, within these bounds.
+const MIN_BUDGET_BYTES: u64 = 64 * MIB;
+pub const MAX_BUDGET_BYTES: u64 = 512 * MIB;
+/// What the process needs beside DuckDB and the budget: a fifth of the memory available, and at least
+/// this. Measured under `arrowport-memlimit`'s load in a 768 MiB pod: 200–230 MiB besides both (code,
+/// runtime and DuckDB's threads, HTTP/2 windows, DuckDB's allocations outside its buffer pool, arenas).
+const MIN_PROCESS_BYTES: u64 = 256 * MIB;
+/// DuckDB's limit is never derived below this. Less memory costs speed, not safety: DuckDB bulk-inserts
+/// on at most `limit / 4 / (4 MiB × columns) + 1` threads, so 384 MiB keeps both of two cores busy for
+/// tables of up to 24 columns (measured on 16: 200 MiB halved the load rate); pods of 1 GiB get 512 MiB.
+pub const MIN_DUCKDB_BYTES: u64 = 128 * MIB;
+
+/// The memory budget by default: a quarter of `available`, at least 64 MiB and at most 512 MiB.
+pub fn default_budget(available: u64) -> u64 {
+    (available / 4).clamp(MIN_BUDGET_BYTES, MAX_BUDGET_BYTES)
+}
+
+/// DuckDB's `memory_limit` by default: what `available` leaves after the `budget` and the process's own
+/// share (a fifth, at least 256 MiB), and never less than [`MIN_DUCKDB_BYTES`].
+pub fn default_duckdb_limit(available: u64, budget: u64) -> u64 {
+    let process = (available / 5).max(MIN_PROCESS_BYTES);
+    available.saturating_sub(process).saturating_sub(budget).max(MIN_DUCKDB_BYTES)
+}
 
 /// The memory this process may use, and what says so.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,12 +58,6 @@ impl fmt::Display for Source {
             Source::Ram => "the machine's memory",
         })
     }
-}
-
-/// DuckDB's `memory_limit` by default: 80% of `available`, less what the in-flight `budget` may hold,
-/// and never less than [`MIN_DUCKDB_BYTES`].
-pub fn default_duckdb_limit(available: u64, budget: u64) -> u64 {
-    (available / 100 * SHARE_PERCENT).saturating_sub(budget).max(MIN_DUCKDB_BYTES)
 }
 
 /// The memory this process may use: its cgroup's limit where that is below the machine's memory.
@@ -100,19 +114,27 @@ fn cgroup_limit(cgroups: &str, root: &Path) -> Option<u64> {
 mod tests {
     use super::*;
 
-    const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
 
     #[test]
-    fn the_budget_comes_out_of_duckdbs_share() {
-        // The chart's default pod: a 2 GiB limit and a 512 MiB budget.
-        assert_eq!(default_duckdb_limit(2 * GIB, 512 * MIB), 2 * GIB / 100 * 80 - 512 * MIB);
-        assert_eq!(default_duckdb_limit(24 * GIB, 512 * MIB), 24 * GIB / 100 * 80 - 512 * MIB);
+    fn the_memory_is_split_between_budget_duckdb_and_the_process() {
+        // The chart's default pod, 2 GiB: a 512 MiB budget, DuckDB 80% less the budget.
+        assert_eq!(default_budget(2 * GIB), 512 * MIB);
+        assert_eq!(default_duckdb_limit(2 * GIB, 512 * MIB), 2 * GIB - 2 * GIB / 5 - 512 * MIB);
+        // Large machines: the budget stops at 512 MiB, DuckDB takes the rest of its share.
+        assert_eq!(default_budget(24 * GIB), 512 * MIB);
+        assert_eq!(default_duckdb_limit(24 * GIB, 512 * MIB), 24 * GIB - 24 * GIB / 5 - 512 * MIB);
+        // A 768 MiB pod: 192 MiB budget, 256 MiB for the process, 320 MiB for DuckDB; 1 GiB: 256/256/512.
+        assert_eq!(default_budget(768 * MIB), 192 * MIB);
+        assert_eq!(default_duckdb_limit(768 * MIB, 192 * MIB), 320 * MIB);
+        assert_eq!(default_budget(GIB), 256 * MIB);
+        assert_eq!(default_duckdb_limit(GIB, 256 * MIB), 512 * MIB);
     }
 
     #[test]
-    fn small_machines_still_give_duckdb_its_minimum() {
-        assert_eq!(default_duckdb_limit(GIB, 512 * MIB), MIN_DUCKDB_BYTES);
+    fn small_pods_still_give_each_part_its_minimum() {
+        assert_eq!(default_budget(128 * MIB), 64 * MIB);
+        assert_eq!(default_duckdb_limit(512 * MIB, default_budget(512 * MIB)), MIN_DUCKDB_BYTES);
         assert_eq!(default_duckdb_limit(256 * MIB, 4 * GIB), MIN_DUCKDB_BYTES);
     }
 

@@ -70,13 +70,14 @@ impl App {
             }
         };
         tracing::info!(storage = %storage.describe(), "Opening the storage.");
+        let (budget, duckdb_memory_limit) = memory_plan(config);
         let options = DatabaseOptions {
             extensions: config.duckdb_extensions.clone(),
-            memory_limit: duckdb_memory_limit(config),
+            memory_limit: duckdb_memory_limit,
             checkpoint_threshold: config.duckdb.checkpoint_threshold.0,
         };
         let database = Arc::new(Database::open(storage, &options)?);
-        let budget = MemoryBudget::new(config.limits.memory_budget_bytes.0, BUDGET_PATIENCE);
+        let budget = MemoryBudget::new(budget, BUDGET_PATIENCE);
         let loader = Loader::new(
             database.clone(),
             LoaderOptions { max_concurrent_loads: config.limits.max_concurrent_loads, budget },
@@ -156,6 +157,11 @@ impl App {
         &self.limits
     }
 
+    /// The memory budget: transports reserve a message's receive buffer against it before they fill one.
+    pub fn budget(&self) -> &MemoryBudget {
+        self.loader.budget()
+    }
+
     /// Reads the resource gauges (memory, storage sizes, the volume's room) for a scrape.
     pub async fn refresh_resources(&self) {
         let database = self.database.clone();
@@ -183,28 +189,34 @@ impl App {
     }
 }
 
-/// DuckDB's memory limit: the configured one, or [`sizing::default_duckdb_limit`] of the memory this
-/// process may use; `None` (DuckDB's own default) only where that cannot be read.
-fn duckdb_memory_limit(config: &Config) -> Option<u64> {
-    if let Some(limit) = config.duckdb.memory_limit {
-        return Some(limit.0);
-    }
-    let available = sizing::available()?;
-    let budget = config.limits.memory_budget_bytes.0;
-    let limit = sizing::default_duckdb_limit(available.bytes, budget);
+/// The memory plan: the budget and DuckDB's memory limit, each the configured one or derived from the
+/// memory this process may use ([`sizing`]). DuckDB's limit is `None` (its own default) only where that
+/// memory cannot be read.
+fn memory_plan(config: &Config) -> (u64, Option<u64>) {
+    let available = sizing::available();
+    let budget = match (config.limits.memory_budget_bytes, available) {
+        (Some(budget), _) => budget.0,
+        (None, Some(available)) => sizing::default_budget(available.bytes),
+        (None, None) => sizing::MAX_BUDGET_BYTES,
+    };
+    let Some(available) = available else {
+        return (budget, config.duckdb.memory_limit.map(|limit| limit.0));
+    };
+    let duckdb =
+        config.duckdb.memory_limit.map_or_else(|| sizing::default_duckdb_limit(available.bytes, budget), |l| l.0);
     // In MiB: ByteSize prints sizes that are not whole units in bytes.
-    let (duckdb_mib, available_mib) = (limit >> 20, available.bytes >> 20);
-    if limit + budget > available.bytes {
+    let (budget_mib, duckdb_mib, available_mib) = (budget >> 20, duckdb >> 20, available.bytes >> 20);
+    if budget + duckdb > available.bytes {
         tracing::warn!(
-            duckdb_mib, available_mib, source = %available.source,
-            "DuckDB's memory limit and limits.memory_budget_bytes together exceed the memory available; \
-             lower the budget or give the process more memory."
+            budget_mib, duckdb_mib, available_mib, source = %available.source,
+            "limits.memory_budget_bytes and DuckDB's memory limit together exceed the memory available, with \
+             nothing left for the process itself; lower them or give the process more memory."
         );
     } else {
         tracing::info!(
-            duckdb_mib, available_mib, source = %available.source,
-            "DuckDB memory limit: 80% of the memory available, less limits.memory_budget_bytes."
+            budget_mib, duckdb_mib, available_mib, source = %available.source,
+            "Memory plan: the budget for requests in flight, DuckDB's memory limit, and the rest for the process."
         );
     }
-    Some(limit)
+    (budget, Some(duckdb))
 }

@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::App;
+use crate::budget::Reservation;
 use crate::error::IngestError;
 use crate::ipc::{Checked, MessageDecoder, Payload, RawMessage};
 use crate::load::{Found, Receipt, TableMode, Target, Upload};
@@ -63,6 +64,9 @@ pub struct Incoming {
     pub message: RawMessage,
     /// The producer's position, from Flight `app_metadata` (acknowledged once committed).
     pub request_id: Option<u64>,
+    /// Room the transport took in the budget for the message's body before it buffered it; the batch
+    /// decoded from the body takes it over.
+    pub room: Option<Reservation>,
 }
 
 /// Bytes received over the wire for one request (compressed, framing included), counted by the
@@ -325,7 +329,7 @@ impl Ingest {
                 None => next.await?,
             };
             let Some(incoming) = next else { break };
-            let Incoming { message, request_id } = incoming?;
+            let Incoming { message, request_id, room } = incoming?;
             let checked = decoder.check(&message)?;
             // A producer's retry resends batches already committed under its key: skip them undecoded.
             if let (Checked::Batch { .. }, Some(id), Some(done)) = (checked, request_id, self.skip_through)
@@ -335,7 +339,9 @@ impl Ingest {
             }
             // Room in the budget first, then decoding: a batch never exists outside the budget.
             let reservation = match checked {
-                Checked::Batch { decoded_bytes } => Some(budget.reserve_batch(decoded_bytes).await?),
+                // The body's room (when the transport took some) covers the batch read from it in place;
+                // decoding may need more (decompression, realigned buffers).
+                Checked::Batch { decoded_bytes } => Some(budget.top_up(room, decoded_bytes).await?),
                 // Dictionaries live as long as the request: they hold their room in the budget too.
                 Checked::Dictionary { dictionary_bytes } => {
                     budget.resize(&mut dictionaries, dictionary_bytes).await?;

@@ -6,6 +6,7 @@
 //! stream is complete; anything else (an error, a dropped session, a client gone) rolls it back.
 
 mod group;
+mod held;
 mod reader;
 mod receipts;
 mod schema;

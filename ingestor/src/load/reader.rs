@@ -9,11 +9,12 @@ use arrow::error::ArrowError;
 use tokio::sync::mpsc;
 
 use super::Receipt;
+use super::held::holding;
 use crate::budget::Reservation;
 
 /// What a session sends to DuckDB.
 pub enum Feed {
-    /// A batch, holding its share of the memory budget until DuckDB takes it (unless its request holds it).
+    /// A batch, holding its share of the memory budget until DuckDB releases it (unless its request holds it).
     Batch(RecordBatch, Option<Reservation>),
     /// The stream is complete: the transaction may commit, with these receipts.
     End(Vec<Receipt>),
@@ -50,9 +51,12 @@ impl Iterator for ChannelReader {
         }
         // Runs on DuckDB's threads or the loader's blocking thread, never on the async runtime.
         match self.rx.blocking_recv() {
-            Some(Feed::Batch(batch, _reservation)) => {
+            Some(Feed::Batch(batch, reservation)) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
-                Some(Ok(batch))
+                Some(Ok(match reservation {
+                    Some(reservation) => holding(&batch, reservation),
+                    None => batch,
+                }))
             }
             Some(Feed::End(receipts)) => {
                 self.finished = true;

@@ -159,7 +159,7 @@ async fn exhausted_memory_budget_is_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_whole_budget_is_413_not_503() {
     let mut config = Config::default();
-    config.limits.memory_budget_bytes = ByteSize(16 * 1024);
+    config.limits.memory_budget_bytes = Some(ByteSize(16 * 1024));
     let server = TestServer::with_config(config).await;
     for _ in 0..2 {
         let response = server.ingest("budget", ipc_stream(&[batch(0, 5000)], None)).await;

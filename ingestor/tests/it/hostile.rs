@@ -132,6 +132,44 @@ async fn a_stalled_body_is_408_after_the_idle_timeout() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_body_being_received_holds_its_room_in_the_budget_and_one_too_large_is_never_buffered() {
+    let mut config = Config::default();
+    config.limits.memory_budget_bytes = Some(arrowport_config::ByteSize::mib(4));
+    let server = TestServer::with_config(config).await;
+    let address = server.url.strip_prefix("http://").unwrap().to_owned();
+    let inflight = || async { metric(&server.metrics().await, "arrowport_inflight_bytes").unwrap() };
+    // A batch of about 1.6 MB, sent all but its last bytes: its body's room is taken before it arrives.
+    let body = ipc_stream(&[batch(0, 100_000)], None);
+    let (head, tail) = body.split_at(body.len() - 100);
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!(
+        "POST /ingest/receiving HTTP/1.1\r\nHost: {address}\r\nContent-Type: {STREAM_TYPE}\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    socket.write_all(head).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inflight().await < 1_000_000.0 {
+        assert!(Instant::now() < deadline, "the body's room was never taken: {}", inflight().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    socket.write_all(tail).await.unwrap();
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(server.count("receiving"), Some(100_000));
+    assert_eq!(inflight().await, 0.0);
+    // A body larger than the whole budget is read past unbuffered, and refused once it is in.
+    let body = ipc_stream(&[batch(0, 400_000)], None);
+    let response = server.ingest("receiving", body).await;
+    assert_eq!(response.status(), 413);
+    assert!(response.text().await.unwrap().contains("batch_too_large"));
+    assert_eq!(server.count("receiving"), Some(100_000));
+    server.stop().await;
+}
+
 /// A DoPut that sends its schema and one batch for `stream`, then nothing while the returned sender
 /// lives; the task ends with the status the call failed with.
 async fn stalled_do_put(
@@ -301,7 +339,7 @@ async fn a_live_upload_cannot_be_listed_or_scanned_and_commits_exactly_its_rows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_budget_is_never_retryable() {
     let mut config = Config::default();
-    config.limits.memory_budget_bytes = arrowport_config::ByteSize::mib(1);
+    config.limits.memory_budget_bytes = Some(arrowport_config::ByteSize::mib(1));
     let server = TestServer::with_config(config).await;
     // 100,000 rows of 16 int64 columns: 12.8 MB, more than the whole 1 MiB budget.
     let columns: Vec<(String, arrow::array::ArrayRef)> = (0..16)

@@ -250,7 +250,7 @@ async fn duckdb_settings_reach_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdbs_default_memory_limit_leaves_room_for_the_memory_budget() {
     let mut config = Config::default();
-    config.limits.memory_budget_bytes = arrowport_config::ByteSize::gib(1);
+    config.limits.memory_budget_bytes = Some(arrowport_config::ByteSize::gib(1));
     let server = TestServer::with_config(config).await;
     let available = arrowport::sizing::available().expect("memory is readable on Linux").bytes;
     let expected = arrowport::sizing::default_duckdb_limit(available, 1 << 30);

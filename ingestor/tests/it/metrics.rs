@@ -46,7 +46,7 @@ fn value(text: &str, sample: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_specifies_every_metric_exposed() {
     let mut config = Config::default();
-    config.limits.memory_budget_bytes = arrowport_config::ByteSize(64 << 10);
+    config.limits.memory_budget_bytes = Some(arrowport_config::ByteSize(64 << 10));
     one_load_slot(&mut config);
     let server = TestServer::with_config(config).await;
     // Traffic first, of every kind: families with labels only appear once they have a series.

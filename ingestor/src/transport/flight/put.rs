@@ -22,6 +22,7 @@ use super::message::raw_message;
 use super::status::status;
 use super::{BoxStream, is_path, path_stream};
 use crate::app::{App, Commits, Incoming, IngestRequest, WireCounter};
+use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
 use crate::telemetry::Protocol;
 
@@ -52,9 +53,10 @@ pub async fn put_stream(
     let (acks, replies) = mpsc::channel(ACK_DEPTH);
     let failed = acks.clone();
     let max_message = app.limits().max_message_bytes.0;
+    let budget = app.budget().clone();
     let work = tokio::spawn(async move {
         let wire = WireCounter::default();
-        let data = messages(request.into_inner(), wire.clone(), max_message);
+        let data = messages(request.into_inner(), wire.clone(), max_message, budget);
         if let Err(error) = ingest.run(data, &wire, Some(&acks)).await {
             let _ = acks.send(Err(error)).await;
         }
@@ -81,14 +83,33 @@ pub fn idempotency_key(metadata: &MetadataMap) -> Option<String> {
 }
 
 /// The IPC messages of a call's `FlightData`, their bytes counted on `wire`.
-pub fn messages<S>(data: S, wire: WireCounter, max_message: u64) -> impl Stream<Item = Result<Incoming, IngestError>>
+///
+/// tonic reads each message whole into a receive buffer of the call's own, which it keeps and reuses for
+/// the next: the call holds room in `budget` for the largest message so far, until it ends. (The room is
+/// taken once the message is there, since tonic reads it before the service sees its length; a call
+/// that cannot get it fails, as one whose batch does not fit.)
+pub fn messages<S>(
+    data: S,
+    wire: WireCounter,
+    max_message: u64,
+    budget: MemoryBudget,
+) -> impl Stream<Item = Result<Incoming, IngestError>>
 where
-    S: Stream<Item = Result<FlightData, Status>>,
+    S: Stream<Item = Result<FlightData, Status>> + Unpin,
 {
-    data.map(move |data| {
+    let state = (data, wire, budget, None::<Reservation>);
+    futures::stream::try_unfold(state, move |(mut stream, wire, budget, mut receive_buffer)| async move {
+        let Some(data) = stream.next().await else {
+            return Ok(None);
+        };
         let data = data.map_err(|status| receive_error(&status, max_message))?;
-        wire.add((data.data_header.len() + data.data_body.len() + data.app_metadata.len()) as u64);
-        Ok(Incoming { message: raw_message(&data), request_id: request_id(&data.app_metadata) })
+        let bytes = (data.data_header.len() + data.data_body.len() + data.app_metadata.len()) as u64;
+        wire.add(bytes);
+        if bytes > receive_buffer.as_ref().map_or(0, Reservation::bytes) {
+            budget.resize(&mut receive_buffer, bytes).await?;
+        }
+        let incoming = Incoming { message: raw_message(&data), request_id: request_id(&data.app_metadata), room: None };
+        Ok(Some((incoming, (stream, wire, budget, receive_buffer))))
     })
 }
 

@@ -258,7 +258,8 @@ impl FlightSqlService for SqlService {
             IngestRequest { mode, key, ..IngestRequest::new(Protocol::FlightSql, command.table, Commits::AtEnd) };
         let ingest = self.app.start_ingest(asked).await.map_err(|e| status(&e))?;
         let wire = WireCounter::default();
-        let messages = put::messages(request.into_inner(), wire.clone(), self.app.limits().max_message_bytes.0);
+        let max_message = self.app.limits().max_message_bytes.0;
+        let messages = put::messages(request.into_inner(), wire.clone(), max_message, self.app.budget().clone());
         let report = ingest.run(messages, &wire, None).await.map_err(|e| status(&e))?;
         Ok(report.rows as i64)
     }

@@ -50,6 +50,8 @@ pub struct IpcDecoder {
     max_message_bytes: u64,
     /// Body bytes pushed so far.
     bytes_seen: u64,
+    /// Stop before allocating a body buffer until [`admit`](IpcDecoder::admit) is called.
+    pause_before_bodies: bool,
 }
 
 enum Framing {
@@ -71,6 +73,10 @@ enum Stage {
     Prefix(Vec<u8>),
     /// The flatbuffer header, `len` bytes.
     Header { len: usize, bytes: Vec<u8> },
+    /// The body, `len` bytes, to be buffered once [`IpcDecoder::admit`] allows it.
+    Waiting { header: Bytes, len: usize },
+    /// A body refused instead of admitted: `remaining` bytes to read past, keeping none.
+    Skipping { remaining: usize },
     /// The body, `len` bytes, assembled in an aligned buffer.
     Body { header: Bytes, len: usize, body: MutableBuffer },
 }
@@ -87,11 +93,52 @@ impl IpcDecoder {
             IpcFormat::Stream => Framing::Messages { file: false, stage: Stage::start() },
             declared => Framing::Preamble { declared, seen: Vec::with_capacity(FILE_MAGIC.len()) },
         };
-        Self { framing, input: Bytes::new(), max_message_bytes, bytes_seen: 0 }
+        Self { framing, input: Bytes::new(), max_message_bytes, bytes_seen: 0, pause_before_bodies: false }
+    }
+
+    /// Makes the decoder stop before it buffers a message body that did not arrive in one piece:
+    /// [`next_message`](Self::next_message) then returns `None` and [`pending_body`](Self::pending_body)
+    /// the body's length, so the caller can take room for it first and then call [`admit`](Self::admit).
+    pub fn pausing_before_bodies(mut self) -> Self {
+        self.pause_before_bodies = true;
+        self
+    }
+
+    /// The length of the body waiting for [`admit`](Self::admit), if one is.
+    pub fn pending_body(&self) -> Option<u64> {
+        match &self.framing {
+            Framing::Messages { stage: Stage::Waiting { len, .. }, .. } => Some(*len as u64),
+            _ => None,
+        }
+    }
+
+    /// Reads the waiting body past without keeping it (the request is refused, but its client is still
+    /// sending the body and reads the answer only once it has); [`skipping`](Self::skipping) until done.
+    pub fn skip_body(&mut self) {
+        if let Framing::Messages { stage, .. } = &mut self.framing
+            && let Stage::Waiting { len, .. } = stage
+        {
+            *stage = Stage::Skipping { remaining: *len };
+        }
+    }
+
+    /// Whether a refused body is still being read past.
+    pub fn skipping(&self) -> bool {
+        matches!(self.framing, Framing::Messages { stage: Stage::Skipping { .. }, .. })
+    }
+
+    /// Lets the waiting body be buffered.
+    pub fn admit(&mut self) {
+        if let Framing::Messages { stage, .. } = &mut self.framing
+            && let Stage::Waiting { header, len } = stage
+        {
+            let (header, len) = (std::mem::take(header), *len);
+            *stage = Stage::Body { header, len, body: MutableBuffer::with_capacity(len) };
+        }
     }
 
     /// Takes the next bytes of the body; call [`next_message`](Self::next_message) until it returns
-    /// `None` before pushing more.
+    /// `None` (and [`admit`](Self::admit) a pending body) before pushing more.
     pub fn push(&mut self, chunk: Bytes) {
         debug_assert!(self.input.is_empty(), "push only after next_message returned None");
         self.bytes_seen += chunk.len() as u64;
@@ -136,8 +183,9 @@ impl IpcDecoder {
                 }
                 Framing::Messages { file, stage } => {
                     let file = *file;
-                    match advance(stage, &mut self.input, self.max_message_bytes)? {
+                    match advance(stage, &mut self.input, self.max_message_bytes, self.pause_before_bodies)? {
                         Step::More => {}
+                        Step::Room => return Ok(None),
                         Step::Message(message) => return Ok(Some(message)),
                         Step::End if file => self.framing = Framing::Footer { tail: Vec::new() },
                         Step::End => self.framing = Framing::Ended,
@@ -169,13 +217,15 @@ impl IpcDecoder {
 enum Step {
     /// All input consumed; the message needs more.
     More,
+    /// A body waits for [`IpcDecoder::admit`], or a skipped one is done; the input is kept.
+    Room,
     Message(RawMessage),
     /// The end-of-stream marker.
     End,
 }
 
 /// Reads as much of the current message as `input` holds.
-fn advance(stage: &mut Stage, input: &mut Bytes, max_message_bytes: u64) -> Result<Step, IngestError> {
+fn advance(stage: &mut Stage, input: &mut Bytes, max_message_bytes: u64, pause: bool) -> Result<Step, IngestError> {
     loop {
         match stage {
             Stage::Prefix(prefix) => {
@@ -233,7 +283,22 @@ fn advance(stage: &mut Stage, input: &mut Bytes, max_message_bytes: u64) -> Resu
                     *stage = Stage::start();
                     return Ok(Step::Message(RawMessage { header, body }));
                 }
-                *stage = Stage::Body { header, len: body_len, body: MutableBuffer::with_capacity(body_len) };
+                *stage = if pause {
+                    Stage::Waiting { header, len: body_len }
+                } else {
+                    Stage::Body { header, len: body_len, body: MutableBuffer::with_capacity(body_len) }
+                };
+            }
+            Stage::Waiting { .. } => return Ok(Step::Room),
+            Stage::Skipping { remaining } => {
+                let take = (*remaining).min(input.len());
+                input.advance(take);
+                *remaining -= take;
+                if *remaining > 0 {
+                    return Ok(Step::More);
+                }
+                *stage = Stage::start();
+                return Ok(Step::Room);
             }
             Stage::Body { header, len, body } => {
                 let take = (*len - body.len()).min(input.len());
@@ -368,6 +433,39 @@ mod tests {
         let (index, error) = refused.expect("the batch is refused");
         assert!(matches!(error, IngestError::MessageTooLarge { limit: 65536 }), "{error}");
         assert_eq!(index, 0, "refused in the first piece, which holds the batch's header");
+    }
+
+    #[test]
+    fn a_pausing_decoder_buffers_a_body_only_once_admitted() {
+        let bytes = stream_bytes(&[batch(1000)]);
+        let batch_body = {
+            let mut all = IpcDecoder::new(IpcFormat::Stream, 1 << 20);
+            all.push(Bytes::from(bytes.clone()));
+            let _schema = all.next_message().unwrap().unwrap();
+            all.next_message().unwrap().unwrap().body.len() as u64
+        };
+        let mut decoder = IpcDecoder::new(IpcFormat::Stream, 1 << 20).pausing_before_bodies();
+        let (mut rooms, mut messages) = (Vec::new(), 0);
+        for piece in bytes.chunks(100) {
+            decoder.push(Bytes::copy_from_slice(piece));
+            loop {
+                if let Some(len) = decoder.pending_body() {
+                    // Until admitted, nothing moves: the same body is pending again.
+                    assert!(decoder.next_message().unwrap().is_none());
+                    assert_eq!(decoder.pending_body(), Some(len));
+                    rooms.push(len);
+                    decoder.admit();
+                }
+                match decoder.next_message().unwrap() {
+                    Some(_) => messages += 1,
+                    None if decoder.pending_body().is_some() => {}
+                    None => break,
+                }
+            }
+        }
+        decoder.finish().unwrap();
+        assert_eq!(messages, 2, "the schema and the batch");
+        assert_eq!(rooms, [batch_body], "room asked once, for the batch's body (the schema has none)");
     }
 
     #[test]

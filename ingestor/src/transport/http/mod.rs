@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 
 use crate::app::{App, Commits, Incoming, IngestRequest, WireCounter};
+use crate::budget::MemoryBudget;
 use crate::error::IngestError;
 use crate::telemetry::Protocol;
 pub use body::ContentEncoding;
@@ -105,7 +106,8 @@ async fn ingest_body(
             return Err(IngestError::BodyTooLarge { limit });
         }
         let bytes = body::decoded_bytes(body, encoding, limit, wire.clone());
-        Ok(messages(bytes, IpcDecoder::new(format, app.limits().max_message_bytes.0)))
+        let decoder = IpcDecoder::new(format, app.limits().max_message_bytes.0).pausing_before_bodies();
+        Ok(messages(bytes, decoder, app.budget().clone()))
     })();
     match messages {
         Ok(messages) => ingest.run(messages, &wire, None).await,
@@ -113,15 +115,39 @@ async fn ingest_body(
     }
 }
 
-/// The IPC messages of a body's bytes; an error ends them.
+/// The IPC messages of a body's bytes; an error ends them. A body that arrives in pieces is buffered only
+/// once the budget has room for it: the memory a request holds while it receives is in the budget too.
 fn messages(
     bytes: impl Stream<Item = Result<bytes::Bytes, IngestError>> + Unpin,
     decoder: IpcDecoder,
+    budget: MemoryBudget,
 ) -> impl Stream<Item = Result<Incoming, IngestError>> {
-    futures::stream::try_unfold((bytes, decoder), |(mut bytes, mut decoder)| async move {
+    futures::stream::try_unfold((bytes, decoder, budget), |(mut bytes, mut decoder, budget)| async move {
+        let mut room = None;
         loop {
             if let Some(message) = decoder.next_message()? {
-                return Ok(Some((Incoming { message, request_id: None }, (bytes, decoder))));
+                let incoming = Incoming { message, request_id: None, room };
+                return Ok(Some((incoming, (bytes, decoder, budget))));
+            }
+            if let Some(len) = decoder.pending_body() {
+                match budget.reserve_batch(len).await {
+                    Ok(reservation) => room = Some(reservation),
+                    Err(refused) => {
+                        // Read the body past, keeping none of it: the client sends it before it reads
+                        // the answer, and would otherwise see the connection close instead of the error.
+                        decoder.skip_body();
+                        decoder.next_message()?;
+                        while decoder.skipping()
+                            && let Some(Ok(chunk)) = bytes.next().await
+                        {
+                            decoder.push(chunk);
+                            decoder.next_message()?;
+                        }
+                        return Err(refused);
+                    }
+                }
+                decoder.admit();
+                continue;
             }
             match bytes.next().await {
                 Some(chunk) => decoder.push(chunk?),
