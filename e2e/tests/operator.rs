@@ -47,6 +47,13 @@ async fn with_operator_in_process(client: &Client, namespace: &str) -> Result<()
         lease_namespace: namespace.to_owned(),
         lease_name: "arrowport-operator".to_owned(),
         identity: Some("e2e".to_owned()),
+        // Polled often, so the scenario sees the health next to the route's condition; from outside the
+        // cluster the Service name does not resolve: the stand-in is reported unreachable.
+        stream_health_interval_seconds: 2,
+        stream_idle_after_seconds: 300,
+        stream_health_write_interval_seconds: 60,
+        ingester_url: "http://{service}.{namespace}.svc:{port}".to_owned(),
+        ingester_token_file: None,
     };
     let mut operator = tokio::spawn(arrowport_operator::run(args, std::future::pending()));
     let mut scenario = tokio::spawn(lifecycle(client.clone(), namespace.to_owned(), true));
@@ -111,6 +118,16 @@ async fn lifecycle(client: Client, namespace: String, stand_in: bool) {
     })
     .await;
     let sensors_route = streams_file(&config_map).unwrap().streams["sensors.v2"].clone();
+
+    // Stream health, written by the poller under a field manager of its own, lands next to the route's
+    // `Ready` condition and leaves it alone (`conditions` is a list map keyed by type). The chart's
+    // ingester answers (the route may not have reached its pod yet); the stand-in has no pod.
+    let reasons: &[&str] = if stand_in { &["IngesterUnreachable"] } else { &["NoWrites", "RouteNotLoaded"] };
+    wait_for(&streams, "lineitem", "a Flowing condition", |s| {
+        let flowing = s.status.as_ref().and_then(|st| st.flowing());
+        is_ready(s) && flowing.is_some_and(|c| reasons.contains(&c.reason.as_str()))
+    })
+    .await;
     assert_eq!(sensors_route.chunk_size, Some(65536));
     assert_eq!(sensors_route.compression.unwrap().level, Some(3));
 

@@ -3,8 +3,9 @@
 
 Subcommands:
   k8s FILE...             every document against the Kubernetes JSON schemas (kubernetes-validate, strict:
-                          unknown fields are errors), ServiceMonitors against a strict schema derived from the
-                          Prometheus Operator's monitoring.coreos.com/v1 types, ArrowportStreams against the CRD
+                          unknown fields are errors), ServiceMonitors and PrometheusRules against a strict
+                          schema derived from the Prometheus Operator's monitoring.coreos.com/v1 types,
+                          ArrowportStreams against the CRD
   policy FILE...          what the chart promises: hardened pods, the operator-owned streams ConfigMap rendered
                           without data, at most one replica per DuckDB file or local lake catalog (several only
                           for a PostgreSQL-catalog lake with its data on a shared claim), a lake's files on
@@ -146,15 +147,16 @@ class CrdSchemas:
         return errors
 
 
-# --- ServiceMonitor ------------------------------------------------------------------------------------
+# --- ServiceMonitor, PrometheusRule ---------------------------------------------------------------------
 
 
-def service_monitor_schema() -> dict[str, Any]:
-    """A strict JSON schema of monitoring.coreos.com/v1 ServiceMonitor, derived from the Prometheus Operator
-    API types as packaged (pydantic models generated from the CRDs) by cloudcoil.models.prometheus_operator."""
+def monitoring_schema(kind: str) -> dict[str, Any]:
+    """A strict JSON schema of a monitoring.coreos.com/v1 kind (ServiceMonitor, PrometheusRule), derived from
+    the Prometheus Operator API types as packaged (pydantic models generated from the CRDs) by
+    cloudcoil.models.prometheus_operator."""
     from cloudcoil.models.prometheus_operator import v1
 
-    schema = v1.ServiceMonitor.model_json_schema(by_alias=True, mode="validation")
+    schema = getattr(v1, kind).model_json_schema(by_alias=True, mode="validation")
 
     def strict(node: Any) -> None:
         if isinstance(node, dict):
@@ -169,7 +171,7 @@ def service_monitor_schema() -> dict[str, Any]:
     strict(schema)
     schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
     schema["properties"]["apiVersion"] = {"const": "monitoring.coreos.com/v1"}
-    schema["properties"]["kind"] = {"const": "ServiceMonitor"}
+    schema["properties"]["kind"] = {"const": kind}
     return schema
 
 
@@ -182,7 +184,7 @@ def cmd_k8s(files: list[Path], crds: list[Path]) -> list[str]:
 
     versions = [OLDEST_KUBERNETES, kv.latest_version()]
     crd_schemas = CrdSchemas(crds)
-    sm_schema = None
+    monitoring_schemas: dict[str, dict[str, Any]] = {}
     problems = []
     counts: dict[str, int] = {}
     for path in files:
@@ -191,9 +193,9 @@ def cmd_k8s(files: list[Path], crds: list[Path]) -> list[str]:
             kind = doc.get("kind", "")
             counts[kind] = counts.get(kind, 0) + 1
             if doc.get("apiVersion") == "monitoring.coreos.com/v1":
-                if sm_schema is None:
-                    sm_schema = service_monitor_schema()
-                for err in jsonschema.Draft202012Validator(sm_schema).iter_errors(doc):
+                if kind not in monitoring_schemas:
+                    monitoring_schemas[kind] = monitoring_schema(kind)
+                for err in jsonschema.Draft202012Validator(monitoring_schemas[kind]).iter_errors(doc):
                     path_s = ".".join(str(p) for p in err.absolute_path) or "(root)"
                     problems.append(f"{name}: {path_s}: {err.message}")
                 continue

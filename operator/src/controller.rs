@@ -70,6 +70,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::crd::ArrowportStream;
 use crate::error::Error;
+use crate::health::{HealthConfig, Poller};
 use crate::plan::{ConfigMapState, Ingester, STREAMS_KEY, Snapshot};
 use crate::reconcile::{Context, INGESTER_LABEL, reconcile};
 
@@ -268,8 +269,9 @@ enum Trigger {
     Synced,
 }
 
-/// Starts the watches and reconciles until the returned future is dropped.
-pub async fn run(client: Client, namespace: Option<&str>, ctx: Context) {
+/// Starts the watches and reconciles until the returned future is dropped; with `health`, also polls the
+/// ingesters for the streams' health (`health.rs`) from the same watch caches.
+pub async fn run(client: Client, namespace: Option<&str>, ctx: Context, health: Option<HealthConfig>) {
     let (streams, writer) = reflector::store();
     let mut tracker = StreamTracker::default();
     let stream_events = reflect(writer, watcher(api(&client, namespace), watcher::Config::default()));
@@ -286,6 +288,10 @@ pub async fn run(client: Client, namespace: Option<&str>, ctx: Context) {
     let ingester_triggers = triggers(ingester_events, |e| touched(e, statefulset_ingester));
 
     let stores = Stores { streams, config_maps, ingesters };
+    let poller = health.map(|config| {
+        let poller = Poller::new(client.clone(), config, ctx.metrics.clone());
+        poller.run(stores.streams.clone(), stores.ingesters.clone())
+    });
     info!("Waiting for the watches to list streams, ConfigMaps and ingesters.");
     let synced = {
         let stores = stores.clone();
@@ -302,17 +308,24 @@ pub async fn run(client: Client, namespace: Option<&str>, ctx: Context) {
         stream::once(synced).boxed(),
     ]);
     let (keys, requests) = requests(triggers, stores.clone());
-    controller(stores, keys, requests, ctx)
-        .for_each(|result| {
-            // Failed reconciles are logged by `error_policy`; nothing else is expected here.
-            if let Err(error) = result
-                && !matches!(error, controller::Error::ReconcilerFailed(..))
-            {
-                warn!(%error, "Controller error.");
+    let control_loop = controller(stores, keys, requests, ctx).for_each(|result| {
+        // Failed reconciles are logged by `error_policy`; nothing else is expected here.
+        if let Err(error) = result
+            && !matches!(error, controller::Error::ReconcilerFailed(..))
+        {
+            warn!(%error, "Controller error.");
+        }
+        future::ready(())
+    });
+    match poller {
+        Some(poller) => {
+            tokio::select! {
+                () = control_loop => {}
+                () = poller => {}
             }
-            future::ready(())
-        })
-        .await;
+        }
+        None => control_loop.await,
+    }
 }
 
 /// Turns what the watches report into reconcile requests, keeping the store of reconciled objects: every
@@ -613,7 +626,7 @@ mod tests {
         let (mut ctx, server) = Context::test();
         let mut registry = Registry::default();
         ctx.metrics = Metrics::register(&mut registry);
-        let operator = tokio::spawn(run(ctx.client.clone(), Some(NAMESPACE), ctx));
+        let operator = tokio::spawn(run(ctx.client.clone(), Some(NAMESPACE), ctx, None));
         let mut api = FakeApiServer {
             server,
             streams: vec![ArrowportStream::test("a"), ArrowportStream::test("b").with_ingester("other")],

@@ -4,10 +4,15 @@
 //! enums and CEL rules with messages); the operator re-checks with the ingester's own validation.
 
 use arrowport_config::{CompressionAlgorithm, SchemaPolicy};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+/// The condition of the route: written into the ingester's ConfigMap, and the ingester exists.
+pub const READY: &str = "Ready";
+/// The condition of the data: the ingester committed rows of the stream recently.
+pub const FLOWING: &str = "Flowing";
 
 /// The ingester a stream routes into when `spec.ingester` is not set.
 pub const DEFAULT_INGESTER: &str = "arrowport";
@@ -38,6 +43,8 @@ const INGESTER_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     printcolumn(name = "Stream", type_ = "string", json_path = ".status.streamName"),
     printcolumn(name = "Table", type_ = "string", json_path = ".status.targetTable"),
     printcolumn(name = "Ingester", type_ = "string", json_path = ".spec.ingester"),
+    printcolumn(name = "Rows", type_ = "integer", json_path = ".status.ingest.rows"),
+    printcolumn(name = "Last Write", type_ = "date", json_path = ".status.ingest.lastWrite"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(
         name = "Reason",
@@ -46,6 +53,12 @@ const INGESTER_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
         priority = 1
     ),
     printcolumn(name = "ConfigMap", type_ = "string", json_path = ".status.configMap", priority = 1),
+    printcolumn(
+        name = "Flowing",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Flowing")].reason"#,
+        priority = 1
+    ),
     validation = Rule::new("has(self.spec.streamName) || self.metadata.name.size() <= 128")
         .message("the resource name is longer than 128 characters, so it cannot be the stream name: set spec.streamName")
 )]
@@ -176,7 +189,12 @@ pub struct ArrowportStreamStatus {
     pub observed_generation: Option<i64>,
     /// `Ready`: `True` when the route is in the ingester's ConfigMap and the ingester exists; `False`
     /// with a reason (`InvalidSpec`, `ResourceConflict`, `IngesterNotFound`) and a message otherwise.
+    /// `Flowing` (routed streams only): `True` (`Receiving`) while the ingester committed rows of the
+    /// stream recently; `False` (`Idle`, `NoWrites`) when it did not; `Unknown` (`IngesterUnreachable`,
+    /// `IngesterRefused`, `RouteNotLoaded`) when the operator cannot tell. A map keyed by `type`: the
+    /// route's reconcile and the stream-health poller each own their condition (server-side apply).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The effective stream name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,12 +205,51 @@ pub struct ArrowportStreamStatus {
     /// The ConfigMap the route is written into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<String>,
+    /// What the ingester reports of the stream (`GET /streams`), polled by the operator; counted since
+    /// the ingester process started. Kept as last seen while the ingester cannot be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<StreamIngest>,
+}
+
+/// One stream's totals as its ingester reports them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamIngest {
+    /// Rows committed since the ingester process started.
+    pub rows: u64,
+    /// Committed requests (HTTP requests, Flight `DoPut` flushes, Flight SQL ingests).
+    pub requests: u64,
+    /// Bytes of the committed requests as received (compressed, if they were).
+    pub bytes_received: u64,
+    /// Arrow bytes committed, after decoding.
+    pub bytes_decoded: u64,
+    /// Time of the last commit; absent before the first one since the ingester started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_write: Option<Time>,
 }
 
 impl ArrowportStreamStatus {
     /// The `Ready` condition, if the operator has set one.
     pub fn ready(&self) -> Option<&Condition> {
-        self.conditions.iter().find(|c| c.type_ == "Ready")
+        self.condition(READY)
+    }
+
+    /// The `Flowing` condition, if the stream-health poller has set one.
+    pub fn flowing(&self) -> Option<&Condition> {
+        self.condition(FLOWING)
+    }
+
+    fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// The part of the status the route's reconcile writes: without the stream-health poller's
+    /// `ingest` and `Flowing`, which it leaves to the poller.
+    pub fn route_part(&self) -> Self {
+        let mut route = self.clone();
+        route.ingest = None;
+        route.conditions.retain(|c| c.type_ != FLOWING);
+        route
     }
 }
 
@@ -218,7 +275,24 @@ mod tests {
             .filter(|c| c.priority.is_none())
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(columns, ["Ready", "Stream", "Table", "Ingester", "Age"]);
+        assert_eq!(columns, ["Ready", "Stream", "Table", "Ingester", "Rows", "Last Write", "Age"]);
+    }
+
+    /// `kubectl get aps` shows ROWS and LAST WRITE from the health the poller writes.
+    #[test]
+    fn printer_columns_read_the_stream_health() {
+        let crd = ArrowportStream::crd();
+        let columns = crd.spec.versions[0].additional_printer_columns.clone().unwrap();
+        let mut stream = ArrowportStream::new("s", serde_json::from_str::<ArrowportStreamSpec>("{}").unwrap());
+        let last_write = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let ingest = StreamIngest { rows: 42, last_write: Some(Time(last_write)), ..StreamIngest::default() };
+        stream.status = Some(ArrowportStreamStatus { ingest: Some(ingest), ..ArrowportStreamStatus::default() });
+        let json = serde_json::to_value(&stream).unwrap();
+        for (name, want) in [("Rows", serde_json::json!(42)), ("Last Write", serde_json::json!("2027-01-15T08:00:00Z"))]
+        {
+            let column = columns.iter().find(|c| c.name == name).unwrap();
+            assert_eq!(json.pointer(&column.json_path.replace('.', "/")), Some(&want), "column {name}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::crd::{
     ArrowportStream, ArrowportStreamSpec, ArrowportStreamStatus, StreamCompression, StreamCompressionAlgorithm,
     StreamSchemaPolicy,
 };
+use crate::health::HEALTH_MANAGER;
 use crate::metrics::Metrics;
 use crate::plan::{ConfigMapState, Ingester, STREAMS_KEY, Snapshot, plan};
 use crate::reconcile::{Context, MANAGER};
@@ -175,6 +176,27 @@ impl ApiServerVerifier {
         assert_eq!(body["apiVersion"], "arrowport.dev/v1alpha1");
         assert_eq!(body["kind"], "ArrowportStream");
         let status: ArrowportStreamStatus = serde_json::from_value(body["status"].clone()).expect("a valid status");
+        let stored = ArrowportStream::test(name).with_status(status.clone());
+        send.send_response(json_response(200, &serde_json::to_value(stored).unwrap()));
+        status
+    }
+
+    /// Expects the stream-health poller's forced server-side apply of stream `name`'s status (field manager
+    /// `arrowport-operator-health`); returns that status, which holds only the poller's fields.
+    pub async fn health_apply(&mut self, name: &str) -> ArrowportStreamStatus {
+        let (request, send) = self.next("a health status apply").await;
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(
+            request.uri().to_string(),
+            format!(
+                "/apis/arrowport.dev/v1alpha1/namespaces/{NAMESPACE}/arrowportstreams/{name}/status?&force=true&fieldManager={HEALTH_MANAGER}"
+            )
+        );
+        let body = json_body(request).await;
+        assert_eq!(body["apiVersion"], "arrowport.dev/v1alpha1");
+        assert_eq!(body["kind"], "ArrowportStream");
+        let status: ArrowportStreamStatus = serde_json::from_value(body["status"].clone()).expect("a valid status");
+        assert_eq!(status.route_part(), ArrowportStreamStatus::default(), "the poller wrote a field of the route's");
         let stored = ArrowportStream::test(name).with_status(status.clone());
         send.send_response(json_response(200, &serde_json::to_value(stored).unwrap()));
         status

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
@@ -17,6 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
@@ -25,6 +27,7 @@ use prometheus_client::registry::Registry;
 use tracing::info;
 
 use crate::crd::ArrowportStream;
+use crate::health::HealthConfig;
 use crate::leader::{LeaderElector, LeaseError};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, MANAGER};
@@ -51,6 +54,38 @@ pub struct Args {
     /// This replica's identity in the Lease (default: the hostname, which is the pod name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Seconds between two polls of every ingester's `GET /streams` for the streams' health (0: no polling).
+    #[arg(long, env = "ARROWPORT_OPERATOR_STREAM_HEALTH_INTERVAL_SECONDS", default_value_t = 30)]
+    pub stream_health_interval_seconds: u64,
+    /// A stream with no commit for this many seconds is `Flowing=False` (`Idle`).
+    #[arg(long, env = "ARROWPORT_OPERATOR_STREAM_IDLE_AFTER_SECONDS", default_value_t = 300)]
+    pub stream_idle_after_seconds: u64,
+    /// A stream's changed totals (rows, bytes, last write) are written at most once per this many seconds.
+    #[arg(long, env = "ARROWPORT_OPERATOR_STREAM_HEALTH_WRITE_INTERVAL_SECONDS", default_value_t = 60)]
+    pub stream_health_write_interval_seconds: u64,
+    /// Base URL of an ingester: `{service}`, `{namespace}` and `{port}` come from its StatefulSet (its
+    /// `serviceName` and the container port named `http`).
+    #[arg(long, env = "ARROWPORT_OPERATOR_INGESTER_URL", default_value = "http://{service}.{namespace}.svc:{port}")]
+    pub ingester_url: String,
+    /// A file holding a bearer token sent to the ingesters (`Authorization: Bearer <token>`), for ingesters
+    /// that require one to read `GET /streams`; read at every poll.
+    #[arg(long, env = "ARROWPORT_OPERATOR_INGESTER_TOKEN_FILE")]
+    pub ingester_token_file: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    /// The stream-health poller's settings; `None` when polling is off.
+    pub fn health(&self) -> Option<HealthConfig> {
+        (self.stream_health_interval_seconds > 0).then(|| HealthConfig {
+            interval: Duration::from_secs(self.stream_health_interval_seconds),
+            idle_after: Duration::from_secs(self.stream_idle_after_seconds),
+            write_interval: Duration::from_secs(self.stream_health_write_interval_seconds),
+            // A poll never outlasts the interval, nor 10 s.
+            timeout: Duration::from_secs(self.stream_health_interval_seconds.clamp(1, 10)),
+            url_template: self.ingester_url.clone(),
+            token_file: self.ingester_token_file.clone(),
+        })
+    }
 }
 
 /// Why the operator stopped.
@@ -119,7 +154,7 @@ async fn lead(
     }
     metrics.set_leader(true);
     let result = tokio::select! {
-        () = controller::run(client, namespace, ctx) => Ok(()),
+        () = controller::run(client, namespace, ctx, args.health()) => Ok(()),
         lost = elector.hold() => Err(RunError::Lease(lost)),
         () = &mut shutdown => {
             info!("Shutting down.");
@@ -207,6 +242,14 @@ mod tests {
         let args = super::Args::try_parse_from(["arrowport-operator"]).unwrap();
         assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(args.lease_name, "arrowport-operator");
+        let health = args.health().unwrap();
+        assert_eq!(health.interval.as_secs(), 30);
+        assert_eq!(health.idle_after.as_secs(), 300);
+        assert_eq!(health.write_interval.as_secs(), 60);
+        assert_eq!(health.url_template, "http://{service}.{namespace}.svc:{port}");
+        assert_eq!(health.token_file, None);
+        let off = super::Args::try_parse_from(["arrowport-operator", "--stream-health-interval-seconds", "0"]).unwrap();
+        assert!(off.health().is_none());
         let args = super::Args::try_parse_from(["arrowport-operator", "--namespace", "data"]).unwrap();
         assert_eq!(args.namespace.as_deref(), Some("data"));
     }

@@ -16,6 +16,11 @@ struct FailureLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PollLabels {
+    outcome: &'static str,
+}
+
 /// Handles to the operator's metrics; clones share the same series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -23,6 +28,7 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     duration: Histogram,
     leader: Gauge,
+    polls: Family<PollLabels, Counter>,
 }
 
 impl Metrics {
@@ -34,6 +40,7 @@ impl Metrics {
             // 1 ms to ~16 s: a reconcile is a handful of API calls.
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             leader: Gauge::default(),
+            polls: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("arrowport_operator");
         registry.register(
@@ -52,6 +59,11 @@ impl Metrics {
             "1 while this replica holds the leader Lease and reconciles, 0 while it waits",
             metrics.leader.clone(),
         );
+        registry.register(
+            "ingester_polls",
+            "Stream-health polls of an ingester's GET /streams by outcome (ok, unreachable, refused)",
+            metrics.polls.clone(),
+        );
         metrics
     }
 
@@ -65,6 +77,11 @@ impl Metrics {
 
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+    }
+
+    /// Counts one poll of an ingester's streams: `ok`, `unreachable` or `refused`.
+    pub fn ingester_polled(&self, outcome: &'static str) {
+        self.polls.get_or_create(&PollLabels { outcome }).inc();
     }
 }
 
@@ -82,11 +99,13 @@ mod tests {
             Error::Kube(kube::Error::Api(Box::new(kube::core::Status::failure("no", "Forbidden").with_code(403))));
         metrics.reconciled(Duration::from_millis(5), Err(&forbidden));
         metrics.set_leader(true);
+        metrics.ingester_polled("unreachable");
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         assert!(text.contains("arrowport_operator_reconciles_total 2"), "{text}");
         assert!(text.contains(r#"arrowport_operator_reconcile_failures_total{reason="forbidden"} 1"#), "{text}");
         assert!(text.contains("arrowport_operator_reconcile_duration_seconds_count 2"), "{text}");
         assert!(text.contains("arrowport_operator_leader 1"), "{text}");
+        assert!(text.contains(r#"arrowport_operator_ingester_polls_total{outcome="unreachable"} 1"#), "{text}");
     }
 }

@@ -12,12 +12,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::crd::{ArrowportStream, ArrowportStreamStatus, StreamFlush};
+use crate::crd::{ArrowportStream, ArrowportStreamStatus, READY, StreamFlush};
 
 /// The key of the ConfigMap that holds the streams file.
 pub const STREAMS_KEY: &str = "streams.yaml";
-/// The condition type every stream carries.
-pub const READY: &str = "Ready";
 
 /// One ingester of one namespace: the unit the operator reconciles, since all its streams share a ConfigMap.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -107,9 +105,10 @@ pub struct StreamOutcome {
 }
 
 impl StreamOutcome {
-    /// The status differs from the one stored, so it must be written.
+    /// The status differs from the one stored, so it must be written. Only the route's part counts:
+    /// the stream-health poller's `ingest` and `Flowing` are its own (another field manager).
     pub fn status_changed(&self) -> bool {
-        self.stream.status.as_ref() != Some(&self.status)
+        self.stream.status.as_ref().map(ArrowportStreamStatus::route_part).as_ref() != Some(&self.status)
     }
 
     /// The `Ready` reason differs from the stored one: worth an Event.
