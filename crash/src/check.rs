@@ -12,7 +12,7 @@
 //! after the retry, so present exactly once however many times they were sent.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use arrow::array::{Array, Int64Array, RecordBatch};
@@ -21,6 +21,7 @@ use futures::TryStreamExt;
 
 use crate::data::{NOTE_SQL, STREAM, VALUE_SQL};
 use crate::ledger::{Key, Ledger, State};
+use crate::server::Spec;
 
 /// One request as the table holds it.
 ///
@@ -274,10 +275,10 @@ fn column(batches: &[RecordBatch], index: usize) -> anyhow::Result<Vec<i64>> {
     Ok(values)
 }
 
-/// The table, exactly, read by opening the database file here (the server must have stopped: it holds
-/// the lock). Opening replays any write-ahead log, as a restart does.
-pub fn from_file(db: &Path) -> anyhow::Result<Table> {
-    let connection = duckdb::Connection::open(db).with_context(|| format!("cannot open {}", db.display()))?;
+/// The table, exactly, read by opening the database file (or attaching the lake) here; the server must
+/// have stopped: it holds the lock. Opening replays any write-ahead log, as a restart does.
+pub fn from_file(spec: &Spec) -> anyhow::Result<Table> {
+    let connection = open(spec)?;
     let exists: i64 = connection.query_row(&exists_query(), [], |row| row.get(0))?;
     let mut table = Table::new();
     if exists != 1 {
@@ -299,6 +300,117 @@ pub fn from_file(db: &Path) -> anyhow::Result<Table> {
         table.insert((i32::try_from(producer)?, row.get(1)?), observed);
     }
     Ok(table)
+}
+
+/// The database file, or an in-memory database with the lake attached (as `lake`, in use).
+fn open(spec: &Spec) -> anyhow::Result<duckdb::Connection> {
+    let Some(lake) = &spec.lake else {
+        return duckdb::Connection::open(&spec.db).with_context(|| format!("cannot open {}", spec.db.display()));
+    };
+    let connection = duckdb::Connection::open_in_memory()?;
+    let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    let mut extensions = vec!["ducklake", "icu"];
+    if lake.catalog.starts_with("postgres:") {
+        extensions.push("postgres_scanner");
+    }
+    for name in extensions {
+        let file = lake.extensions.join(format!("{name}.duckdb_extension"));
+        connection.execute_batch(&format!("LOAD {}", quote(&file.to_string_lossy())))?;
+    }
+    let data_path = format!("{}/", lake.data_path.to_string_lossy().trim_end_matches('/'));
+    let attach = format!(
+        "ATTACH {} AS lake (DATA_PATH {}); USE lake",
+        quote(&format!("ducklake:{}", lake.catalog)),
+        quote(&data_path)
+    );
+    connection.execute_batch(&attach).with_context(|| format!("cannot attach the lake {}", lake.catalog))?;
+    Ok(connection)
+}
+
+/// A lake's Parquet files: on disk under its data path, referenced by its latest snapshot (data and
+/// delete files of every table), and known to its catalog otherwise (kept for older snapshots, or
+/// scheduled for deletion once those expired).
+pub struct LakeFiles {
+    pub on_disk: BTreeSet<PathBuf>,
+    pub referenced: BTreeSet<PathBuf>,
+    pub known: BTreeSet<PathBuf>,
+}
+
+impl LakeFiles {
+    /// Files the catalog does not know: left behind by a killed writer and not cleaned up.
+    pub fn unreferenced(&self) -> Vec<&PathBuf> {
+        self.on_disk.iter().filter(|file| !self.referenced.contains(*file) && !self.known.contains(*file)).collect()
+    }
+
+    /// Files the latest snapshot references that are gone: data lost.
+    pub fn missing(&self) -> Vec<&PathBuf> {
+        self.referenced.difference(&self.on_disk).collect()
+    }
+}
+
+/// Every file path in the catalog's tables (relative ones resolved as DuckLake does: data path, schema's
+/// path, table's path, file's), and those scheduled for deletion (relative to the data path).
+fn known_files_query(data_path: &str) -> String {
+    let data_path = data_path.replace('\'', "''");
+    let resolved = |files: &str| {
+        format!(
+            "SELECT CASE WHEN NOT f.path_is_relative THEN f.path \
+                 WHEN NOT t.path_is_relative THEN t.path || f.path \
+                 WHEN NOT s.path_is_relative THEN s.path || t.path || f.path \
+                 ELSE '{data_path}' || s.path || t.path || f.path END \
+             FROM __ducklake_metadata_lake.{files} f \
+             JOIN __ducklake_metadata_lake.ducklake_table t USING (table_id) \
+             JOIN __ducklake_metadata_lake.ducklake_schema s USING (schema_id)"
+        )
+    };
+    format!(
+        "{} UNION {} UNION SELECT CASE WHEN path_is_relative THEN '{data_path}' || path ELSE path END \
+         FROM __ducklake_metadata_lake.ducklake_files_scheduled_for_deletion",
+        resolved("ducklake_data_file"),
+        resolved("ducklake_delete_file")
+    )
+}
+
+pub fn lake_files(spec: &Spec) -> anyhow::Result<LakeFiles> {
+    let lake = spec.lake.as_ref().context("not a lake")?;
+    let connection = open(spec)?;
+    let mut tables =
+        connection.prepare("SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = 'lake'")?;
+    let tables: Vec<(String, String)> =
+        tables.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
+    let mut referenced = BTreeSet::new();
+    for (schema, table) in tables {
+        let query = format!(
+            "SELECT data_file, delete_file FROM ducklake_list_files('lake', '{}', schema => '{}')",
+            table.replace('\'', "''"),
+            schema.replace('\'', "''")
+        );
+        let mut statement = connection.prepare(&query)?;
+        let files: Vec<(String, Option<String>)> =
+            statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
+        for (data, delete) in files {
+            referenced.insert(PathBuf::from(data));
+            referenced.extend(delete.map(PathBuf::from));
+        }
+    }
+    let data_path = format!("{}/", lake.data_path.to_string_lossy().trim_end_matches('/'));
+    let mut statement = connection.prepare(&known_files_query(&data_path))?;
+    let known = statement.query_map([], |row| row.get::<_, String>(0))?.map(|path| path.map(PathBuf::from));
+    let known = known.collect::<Result<_, _>>()?;
+    let mut on_disk = BTreeSet::new();
+    let mut directories = vec![lake.data_path.clone()];
+    while let Some(directory) = directories.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                directories.push(path);
+            } else if path.extension().is_some_and(|extension| extension == "parquet") {
+                on_disk.insert(path);
+            }
+        }
+    }
+    Ok(LakeFiles { on_disk, referenced, known })
 }
 
 #[cfg(test)]

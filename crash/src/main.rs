@@ -78,7 +78,29 @@ struct Args {
     /// Seconds a restart may take until `/readyz` answers 200.
     #[arg(long, default_value_t = 120)]
     recovery_timeout: u64,
+    /// What the server writes: a DuckDB file, or a DuckLake (with `--extension-directory`; a local catalog
+    /// file unless `--catalog` names another).
+    #[arg(long, value_enum, default_value_t = Storage::Duckdb)]
+    storage: Storage,
+    /// The DuckDB extension files a lake needs (`bash scripts/duckdb-extensions` prints the directory).
+    #[arg(long, env = "ARROWPORT_TEST_EXTENSIONS")]
+    extension_directory: Option<PathBuf>,
+    /// The lake's catalog, e.g. `postgres:host=... dbname=...` [default: a catalog file in the run's directory].
+    #[arg(long)]
+    catalog: Option<String>,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Storage {
+    Duckdb,
+    Ducklake,
+}
+
+/// A lake's maintenance (elected, then flush, merge, expire, clean up, delete orphans) runs this often in
+/// the test, and keeps snapshots and unreferenced files this long: longer than any transaction of the
+/// test's load, whose files maintenance must not take for orphans.
+const LAKE_MAINTENANCE_SECONDS: u64 = 2;
+const LAKE_RETENTION_SECONDS: u64 = 5;
 
 fn parse_range(text: &str) -> Result<(f64, f64), String> {
     let number = |s: &str| s.trim().parse::<f64>().map_err(|e| format!("{s:?}: {e}"));
@@ -159,17 +181,26 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             (temporary.path().to_owned(), Some(temporary))
         }
     };
-    let spec = Spec { binary, config: dir.join("config.yaml"), db: dir.join("crash.duckdb") };
+    let lake = match args.storage {
+        Storage::Duckdb => None,
+        Storage::Ducklake => Some(server::Lake {
+            catalog: args.catalog.clone().unwrap_or_else(|| dir.join("crash.ducklake").to_string_lossy().into_owned()),
+            data_path: dir.join("lake-data"),
+            extensions: args.extension_directory.clone().context("a lake needs --extension-directory")?,
+        }),
+    };
+    let db = dir.join(if lake.is_some() { "crash.ducklake" } else { "crash.duckdb" });
+    let spec = Spec { binary, config: dir.join("config.yaml"), db, lake };
     anyhow::ensure!(
         !spec.db.exists(),
         "{} exists already: the crash test starts from an empty database",
         spec.db.display()
     );
-    std::fs::write(&spec.config, config_yaml(&args))?;
+    std::fs::write(&spec.config, config_yaml(&args, spec.lake.as_ref()))?;
     say!(
         args.json,
         "arrowport-crash: seed {seed}; {} kills, {}..{} s of ingest before each; {} producers ({} HTTP, {} Flight); \
-         requests of {} rows, {:.0}% of {}..{} rows; database {}",
+         requests of {} rows, {:.0}% of {}..{} rows; {} {}",
         args.kills,
         args.seconds_between.0,
         args.seconds_between.1,
@@ -180,7 +211,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         args.large_share * 100.0,
         args.large_rows.0,
         args.large_rows.1,
-        spec.db.display()
+        if spec.lake.is_some() { "DuckLake, catalog" } else { "database" },
+        spec.lake.as_ref().map_or_else(|| spec.db.display().to_string(), |lake| lake.catalog.clone())
     );
 
     let outcome = crash_test(&args, seed, &spec).await;
@@ -207,13 +239,26 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     Ok(passed)
 }
 
-fn config_yaml(args: &Args) -> String {
+fn config_yaml(args: &Args, lake: Option<&server::Lake>) -> String {
     let mut yaml = String::from(
         "# Written by arrowport-crash. Flight DoPut calls commit (and acknowledge) every 5,000 rows and every second.\n\
          streams:\n  crash:\n    flush: {rows: 5000, interval_seconds: 1}\n",
     );
-    if let Some(threshold) = &args.checkpoint_threshold {
-        yaml.push_str(&format!("duckdb:\n  checkpoint_threshold: {threshold}\n"));
+    if let Some(lake) = lake {
+        let quoted = |text: &str| serde_json::to_string(text).expect("a string");
+        yaml.push_str(&format!(
+            "storage:\n  kind: ducklake\n  catalog: {}\n  data_path: {}\n  maintenance_interval_seconds: \
+             {LAKE_MAINTENANCE_SECONDS}\n  snapshot_retention_seconds: {LAKE_RETENTION_SECONDS}\n",
+            quoted(&lake.catalog),
+            quoted(&lake.data_path.to_string_lossy())
+        ));
+    }
+    let extensions = lake.map(|lake| format!("  extension_directory: {}\n", lake.extensions.display()));
+    let threshold =
+        args.checkpoint_threshold.as_ref().map(|threshold| format!("  checkpoint_threshold: {threshold}\n"));
+    if extensions.is_some() || threshold.is_some() {
+        yaml.push_str("duckdb:\n");
+        yaml.extend(extensions.into_iter().chain(threshold));
     }
     yaml
 }
@@ -230,6 +275,9 @@ struct Report {
     final_seen: Option<Seen>,
     final_check: Duration,
     final_db_bytes: u64,
+    /// A lake's Parquet files after a last run without load, once its maintenance has cleaned up what the
+    /// kills left: unreferenced on disk, and referenced but missing (both must be none).
+    lake_files: Option<Result<LakeUpkeep, String>>,
     elapsed: Duration,
 }
 
@@ -336,8 +384,7 @@ async fn crash_test(args: &Args, seed: u64, spec: &Spec) -> anyhow::Result<Repor
             Err(error) => {
                 let tail = log.lock().expect("log lock").tail();
                 // Does DuckDB itself open the file the server could not?
-                let db = spec.db.clone();
-                let direct = match tokio::task::spawn_blocking(move || check::from_file(&db)).await? {
+                let direct = match tokio::task::block_in_place(|| check::from_file(spec)) {
                     Ok(table) => format!("duckdb-rs opens it ({} requests in the table)", table.len()),
                     Err(error) => format!("duckdb-rs cannot open it either: {error:#}"),
                 };
@@ -359,9 +406,8 @@ async fn crash_test(args: &Args, seed: u64, spec: &Spec) -> anyhow::Result<Repor
         graceful_stop = Some((status.success(), stopping.elapsed()));
         shared.phase.send_modify(|phase| phase.url = None);
         wait_idle(&shared).await?;
-        let db = spec.db.clone();
         let checking = Instant::now();
-        let table = tokio::task::spawn_blocking(move || check::from_file(&db)).await?.context("final check")?;
+        let table = tokio::task::block_in_place(|| check::from_file(spec)).context("final check")?;
         final_check = checking.elapsed();
         let ledger = shared.ledger.lock().expect("ledger lock");
         final_seen =
@@ -371,6 +417,10 @@ async fn crash_test(args: &Args, seed: u64, spec: &Spec) -> anyhow::Result<Repor
     for producer in producers {
         producer.await?;
     }
+    let lake_files = match (&spec.lake, &final_seen) {
+        (Some(_), Some(_)) => Some(quiet_maintenance(spec, &log, recovery_timeout).await.map_err(|e| format!("{e:#}"))),
+        _ => None,
+    };
     let ledger = std::mem::take(&mut *shared.ledger.lock().expect("ledger lock"));
     let problems = std::mem::take(&mut *shared.problems.lock().expect("problems lock"));
     let notable_log = std::mem::take(&mut log.lock().expect("log lock").notable);
@@ -385,7 +435,57 @@ async fn crash_test(args: &Args, seed: u64, spec: &Spec) -> anyhow::Result<Repor
         final_seen,
         final_check,
         final_db_bytes: file_size(&spec.db),
+        lake_files,
         elapsed: started.elapsed(),
+    })
+}
+
+/// A lake's Parquet files before and after its maintenance cleaned up after the kills.
+struct LakeUpkeep {
+    /// Unreferenced files when the load ended (left by killed inserts, or only old snapshots need them).
+    unreferenced_before: usize,
+    on_disk: usize,
+    unreferenced: Vec<String>,
+    missing: Vec<String>,
+}
+
+/// A lake's last run: the server started again without load until its maintenance (every
+/// [`LAKE_MAINTENANCE_SECONDS`], once the turn a killed server held has run out: up to a minute) has run
+/// for two retention periods, so that it expires the snapshots the kills left and deletes the files
+/// nothing references; then a graceful stop and the files counted.
+async fn quiet_maintenance(
+    spec: &Spec,
+    log: &Arc<Mutex<Log>>,
+    recovery_timeout: Duration,
+) -> anyhow::Result<LakeUpkeep> {
+    let before = tokio::task::block_in_place(|| check::lake_files(spec))?;
+    let (server, _) = Server::start(spec, log, recovery_timeout).await.context("the quiet run")?;
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    let mut first_turn = None;
+    let enough = Duration::from_secs(2 * LAKE_RETENTION_SECONDS + LAKE_MAINTENANCE_SECONDS);
+    while first_turn.is_none_or(|at: Instant| at.elapsed() < enough) {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(180), "no maintenance ran in 180 s without load");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let metrics = client.get(format!("{}/metrics", server.url())).send().await?.text().await?;
+        let maintained = metrics.lines().any(|line| {
+            line.strip_prefix("arrowport_checkpoints_total{outcome=\"ok\"} ")
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .is_some_and(|runs| runs > 0.0)
+        });
+        if maintained && first_turn.is_none() {
+            first_turn = Some(Instant::now());
+        }
+    }
+    let status = server.terminate(Duration::from_secs(60)).await?;
+    anyhow::ensure!(status.success(), "the quiet run exited with {status}");
+    let files = tokio::task::block_in_place(|| check::lake_files(spec))?;
+    let names = |paths: Vec<&PathBuf>| paths.into_iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    Ok(LakeUpkeep {
+        unreferenced_before: before.unreferenced().len(),
+        on_disk: files.on_disk.len(),
+        unreferenced: names(files.unreferenced()),
+        missing: names(files.missing()),
     })
 }
 
@@ -436,6 +536,9 @@ impl Report {
             && self.problems.is_empty()
             && self.graceful_stop.is_some_and(|(clean, _)| clean)
             && self.final_seen.is_some()
+            && self.lake_files.as_ref().is_none_or(|files| {
+                files.as_ref().is_ok_and(|upkeep| upkeep.unreferenced.is_empty() && upkeep.missing.is_empty())
+            })
     }
 
     fn recovery(&self) -> Option<(f64, f64, f64)> {
@@ -516,6 +619,15 @@ impl Report {
             "final_table": self.final_seen.map(|s| json!({ "requests": s.requests, "rows": s.rows, "check_seconds": self.final_check.as_secs_f64() })),
             "recovery_fit": self.recovery_fit().map(|(base, per_mib)| json!({ "seconds": base, "seconds_per_wal_mib": per_mib })),
             "final_db_bytes": self.final_db_bytes,
+            "lake_files": self.lake_files.as_ref().map(|files| match files {
+                Ok(upkeep) => json!({
+                    "unreferenced_when_the_load_ended": upkeep.unreferenced_before,
+                    "on_disk": upkeep.on_disk,
+                    "unreferenced": upkeep.unreferenced,
+                    "missing": upkeep.missing,
+                }),
+                Err(error) => json!({ "error": error }),
+            }),
             "server_warnings_and_errors": self.notable_log.len(),
             "seconds": self.elapsed.as_secs_f64(),
         })
@@ -595,6 +707,26 @@ impl Report {
                 mib(self.final_db_bytes),
                 self.final_check.as_secs_f64()
             );
+        }
+        match &self.lake_files {
+            Some(Ok(upkeep)) => say!(
+                json,
+                "lake files after upkeep   {} Parquet files, {} unreferenced ({} when the load ended), {} missing",
+                upkeep.on_disk,
+                upkeep.unreferenced.len(),
+                upkeep.unreferenced_before,
+                upkeep.missing.len()
+            ),
+            Some(Err(error)) => say!(json, "FAIL: the lake's quiet run: {error}"),
+            None => {}
+        }
+        if let Some(Ok(upkeep)) = &self.lake_files {
+            for file in upkeep.unreferenced.iter().take(5) {
+                say!(json, "FAIL: unreferenced after maintenance: {file}");
+            }
+            for file in upkeep.missing.iter().take(5) {
+                say!(json, "FAIL: referenced by the lake but missing: {file}");
+            }
         }
         say!(json, "server warnings/errors    {}", self.notable_log.len());
         say!(json, "took                      {:.1} s", self.elapsed.as_secs_f64());

@@ -13,11 +13,20 @@ use anyhow::{Context, bail};
 /// Lines of the server's log kept for a failure report.
 const TAIL: usize = 40;
 
-/// How to start the server: the binary, its config file, the database file.
+/// How to start the server: the binary, its config file, the database file (for a lake with a local
+/// catalog: the catalog file, a DuckDB database too).
 pub struct Spec {
     pub binary: PathBuf,
     pub config: PathBuf,
     pub db: PathBuf,
+    pub lake: Option<Lake>,
+}
+
+/// A DuckLake: its catalog (`db`'s path, or `postgres:...`), data directory and the extension files.
+pub struct Lake {
+    pub catalog: String,
+    pub data_path: PathBuf,
+    pub extensions: PathBuf,
 }
 
 impl Spec {
@@ -52,11 +61,12 @@ impl Server {
     /// the process to that answer: opening the database, replaying its write-ahead log, listening.
     pub async fn start(spec: &Spec, log: &Arc<Mutex<Log>>, timeout: Duration) -> anyhow::Result<(Self, Duration)> {
         let spawned = Instant::now();
-        let mut child = Command::new(&spec.binary)
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--config"])
-            .arg(&spec.config)
-            .arg("--db")
-            .arg(&spec.db)
+        let mut command = Command::new(&spec.binary);
+        command.args(["serve", "--host", "127.0.0.1", "--port", "0", "--config"]).arg(&spec.config);
+        if spec.lake.is_none() {
+            command.arg("--db").arg(&spec.db);
+        }
+        let mut child = command
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -122,11 +122,20 @@ impl App {
         tasks
     }
 
-    /// The last step of a shutdown, once no request is open: a final checkpoint.
+    /// The last step of a shutdown, once no request is open: a final checkpoint, then what others wait for
+    /// is handed over (a lake's maintenance turn).
     pub async fn finish(&self) {
         match self.checkpoint().await {
             Ok(_) => tracing::info!("Checkpointed the database."),
             Err(error) => tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start."),
+        }
+        let database = self.database.clone();
+        match tokio::task::spawn_blocking(move || database.hand_over()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Could not hand over the lake's maintenance turn; it passes on when its lease runs out.")
+            }
+            Err(join) => tracing::warn!(%join, "Handing over the lake's maintenance turn failed."),
         }
     }
 }

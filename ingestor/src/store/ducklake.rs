@@ -213,6 +213,22 @@ impl Storage for DuckLake {
         Ok(Checkpoint::Done)
     }
 
+    /// Ends this ingester's lease on the maintenance turn, so that the next one (often this pod, restarted)
+    /// takes it at once instead of after the lease time. After a kill, the lease runs out by itself.
+    fn hand_over(&self, admin: &Connection) -> Result<(), IngestError> {
+        let table = format!("{LAKE}.arrowport.maintenance");
+        let exists: bool = admin.query_row(
+            "SELECT count(*) > 0 FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'arrowport' \
+             AND table_name = 'maintenance'",
+            [LAKE],
+            |row| row.get(0),
+        )?;
+        if exists {
+            admin.execute(&format!("UPDATE {table} SET until_ms = 0 WHERE holder = ?"), [&self.holder])?;
+        }
+        Ok(())
+    }
+
     fn sizes(&self) -> StorageSizes {
         let catalog = if self.is_postgres() { 0 } else { std::fs::metadata(&self.catalog).map_or(0, |m| m.len()) };
         StorageSizes {

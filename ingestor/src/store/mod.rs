@@ -166,6 +166,13 @@ impl Database {
         self.storage.checkpoint(&admin)
     }
 
+    /// See [`Storage::hand_over`].
+    pub fn hand_over(&self) -> Result<(), IngestError> {
+        let instance = self.instance()?;
+        let admin = instance.admin.lock().expect("admin connection lock poisoned");
+        self.storage.hand_over(&admin)
+    }
+
     /// What the storage takes on disk, and the room its volume has left.
     pub fn sizes(&self) -> StorageSizes {
         self.storage.sizes()

@@ -76,6 +76,12 @@ pub trait Storage: Send + Sync + 'static {
     /// progress; it is tried again later.
     fn checkpoint(&self, admin: &Connection) -> Result<Checkpoint, IngestError>;
 
+    /// After the last checkpoint of a shutdown: gives up whatever this process holds that others wait
+    /// for (a lake's maintenance turn).
+    fn hand_over(&self, _admin: &Connection) -> Result<(), IngestError> {
+        Ok(())
+    }
+
     /// What the storage takes on disk now, and the room left on its volume.
     fn sizes(&self) -> StorageSizes;
 

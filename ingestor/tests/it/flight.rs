@@ -324,7 +324,7 @@ async fn an_exhausted_memory_budget_is_resource_exhausted() {
 #[tokio::test]
 async fn a_batch_larger_than_the_whole_budget_is_invalid_argument() {
     let mut config = Config::default();
-    config.limits.memory_budget_bytes = Some(arrowport_config::ByteSize(1024));
+    config.limits.memory_budget_bytes = Some(arrowport_config::ByteSize(16 * 1024));
     let server = TestServer::with_config(config).await;
     let status = put(&server, put_messages("events", &[batch(0, 1000)])).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");

@@ -85,9 +85,10 @@ pub fn idempotency_key(metadata: &MetadataMap) -> Option<String> {
 /// The IPC messages of a call's `FlightData`, their bytes counted on `wire`.
 ///
 /// tonic reads each message whole into a receive buffer of the call's own, which it keeps and reuses for
-/// the next: the call holds room in `budget` for the largest message so far, until it ends. (The room is
-/// taken once the message is there, since tonic reads it before the service sees its length; a call
-/// that cannot get it fails, as one whose batch does not fit.)
+/// the next, and grows by doubling: the call holds room in `budget` for twice the largest message so far,
+/// until it ends (measured: a 17 MiB message left a 36 MiB buffer). The room is taken once the message is
+/// there, since tonic reads it before the service sees its length; a call that cannot get it fails, as
+/// one whose batch does not fit.
 pub fn messages<S>(
     data: S,
     wire: WireCounter,
@@ -105,8 +106,9 @@ where
         let data = data.map_err(|status| receive_error(&status, max_message))?;
         let bytes = (data.data_header.len() + data.data_body.len() + data.app_metadata.len()) as u64;
         wire.add(bytes);
-        if bytes > receive_buffer.as_ref().map_or(0, Reservation::bytes) {
-            budget.resize(&mut receive_buffer, bytes).await?;
+        let buffer = 2 * bytes;
+        if buffer > receive_buffer.as_ref().map_or(0, Reservation::bytes) {
+            budget.resize(&mut receive_buffer, buffer).await?;
         }
         let incoming = Incoming { message: raw_message(&data), request_id: request_id(&data.app_metadata), room: None };
         Ok(Some((incoming, (stream, wire, budget, receive_buffer))))

@@ -1,11 +1,16 @@
 //! A request body as a stream of decompressed bytes, counting and limiting what came over the wire.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_compression::tokio::bufread::{GzipDecoder, Lz4Decoder, ZstdDecoder};
-use axum::body::Body;
+use axum::body::BodyDataStream;
 use bytes::Bytes;
+use futures::Stream;
 use futures::stream::{BoxStream, StreamExt};
+use tokio::sync::oneshot;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::app::WireCounter;
@@ -53,12 +58,12 @@ impl std::error::Error for Carried {}
 /// The body's bytes after `encoding` is undone. `wire_bytes` counts what arrived; more than `limit`
 /// of it ends the stream with [`IngestError::BodyTooLarge`].
 pub fn decoded_bytes(
-    body: Body,
+    body: Returning<BodyDataStream>,
     encoding: ContentEncoding,
     limit: u64,
     wire_bytes: WireCounter,
 ) -> BoxStream<'static, Result<Bytes, IngestError>> {
-    let wire = body.into_data_stream().map(move |frame| {
+    let wire = body.map(move |frame| {
         let frame = frame.map_err(|e| carried(IngestError::BodyRead(e.to_string())))?;
         let total = wire_bytes.add(frame.len() as u64);
         if total > limit {
@@ -87,6 +92,60 @@ pub fn decoded_bytes(
         _ => ReaderStream::with_capacity(Lz4Decoder::new(reader), DECOMPRESSED_CHUNK).boxed(),
     };
     decoded.map(move |r| r.map_err(uncarry(name))).boxed()
+}
+
+/// A stream that hands itself back through `back` when it is dropped, so that what is left of a request
+/// body can still be read after the code reading it gave up (see [`linger`]).
+pub struct Returning<S> {
+    inner: Option<S>,
+    back: Option<oneshot::Sender<S>>,
+}
+
+/// `stream`, and where it comes back once dropped.
+pub fn returning<S>(stream: S) -> (Returning<S>, oneshot::Receiver<S>) {
+    let (back, returned) = oneshot::channel();
+    (Returning { inner: Some(stream), back: Some(back) }, returned)
+}
+
+impl<S: Stream + Unpin> Stream for Returning<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        match self.inner.as_mut() {
+            Some(inner) => inner.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl<S> Drop for Returning<S> {
+    fn drop(&mut self) {
+        if let (Some(inner), Some(back)) = (self.inner.take(), self.back.take()) {
+            let _ = back.send(inner);
+        }
+    }
+}
+
+/// How long, and how much of it, the rest of a refused request's body is read and dropped before the
+/// answer: an HTTP/1.1 client sends its whole body before it reads the answer, and a connection closed
+/// under it shows as a broken pipe instead of the error (and its `Retry-After`).
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_BYTES: u64 = 1 << 30;
+
+/// Reads what is left of a body (come back through [`returning`]) and drops it, within [`LINGER`] and
+/// [`LINGER_BYTES`].
+pub async fn linger(returned: oneshot::Receiver<BodyDataStream>) {
+    let Ok(mut rest) = returned.await else { return };
+    let mut read = 0u64;
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(frame)) = rest.next().await {
+            read += frame.len() as u64;
+            if read > LINGER_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn carried(error: IngestError) -> io::Error {

@@ -97,6 +97,7 @@ async fn ingest_body(
     let request = IngestRequest { key, ..IngestRequest::new(Protocol::Http, stream, Commits::AtEnd) };
     let ingest = app.start_ingest(request).await?;
     let wire = WireCounter::default();
+    let (body, returned) = body::returning(body.into_data_stream());
     let messages = (|| {
         let format = IpcFormat::from_content_type(header_text(headers, header::CONTENT_TYPE))?;
         let encoding = ContentEncoding::from_header(header_text(headers, header::CONTENT_ENCODING))?;
@@ -109,10 +110,17 @@ async fn ingest_body(
         let decoder = IpcDecoder::new(format, app.limits().max_message_bytes.0).pausing_before_bodies();
         Ok(messages(bytes, decoder, app.budget().clone()))
     })();
-    match messages {
+    let answer = match messages {
         Ok(messages) => ingest.run(messages, &wire, None).await,
         Err(error) => Err(ingest.refuse(error)),
+    };
+    // A client that stalled, or a server shutting down, has nothing to wait for.
+    if let Err(error) = &answer
+        && !matches!(error, IngestError::IdleTimeout { .. } | IngestError::ShuttingDown)
+    {
+        body::linger(returned).await;
     }
+    answer
 }
 
 /// The IPC messages of a body's bytes; an error ends them. A body that arrives in pieces is buffered only
