@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # Arrowport image: both binaries, /usr/local/bin/arrowport (the ingester) and
-# /usr/local/bin/arrowport-operator, on a distroless glibc base, running as uid 65532. The ingester links
+# /usr/local/bin/arrowport-operator, stripped, on glibc and libstdc++ from Debian's packages (no shell),
+# running as uid 65532. The ingester links
 # DuckDB's official prebuilt shared library, /usr/local/lib/libduckdb.so (its licence in
 # /usr/local/share/doc/duckdb/LICENSE), and a DuckLake loads DuckDB's signed ducklake, icu and
 # postgres_scanner extensions from /usr/local/lib/arrowport/extensions (duckdb.extension_directory).
@@ -16,7 +17,8 @@
 #
 # (outside Docker the same is `cargo build --release --features arrowport/bundled`).
 #
-# See helm/arrowport/README.md ("Image") for building for several platforms and pushing.
+# See helm/arrowport/README.md ("Image") for building for several platforms and pushing, and README.md
+# ("The image") for building the same image without Docker (scripts/build-image, which CI runs and boots).
 
 ARG RUST_VERSION=1.95
 ARG NODE_VERSION=20
@@ -57,41 +59,42 @@ FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 # Extra cargo features, e.g. arrowport/bundled for the static variant (see the top of this file).
 ARG CARGO_FEATURES=""
 COPY --from=duckdb /duckdb /duckdb
-ENV DUCKDB_LIB_DIR=/duckdb
+COPY --from=extensions /duckdb/extensions /duckdb/extensions
+# scripts/duckdb-lib and scripts/duckdb-extensions find their files in /duckdb and fetch nothing.
+ENV DUCKDB_LIB_DIR=/duckdb ARROWPORT_DUCKDB_DIR=/duckdb
 WORKDIR /src
 COPY . .
 # Cache mounts keep the crate downloads and the compiled dependencies between builds; the binaries are
-# copied out of the cached target dir because a cache mount is not part of the image. libduckdb.so goes
-# into the image only if the ingester links it (not with arrowport/bundled); DuckDB's licence always does.
+# copied out of the cached target dir because a cache mount is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} \
         -p arrowport -p arrowport-operator \
-    && mkdir -p /out/bin /out/lib /out/doc/duckdb /out/data \
-    && cp target/release/arrowport target/release/arrowport-operator /out/bin/ \
-    && cp /duckdb/LICENSE /out/doc/duckdb/LICENSE \
-    && readelf --dynamic /out/bin/arrowport > /tmp/arrowport.dynamic \
-    && if grep -q 'NEEDED.*\[libduckdb\.so\]' /tmp/arrowport.dynamic; then cp /duckdb/libduckdb.so /out/lib/; fi
+    && mkdir -p /out \
+    && cp target/release/arrowport target/release/arrowport-operator /out/
+# The image's two layers, as directories: /image/base (the Debian packages of image/packages, unpacked:
+# glibc, libstdc++, CA certificates, tzdata) and /image/app (the files of image/files: the binaries,
+# stripped, libduckdb.so unless DuckDB is compiled in, its licence, the extensions, the non-root user).
+# .ci/image runs the same script to assemble the same image without Docker, and checks (with
+# image/imagecheck.py) that this file's last stage copies exactly these two directories.
+RUN bash scripts/build-image --bin-dir /out --rootfs /image
 
 # ---- run --------------------------------------------------------------------------------------------
-# distroless/cc: glibc, libstdc++ (DuckDB needs both), CA certificates and tzdata; no shell, no package
-# manager. The :nonroot tag's default user is uid/gid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# No shell, no package manager: glibc, libstdc++ (DuckDB needs both), CA certificates and tzdata from
+# Debian, the files above, user 65532 (nonroot). Ownership comes with the copied files (the database
+# directory is 65532's). scripts/build-image gives the assembled image this stage's configuration, so
+# every instruction here must be one image/imagecheck.py understands.
+FROM scratch
+COPY --from=build /image/base/ /
+COPY --from=build /image/app/ /
 LABEL org.opencontainers.image.title="arrowport" \
       org.opencontainers.image.description="Arrowport: Arrow IPC and Arrow Flight ingest into DuckDB, and its Kubernetes operator" \
       org.opencontainers.image.source="https://github.com/arrowport/arrowport" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/bin/ /usr/local/bin/
-# libduckdb.so where the binaries' $ORIGIN/../lib rpath looks (empty for the static variant).
-COPY --from=build /out/lib/ /usr/local/lib/
-COPY --from=build /out/doc/duckdb/ /usr/local/share/doc/duckdb/
-# The extensions a DuckLake loads (the chart sets duckdb.extension_directory to this directory); read-only,
-# owned by root. Nothing is downloaded at run time.
-COPY --from=extensions /duckdb/extensions/*.duckdb_extension /usr/local/lib/arrowport/extensions/
+ENV PATH=/usr/local/bin:/usr/bin:/bin
+USER 65532:65532
 # The database directory (a volume in Kubernetes) and working directory, writable by the runtime user,
 # so that a plain `docker run IMAGE` writes ./arrowport.duckdb there.
-COPY --from=build --chown=65532:65532 /out/data /var/lib/arrowport
-USER 65532:65532
 WORKDIR /var/lib/arrowport
 EXPOSE 8888
 ENTRYPOINT ["/usr/local/bin/arrowport"]
