@@ -46,11 +46,15 @@ pub enum ErrorCode {
     DatabaseError,
     /// A handler panicked: a bug, logged by the server.
     Internal,
+    /// No valid token (or client certificate) where access control is on.
+    Unauthenticated,
+    /// A valid token without the grant the request needs (a stream it may not write, or a query).
+    PermissionDenied,
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [Self; 27] = [
+    pub const ALL: [Self; 29] = [
         Self::InvalidStreamName,
         Self::UnknownStream,
         Self::UnsupportedMediaType,
@@ -78,6 +82,8 @@ impl ErrorCode {
         Self::InsufficientStorage,
         Self::DatabaseError,
         Self::Internal,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
     ];
 
     /// The code as it goes on the wire.
@@ -110,6 +116,8 @@ impl ErrorCode {
             Self::InsufficientStorage => "insufficient_storage",
             Self::DatabaseError => "database_error",
             Self::Internal => "internal",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
         }
     }
 
@@ -153,6 +161,8 @@ impl ErrorCode {
             Self::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, Code::ResourceExhausted),
             Self::DatabaseError => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+            Self::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            Self::PermissionDenied => (StatusCode::FORBIDDEN, Code::PermissionDenied),
         }
     }
 }
@@ -224,6 +234,8 @@ mod tests {
         assert_eq!(statuses(ErrorCode::Internal), (500, Code::Internal));
         assert_eq!(statuses(ErrorCode::InsufficientStorage), (507, Code::ResourceExhausted));
         assert_eq!(ErrorCode::InsufficientStorage.as_str(), "insufficient_storage");
+        assert_eq!(statuses(ErrorCode::Unauthenticated), (401, Code::Unauthenticated));
+        assert_eq!(statuses(ErrorCode::PermissionDenied), (403, Code::PermissionDenied));
     }
 
     #[test]

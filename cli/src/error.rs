@@ -43,6 +43,9 @@ pub enum Error {
     Invalid { file: String, count: usize },
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// A token must be one line of printable ASCII (it travels in a header).
+    #[error("{origin}: a token is one non-empty line of printable ASCII characters")]
+    Token { origin: String },
     #[error("cannot start the async runtime: {0}")]
     Runtime(String),
 }

@@ -11,16 +11,24 @@ use arrow_flight::error::FlightError;
 use arrow_flight::{FlightClient, FlightDescriptor};
 use arrowport_api::{Ack, ERROR_CODE_METADATA};
 use futures::{Stream, StreamExt, TryStreamExt};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::progress::Progress;
+use super::tls::{self, Tls};
 use super::{Error, root_cause};
+
+/// The server a `DoPut` goes to, and how: the token it sends, the TLS settings for `https://`.
+pub struct Target<'a> {
+    pub server: &'a str,
+    pub token: Option<&'a str>,
+    pub tls: &'a Tls,
+}
 
 /// Sends `batches` to `stream` in one `DoPut` and returns the rows the server committed (the last
 /// ack's `rows_total`). The server commits at the stream's flush thresholds and once the stream ends;
 /// dropping the future before cancels the call, which rolls back what is not yet committed.
 pub async fn put<S>(
-    server: &str,
+    target: Target<'_>,
     stream: &str,
     schema: SchemaRef,
     options: IpcWriteOptions,
@@ -30,8 +38,20 @@ pub async fn put<S>(
 where
     S: Stream<Item = RecordBatch> + Send + 'static,
 {
-    let channel = Channel::from_shared(server.to_owned())
-        .map_err(|error| Error::ServerUrl { url: server.to_owned(), message: error.to_string() })?
+    let Target { server, token, tls } = target;
+    let mut endpoint = Channel::from_shared(server.to_owned())
+        .map_err(|error| Error::ServerUrl { url: server.to_owned(), message: error.to_string() })?;
+    if server.starts_with("https://") {
+        let mut config = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &tls.ca {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).map_err(|error| tls::invalid("TLS settings", root_cause(&error)))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|error| Error::Unreachable { url: server.to_owned(), message: root_cause(&error) })?;
@@ -42,6 +62,11 @@ where
         .build(batches.map(Ok))
         .inspect_ok(move |data| progress.sent(data.data_header.len() + data.data_body.len()));
     let mut client = FlightClient::new(channel);
+    if let Some(token) = token {
+        client
+            .add_header("authorization", &format!("Bearer {token}"))
+            .map_err(|error| Error::Protocol { url: server.to_owned(), message: error.to_string() })?;
+    }
     let mut acks = client.do_put(data).await.map_err(|error| refused(server, error))?;
     let mut rows_total = 0;
     while let Some(result) = acks.next().await {

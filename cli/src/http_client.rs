@@ -13,6 +13,7 @@ use reqwest::{Url, header};
 use serde::de::DeserializeOwned;
 
 use super::progress::Progress;
+use super::tls::{self, Tls};
 use super::{Error, root_cause};
 
 /// A server, by its base URL.
@@ -21,17 +22,40 @@ pub struct HttpServer {
     given: String,
     base: Url,
     client: reqwest::Client,
+    /// `Bearer TOKEN`, sent with every request.
+    authorization: Option<String>,
 }
 
 impl HttpServer {
-    pub fn new(url: &str) -> Result<Self, Error> {
+    /// A server at `url` (`http://` or `https://`, verified with `tls`), sent `token` (if any) as
+    /// `Authorization: Bearer`.
+    pub fn new(url: &str, token: Option<&str>, tls: &Tls) -> Result<Self, Error> {
         let invalid = |message: String| Error::ServerUrl { url: url.to_owned(), message };
         let base = Url::parse(url).map_err(|error| invalid(error.to_string()))?;
-        // Plain HTTP only: the server has no TLS either (put a proxy in front for that).
-        if base.scheme() != "http" || base.cannot_be_a_base() {
-            return Err(invalid("use http://HOST:PORT".to_owned()));
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(invalid("use http://HOST:PORT or https://HOST:PORT".to_owned()));
         }
-        Ok(Self { given: url.to_owned(), base, client: reqwest::Client::new() })
+        let mut client = reqwest::Client::builder();
+        if let Some(ca) = &tls.ca {
+            for certificate in reqwest::Certificate::from_pem_bundle(ca).map_err(|e| tls::invalid("--ca-file", e))? {
+                client = client.add_root_certificate(certificate);
+            }
+        }
+        if let Some((cert, key)) = &tls.identity {
+            let pem = [cert.as_slice(), b"\n", key.as_slice()].concat();
+            client = client.identity(reqwest::Identity::from_pem(&pem).map_err(|e| tls::invalid("--client-cert", e))?);
+        }
+        let client = client.build().map_err(|error| invalid(root_cause(&error)))?;
+        let authorization = token.map(|token| format!("Bearer {token}"));
+        Ok(Self { given: url.to_owned(), base, client, authorization })
+    }
+
+    fn request(&self, method: reqwest::Method, url: Url) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, url);
+        match &self.authorization {
+            Some(value) => request.header(header::AUTHORIZATION, value),
+            None => request,
+        }
     }
 
     /// `base` + `segments`, each percent-encoded (a stream name never escapes its path segment).
@@ -44,7 +68,8 @@ impl HttpServer {
     /// `GET /streams`, as `T` (the JSON itself, or the report's types).
     pub async fn streams<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let url = self.url(&["streams"]);
-        let response = self.client.get(url.clone()).send().await.map_err(|error| self.failed(&url, &error))?;
+        let response =
+            self.request(reqwest::Method::GET, url.clone()).send().await.map_err(|error| self.failed(&url, &error))?;
         answer(&url, response).await
     }
 
@@ -66,8 +91,7 @@ impl HttpServer {
         let body = ipc_body(writer, batches).inspect_ok(move |bytes| progress.sent(bytes.len()));
         let url = self.url(&["ingest", stream]);
         let response = self
-            .client
-            .post(url.clone())
+            .request(reqwest::Method::POST, url.clone())
             .header(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")
             .body(reqwest::Body::wrap_stream(body))
             .send()

@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::http_client::HttpServer;
 use super::progress::{Progress, Totals};
 use super::sources::{self, DEFAULT_BATCH_ROWS, Source};
+use super::tls::TlsArgs;
+use super::token::TokenArgs;
 use super::{CompressionArg, DEFAULT_SERVER, Error, flight_client};
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +49,10 @@ pub struct IngestArgs {
     /// JSON and Parquet are read 65536 rows at a time].
     #[arg(long, value_name = "N")]
     pub batch_rows: Option<NonZeroUsize>,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Reads, sends, and prints a one-line summary on stdout.
@@ -73,7 +79,9 @@ async fn send(
     schema: SchemaRef,
     batch_rows: Option<usize>,
 ) -> Result<Summary, Error> {
-    let http = HttpServer::new(&args.server)?;
+    let token = args.token.token()?;
+    let tls = args.tls.load()?;
+    let http = HttpServer::new(&args.server, token.as_deref(), &tls)?;
     let algorithm = match args.compression {
         Some(algorithm) => algorithm.into(),
         None => advertised_compression(&http, &args.stream).await?,
@@ -83,7 +91,8 @@ async fn send(
     let (batches, failed) = read_batches(sources, schema.clone(), batch_rows, progress.clone());
     let upload = async {
         if args.flight {
-            flight_client::put(&args.server, &args.stream, schema, options, batches, progress.clone()).await
+            let target = flight_client::Target { server: &args.server, token: token.as_deref(), tls: &tls };
+            flight_client::put(target, &args.stream, schema, options, batches, progress.clone()).await
         } else {
             let report = http.ingest(&args.stream, schema, options, batches, progress.clone()).await;
             report.map(|report| report.rows)
@@ -105,10 +114,14 @@ async fn send(
 
 /// The compression the server advertises for `stream`, or its default for streams it does not list.
 async fn advertised_compression(http: &HttpServer, stream: &str) -> Result<CompressionAlgorithm, Error> {
-    let report: StreamsReport = http.streams().await.map_err(|error| match error {
-        Error::Unreachable { .. } => error,
-        other => Error::CompressionUnknown(other.to_string()),
-    })?;
+    let report: StreamsReport = match http.streams().await {
+        Ok(report) => report,
+        // A token that may write but not read (`GET /streams` needs the query grant): the server takes
+        // any compression, so send with the default.
+        Err(Error::Refused { status: 403, .. }) => return Ok(Compression::default().algorithm),
+        Err(error @ (Error::Unreachable { .. } | Error::Refused { status: 401, .. })) => return Err(error),
+        Err(other) => return Err(Error::CompressionUnknown(other.to_string())),
+    };
     let entry = report.streams.iter().find(|entry| entry.stream == stream);
     Ok(entry.map_or(report.compression, |entry| entry.compression).algorithm)
 }

@@ -1,5 +1,6 @@
 //! The client commands of the `arrowport` binary: `ingest` sends files to a running server, `streams`
-//! lists what a server (or a config file) routes, `validate` checks config files offline.
+//! lists what a server (or a config file) routes, `validate` checks config files offline, `token hash`
+//! prints what a tokens file stores for a token.
 //!
 //! Each command is a `run` function taking its clap arguments; the binary's `main.rs` only dispatches and
 //! prints the error. Output goes to stdout, progress and problems to stderr, colours only where stderr or
@@ -16,6 +17,8 @@ pub mod ingest;
 mod progress;
 mod sources;
 pub mod streams;
+pub mod tls;
+pub mod token;
 pub mod validate;
 
 use arrowport_config::CompressionAlgorithm;

@@ -10,6 +10,8 @@ use indicatif::HumanBytes;
 use serde::Serialize;
 
 use super::http_client::HttpServer;
+use super::tls::{Tls, TlsArgs};
+use super::token::TokenArgs;
 use super::{DEFAULT_SERVER, Error, Output};
 
 #[derive(Debug, clap::Args)]
@@ -24,17 +26,21 @@ pub struct StreamsArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub fn run(args: StreamsArgs) -> Result<(), Error> {
     match &args.config {
         Some(path) => print_config(path, args.output),
-        None => print_server(&args.server, args.output),
+        None => print_server(&args.server, args.token.token()?.as_deref(), &args.tls.load()?, args.output),
     }
 }
 
-fn print_server(server: &str, output: Output) -> Result<(), Error> {
-    let http = HttpServer::new(server)?;
+fn print_server(server: &str, token: Option<&str>, tls: &Tls, output: Output) -> Result<(), Error> {
+    let http = HttpServer::new(server, token, tls)?;
     // The JSON is printed as the server sent it, fields this client does not know included.
     let json: serde_json::Value = super::runtime()?.block_on(http.streams())?;
     if output == Output::Json {

@@ -9,6 +9,7 @@ mod error;
 mod ident;
 mod locate;
 pub mod settings;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use bytesize::ByteSize;
 pub use error::ConfigError;
 pub use ident::{is_valid_stream_name, is_valid_table_name};
+pub use tokens::{TokenEntry, TokensFile, token_sha256};
 
 use locate::KeyLines;
 
@@ -59,8 +61,36 @@ pub struct Config {
     pub duckdb: DuckDbSettings,
     /// How long retries with an idempotency key are recognised.
     pub idempotency: IdempotencySettings,
+    /// Access control: bearer tokens with per-stream write grants and a query grant. Off by default.
+    pub auth: AuthConfig,
+    /// TLS on the listening port(s), and mutual TLS with `client_ca`. Off by default.
+    pub tls: Option<TlsConfig>,
     /// Per-stream routing, keyed by stream name.
     pub streams: BTreeMap<String, StreamConfig>,
+}
+
+/// Access control. Without `tokens_file` every client may write and query (as before).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The tokens file (see [`TokensFile`]): each token's SHA-256, name and grants. Re-read when it
+    /// changes, like the streams file (in Kubernetes, a Secret mounted as a volume).
+    pub tokens_file: Option<PathBuf>,
+}
+
+/// TLS for every protocol on the port (HTTP/1.1, HTTP/2, gRPC; ALPN `h2` and `http/1.1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first. Re-read when it changes.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the certificate.
+    pub key: PathBuf,
+    /// PEM CA certificates that sign client certificates: set, every client must present one
+    /// (mutual TLS), and its subject common name can stand for a token name in the tokens file. Re-read
+    /// when it changes, like the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -78,6 +108,8 @@ impl Default for Config {
             limits: Limits::default(),
             duckdb: DuckDbSettings::default(),
             idempotency: IdempotencySettings::default(),
+            auth: AuthConfig::default(),
+            tls: None,
             streams: BTreeMap::new(),
         }
     }
@@ -260,6 +292,10 @@ pub struct StreamConfig {
     /// When a long Flight `DoPut` commits what it has received so far (each threshold on its own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush: Option<FlushPolicy>,
+    /// Names of tokens file entries (tokens, or client certificates' common names) allowed to write this
+    /// stream, besides those whose own `write` patterns match it. Only in force with `auth.tokens_file`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub writers: Vec<String>,
 }
 
 /// Commit thresholds for long-running Flight `DoPut` calls: whichever is reached first commits.
@@ -422,6 +458,18 @@ impl Config {
             issues.push(Issue::new(key(&["idempotency", "key_window_seconds"]), "must be at least 1"));
         }
         check_compression(&mut issues, key(&["compression"]), &self.compression);
+        if self.auth.tokens_file.as_ref().is_some_and(|path| path.as_os_str().is_empty()) {
+            issues.push(Issue::new(key(&["auth", "tokens_file"]), "must name a file"));
+        }
+        if let Some(tls) = &self.tls {
+            for (field, path) in
+                [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())]
+            {
+                if path.is_some_and(|path| path.as_os_str().is_empty()) {
+                    issues.push(Issue::new(key(&["tls", field]), "must name a PEM file"));
+                }
+            }
+        }
         check_streams(&mut issues, &self.streams);
         issues
     }
@@ -455,13 +503,13 @@ impl StreamsFile {
 
 /// A value that parsed but is not acceptable. The path is kept in segments because stream names may
 /// contain dots.
-struct Issue {
+pub(crate) struct Issue {
     path: Vec<String>,
     message: &'static str,
 }
 
 impl Issue {
-    fn new(path: Vec<String>, message: &'static str) -> Self {
+    pub(crate) fn new(path: Vec<String>, message: &'static str) -> Self {
         Self { path, message }
     }
 
@@ -471,7 +519,7 @@ impl Issue {
 }
 
 /// Gives each issue the line of its key in `text`.
-fn locate(text: &str, issues: Vec<Issue>) -> Result<(), Vec<ConfigError>> {
+pub(crate) fn locate(text: &str, issues: Vec<Issue>) -> Result<(), Vec<ConfigError>> {
     if issues.is_empty() {
         return Ok(());
     }
@@ -485,7 +533,7 @@ fn locate(text: &str, issues: Vec<Issue>) -> Result<(), Vec<ConfigError>> {
         .collect())
 }
 
-fn first(mut problems: Vec<ConfigError>) -> ConfigError {
+pub(crate) fn first(mut problems: Vec<ConfigError>) -> ConfigError {
     problems.swap_remove(0)
 }
 
@@ -512,6 +560,9 @@ fn check_streams(issues: &mut Vec<Issue>, streams: &BTreeMap<String, StreamConfi
         if let Some(compression) = &stream.compression {
             check_compression(issues, at(&["compression"]), compression);
         }
+        if stream.writers.iter().any(|writer| !tokens::is_valid_token_name(writer)) {
+            issues.push(Issue::new(at(&["writers"]), "each entry is a token name: 1-128 printable ASCII characters"));
+        }
         if let Some(flush) = &stream.flush {
             for (field, value) in
                 [("rows", flush.rows), ("bytes", flush.bytes.0), ("interval_seconds", flush.interval_seconds)]
@@ -536,7 +587,7 @@ fn check_compression(issues: &mut Vec<Issue>, mut path: Vec<String>, compression
     issues.push(Issue::new(path, message));
 }
 
-fn key(segments: &[&str]) -> Vec<String> {
+pub(crate) fn key(segments: &[&str]) -> Vec<String> {
     segments.iter().map(|segment| (*segment).to_owned()).collect()
 }
 

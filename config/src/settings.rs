@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     Compression, CompressionAlgorithm, Config, ConfigError, DEFAULT_CHUNK_SIZE, FlushPolicy, SchemaPolicy,
-    StreamConfig, StreamsFile, is_valid_stream_name,
+    StreamConfig, StreamsFile, TokensFile, is_valid_stream_name,
 };
 
 /// Values given on the command line or in the environment; each replaces the file's.
@@ -78,18 +78,33 @@ pub fn load_streams(path: &Path) -> Result<BTreeMap<String, StreamConfig>, Setti
     }
 }
 
-/// Every problem of the base or streams file at `path`, and of the streams file it names, each with
-/// its file; empty if both are fine. A streams file parses as a base file holding only `streams:`.
-/// The error is for a base file that cannot be read.
+/// The tokens file at `path`. Unlike a streams file it must exist: access control that cannot read
+/// its tokens refuses to start rather than run open.
+pub fn load_tokens(path: &Path) -> Result<TokensFile, SettingsError> {
+    TokensFile::from_yaml(&read(path)?).map_err(|error| invalid(path, error))
+}
+
+/// Every problem of the base or streams file at `path`, and of the streams and tokens files it names,
+/// each with its file; empty if all are fine. A streams file parses as a base file holding only
+/// `streams:`. The error is for a base file that cannot be read.
 pub fn problems(path: &Path) -> Result<Vec<SettingsError>, SettingsError> {
     let config = match Config::check_yaml(&read(path)?) {
         Ok(config) => config,
         Err(errors) => return Ok(errors.into_iter().map(|error| invalid(path, error)).collect()),
     };
+    let mut found = Vec::new();
+    if let Some(tokens_path) = &config.auth.tokens_file {
+        match read(tokens_path) {
+            Ok(text) => found.extend(
+                TokensFile::check_yaml(&text).err().unwrap_or_default().into_iter().map(|e| invalid(tokens_path, e)),
+            ),
+            Err(error) => found.push(error),
+        }
+    }
     let Some(streams_path) = config.streams_path else {
-        return Ok(Vec::new());
+        return Ok(found);
     };
-    Ok(match std::fs::read_to_string(&streams_path) {
+    found.extend(match std::fs::read_to_string(&streams_path) {
         Ok(text) => StreamsFile::check_yaml(&text)
             .err()
             .unwrap_or_default()
@@ -99,7 +114,8 @@ pub fn problems(path: &Path) -> Result<Vec<SettingsError>, SettingsError> {
         // As when loading: a streams file not written yet means no streams.
         Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(error) => vec![SettingsError::Read { path: streams_path, error }],
-    })
+    });
+    Ok(found)
 }
 
 /// Streams-file entries win over base-file entries of the same name.
@@ -243,6 +259,22 @@ mod tests {
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found.iter().all(|problem| problem.starts_with(&streams.display().to_string())), "{found:?}");
         assert!(matches!(problems(&dir.path().join("missing.yaml")), Err(SettingsError::Read { .. })));
+    }
+
+    #[test]
+    fn problems_cover_the_tokens_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, tokens) = (dir.path().join("config.yaml"), dir.path().join("tokens.yaml"));
+        std::fs::write(&base, format!("auth: {{tokens_file: {}}}\n", tokens.display())).unwrap();
+        let missing: Vec<String> = problems(&base).unwrap().iter().map(ToString::to_string).collect();
+        assert!(missing.len() == 1 && missing[0].starts_with("cannot read"), "{missing:?}");
+        std::fs::write(&tokens, "tokens:\n  a: {sha256: abc}\n").unwrap();
+        let found: Vec<String> = problems(&base).unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("tokens.a.sha256") && found[0].contains("(line 2)"), "{found:?}");
+        std::fs::write(&tokens, "tokens:\n  a: {query: true}\n").unwrap();
+        assert!(problems(&base).unwrap().is_empty());
+        assert!(load_tokens(&tokens).unwrap().tokens["a"].query);
     }
 
     fn streams() -> BTreeMap<String, StreamConfig> {

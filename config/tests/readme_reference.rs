@@ -54,6 +54,7 @@ fn config_keys() -> BTreeMap<String, Value> {
         compression: Some(Compression::default()),
         schema_policy: SchemaPolicy::Evolve,
         flush: Some(FlushPolicy::default()),
+        writers: vec!["w".into()],
     };
     if let Value::Object(fields) = serde_json::to_value(full).unwrap() {
         for field in fields.keys() {
@@ -72,6 +73,10 @@ fn config_keys() -> BTreeMap<String, Value> {
         if field != "kind" {
             keys.insert(format!("storage.{field}"), if required { Value::Null } else { value });
         }
+    }
+    // TLS is off by default (`tls: none`); its fields are all required once it is on.
+    for field in ["cert", "key", "client_ca"] {
+        keys.insert(format!("tls.{field}"), Value::Null);
     }
     keys
 }
@@ -101,7 +106,7 @@ fn documented_defaults_are_the_real_ones() {
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),
             Value::Array(items) if items.is_empty() => "[]".to_owned(),
-            Value::Null if !key.starts_with("streams.") && !key.starts_with("storage.") => "none".to_owned(),
+            Value::Null if !["streams.", "storage.", "tls."].iter().any(|p| key.starts_with(p)) => "none".to_owned(),
             _ => continue,
         };
         assert_eq!(documented[&key], expected, "README default of `{key}`");

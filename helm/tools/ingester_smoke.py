@@ -84,6 +84,14 @@ def localize(config_text: str, workdir: Path, extensions: Path | None) -> tuple[
             duckdb["extension_directory"] = str(extensions)
     elif "storage" in config or "duckdb" in config:
         raise SystemExit("config.yaml: storage or duckdb settings without storage.kind ducklake")
+    # The Secret volumes: a tokens file (empty: the Secret is the operator's to fill), and the TLS files'
+    # paths, which `validate` does not read.
+    if (config.get("auth") or {}).get("tokens_file"):
+        config["auth"]["tokens_file"] = moved("auth.tokens_file", config["auth"]["tokens_file"])
+        Path(config["auth"]["tokens_file"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(config["auth"]["tokens_file"]).write_text("tokens: {}\n")
+    for key, value in (config.get("tls") or {}).items():
+        config["tls"][key] = moved(f"tls.{key}", value)
     config["host"] = "127.0.0.1"
     # The pod's volumes: the per-pod volume and, when mounted, the shared lake claim.
     for mount in ("var/lib/arrowport", "lake"):

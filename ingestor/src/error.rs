@@ -63,6 +63,10 @@ pub enum IngestError {
     InsufficientStorage(String),
     #[error("DuckDB error: {0}")]
     Database(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl IngestError {
@@ -96,6 +100,8 @@ impl IngestError {
             Self::RequestInProgress(_) => ErrorCode::RequestInProgress,
             Self::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             Self::Database(_) => ErrorCode::DatabaseError,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
         }
     }
 }

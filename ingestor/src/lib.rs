@@ -5,6 +5,7 @@
 //! - [`transport`]: the two protocols, siblings that never import each other — [`transport::http`]
 //!   (axum handlers, body decoding, status mapping) and [`transport::flight`] (codec, message decoding,
 //!   Flight SQL, status mapping) — and the accept loop that serves both on one port.
+//! - [`auth`]: access control (tokens, grants), which the core applies for both transports.
 //! - [`app`]: the protocol-neutral core and composition root: the one ingest loop both transports drive,
 //!   the route table, lifecycle (shutdown, checkpoints). [`reload`] feeds it new routes.
 //! - the engines it composes: [`load`] (Arrow batches → one DuckDB transaction per commit, with
@@ -16,6 +17,7 @@
 //! the `arrowport-cli` crate, which have no DuckDB behind them.
 
 pub mod app;
+pub mod auth;
 pub mod budget;
 pub mod error;
 pub mod ipc;

@@ -28,6 +28,9 @@ enum Command {
     Streams(cli::streams::StreamsArgs),
     /// Check a base config or streams file: print every problem, exit non-zero if there is any.
     Validate(cli::validate::ValidateArgs),
+    /// Tokens for access control (`auth.tokens_file`).
+    #[command(subcommand)]
+    Token(cli::token::TokenCommand),
 }
 
 #[derive(clap::Args)]
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Ingest(args) => cli::ingest::run(args).map_err(Into::into),
         Command::Streams(args) => cli::streams::run(args).map_err(Into::into),
         Command::Validate(args) => cli::validate::run(args).map_err(Into::into),
+        Command::Token(command) => cli::token::run(command).map_err(Into::into),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,7 +102,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         // Handlers first: a SIGTERM that arrives once we are listening must find them in place.
         let shutdown = shutdown_signal()?;
+        let tokens = config.auth.tokens_file.as_deref().map(settings::load_tokens).transpose()?;
         let app = arrowport::app::App::open(&config)?;
+        if let Some(tokens) = &tokens {
+            app.replace_tokens(tokens);
+            tracing::info!(tokens = tokens.tokens.len(), "Access control on: every request but health and metrics needs a token.");
+        }
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
@@ -115,9 +124,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(listener) => listener.local_addr()?,
             None => addr,
         };
-        tracing::info!(%addr, flight = %flight_addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
-        let reloader = tokio::spawn(Reloader::new(config_path, overrides, app.clone(), config).run());
-        arrowport::transport::serve(listener, flight_listener, app, shutdown).await;
+        let scheme = if config.tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, flight = %flight_addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
+        let tls = match &config.tls {
+            Some(tls) => Some(arrowport::transport::tls::Tls::start(tls, &app)?),
+            None => None,
+        };
+        let reloader = tokio::spawn(Reloader::new(config_path, overrides, app.clone(), config, tokens).run());
+        arrowport::transport::serve(listener, flight_listener, app, tls, shutdown).await;
         reloader.abort();
         tracing::info!("Stopped.");
         Ok(())

@@ -103,6 +103,13 @@ pub struct ArrowportStreamSpec {
     /// is reached first. Unset fields take the ingester's defaults (10000000 rows, 1GiB, 10 seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush: Option<StreamFlush>,
+
+    /// Names of the ingester's tokens file entries (tokens, or client certificates' common names) that may
+    /// write this stream, besides any whose own `write` grants cover it. Only in force where the ingester
+    /// has access control on (`auth.tokens_file`); the tokens themselves live in a Secret, never here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 128), regex(pattern = r"^[ -~]+$")))]
+    pub writers: Vec<String>,
 }
 
 /// Commit thresholds for long Flight `DoPut` calls.

@@ -65,6 +65,12 @@ impl ArrowportStream {
         self
     }
 
+    /// Names the tokens file entries that may write the stream.
+    pub fn with_writers(mut self, writers: &[&str]) -> Self {
+        self.spec.writers = writers.iter().map(|writer| (*writer).to_owned()).collect();
+        self
+    }
+
     /// Sets `creationTimestamp` to `seconds` after the epoch.
     pub fn created_at(mut self, seconds: i64) -> Self {
         self.metadata.creation_timestamp = Some(Time(Timestamp::from_second(seconds).unwrap()));

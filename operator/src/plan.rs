@@ -257,6 +257,7 @@ pub fn effective_route(stream: &ArrowportStream) -> Result<(String, StreamConfig
         compression,
         schema_policy: spec.schema_policy.into(),
         flush,
+        writers: spec.writers.clone(),
     };
     // The final word is the ingester's own parser: the route must survive a round trip through it.
     let file = StreamsFile { streams: BTreeMap::from([(name.clone(), config.clone())]) };
@@ -344,10 +345,12 @@ mod tests {
             .with_table("sensor_readings")
             .with_chunk_size(4096)
             .with_compression(StreamCompressionAlgorithm::Zstd, Some(3))
-            .with_schema_policy(StreamSchemaPolicy::Evolve);
+            .with_schema_policy(StreamSchemaPolicy::Evolve)
+            .with_writers(&["sensor-gateway", "CN with spaces"]);
         let plan = plan(&snapshot(vec![stream]), Timestamp::UNIX_EPOCH).unwrap();
         let file = rendered(&plan);
         let config = &file.streams["sensors.v2"];
+        assert_eq!(config.writers, ["sensor-gateway", "CN with spaces"]);
         assert_eq!(config.target_table.as_deref(), Some("sensor_readings"));
         assert_eq!(config.chunk_size, Some(4096));
         assert_eq!(config.compression, Some(Compression { algorithm: CompressionAlgorithm::Zstd, level: Some(3) }));

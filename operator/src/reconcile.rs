@@ -170,6 +170,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn granting_writers_rewrites_the_file_with_their_names() {
+        let (ctx, mut server) = Context::test();
+        let mut snap = settled(vec![ArrowportStream::test("lineitem")]);
+        let edited = (*snap.streams[0]).clone().with_writers(&["loader", "etl-batch"]).with_generation(2);
+        snap.streams = vec![edited.into()];
+        let verifier = tokio::spawn(async move {
+            server
+                .config_map_apply(
+                    "arrowport-streams",
+                    "streams:\n  lineitem:\n    target_table: lineitem\n    writers:\n    - loader\n    - etl-batch\n",
+                )
+                .await;
+            let status = server.status_apply("lineitem").await;
+            assert_eq!(status.observed_generation, Some(2));
+            server.done().await;
+        });
+        reconcile(&ctx, &snap).await.unwrap();
+        drop(ctx);
+        timeout_after(verifier).await;
+    }
+
+    #[tokio::test]
     async fn deleting_the_last_stream_leaves_an_empty_streams_file() {
         let (ctx, mut server) = Context::test();
         let mut snap = settled(vec![ArrowportStream::test("lineitem")]);

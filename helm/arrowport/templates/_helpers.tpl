@@ -218,6 +218,16 @@ must share its data path. Call with (dict "ing" <entry> "lakes" <dict>).
 {{- $_ := set $config "host" "0.0.0.0" }}
 {{- $_ := set $config "port" (int .port) }}
 {{- $_ := set $config "streams_path" "/etc/arrowport/streams/streams.yaml" }}
+{{- if .auth.tokensSecret }}
+{{- $_ := set $config "auth" (dict "tokens_file" (printf "/etc/arrowport/auth/%s" .auth.tokensKey)) }}
+{{- end }}
+{{- if .tls.secretName }}
+{{- $tls := dict "cert" "/etc/arrowport/tls/tls.crt" "key" "/etc/arrowport/tls/tls.key" }}
+{{- if .tls.clientAuth }}
+{{- $_ := set $tls "client_ca" "/etc/arrowport/tls/ca.crt" }}
+{{- end }}
+{{- $_ := set $config "tls" $tls }}
+{{- end }}
 {{- /* A level applies only to zstd (the ingester rejects it otherwise), and null means "no level". */}}
 {{- if or (ne $config.compression.algorithm "zstd") (kindIs "invalid" $config.compression.level) }}
 {{- $_ := unset $config.compression "level" }}
@@ -230,10 +240,15 @@ must share its data path. Call with (dict "ing" <entry> "lakes" <dict>).
 {{- toYaml $config }}
 {{- end }}
 
-{{/* One ServiceMonitor endpoint's settings from .Values.serviceMonitor. */}}
+{{/* One ServiceMonitor endpoint's settings from .Values.serviceMonitor; .scheme and .scrapeTls (a
+TLSConfig) for ingesters with TLS on. */}}
 {{- define "arrowport.serviceMonitorEndpoint" -}}
 path: /metrics
-scheme: http
+scheme: {{ .scheme | default "http" }}
+{{- with .scrapeTls }}
+tlsConfig:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 interval: {{ .interval }}
 scrapeTimeout: {{ .scrapeTimeout }}
 {{- with .relabelings }}
@@ -243,5 +258,18 @@ relabelings:
 {{- with .metricRelabelings }}
 metricRelabelings:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A probe's handler: GET .path over .scheme, or a TCP check when .tcp (mutual TLS). */}}
+{{- define "arrowport.probeHandler" -}}
+{{- if .tcp -}}
+tcpSocket:
+  port: http
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+  scheme: {{ .scheme }}
 {{- end }}
 {{- end }}

@@ -15,8 +15,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use arrowport_config::{Config, Limits, StorageConfig};
+use arrowport_config::{Config, Limits, StorageConfig, TokensFile};
 
+use crate::auth::{Access, Identity, Refusal};
 use crate::budget::MemoryBudget;
 use crate::error::IngestError;
 use crate::load::{Loader, LoaderOptions};
@@ -35,6 +36,8 @@ const BUDGET_PATIENCE: Duration = Duration::from_secs(2);
 /// The ingester: what every request handler shares.
 pub struct App {
     routes: RwLock<Arc<Routes>>,
+    /// The tokens in force (access control off without `auth.tokens_file`).
+    access: RwLock<Arc<Access>>,
     database: Arc<Database>,
     loader: Loader,
     queries: QueryService,
@@ -103,8 +106,15 @@ impl App {
             StorageConfig::Ducklake(lake) => lake.maintenance_interval_seconds,
         };
         let checkpoint_interval = (interval > 0).then(|| Duration::from_secs(interval));
+        // With a tokens file configured, nobody gets in until its tokens are put in force
+        // ([`App::replace_tokens`]): access control fails closed.
+        let access = match &config.auth.tokens_file {
+            Some(_) => Access::from_file(&TokensFile::default()),
+            None => Access::default(),
+        };
         Ok(Arc::new(Self {
             routes: RwLock::new(Arc::new(routes)),
+            access: RwLock::new(Arc::new(access)),
             database,
             loader,
             queries,
@@ -135,6 +145,57 @@ impl App {
         *current = Arc::new(routes);
         self.telemetry.metrics.config_generation.set(generation as i64);
         Some(generation)
+    }
+
+    /// Puts the tokens of `file` in force for requests that start from now on (access control must be on:
+    /// whether it is only changes at start).
+    pub fn replace_tokens(&self, file: &TokensFile) {
+        let access = Access::from_file(file);
+        self.telemetry.metrics.auth_tokens.set(access.len() as i64);
+        *self.access.write().expect("access lock poisoned") = Arc::new(access);
+    }
+
+    /// Whether access control is on.
+    pub fn access_control(&self) -> bool {
+        self.access.read().expect("access lock poisoned").enabled()
+    }
+
+    /// Who a request is, from its `authorization` header or metadata and its connection's client
+    /// certificate; refusals are counted by reason, and never log the token.
+    pub fn authenticate(&self, authorization: Option<&[u8]>, peer: Option<&str>) -> Result<Identity, IngestError> {
+        let access = self.access.read().expect("access lock poisoned").clone();
+        access.authenticate(authorization, peer).map_err(|refusal| self.auth_refused(refusal, None, ""))
+    }
+
+    /// Whether `who` may write `stream` (its own grants, or the stream's `writers`).
+    pub fn authorize_write(&self, who: &Identity, stream: &str) -> Result<(), IngestError> {
+        let routes = self.routes();
+        let writers = routes.streams.get(stream).map_or(&[][..], |config| config.writers.as_slice());
+        who.may_write(stream, writers).map_err(|refusal| self.auth_refused(refusal, who.name(), stream))
+    }
+
+    /// Whether `who` may read (queries, table reads, listings, `GET /streams`).
+    pub fn authorize_query(&self, who: &Identity) -> Result<(), IngestError> {
+        who.may_query().map_err(|refusal| self.auth_refused(refusal, who.name(), ""))
+    }
+
+    fn auth_refused(&self, refusal: Refusal, name: Option<&str>, stream: &str) -> IngestError {
+        self.telemetry.metrics.auth_refused(refusal);
+        let name = name.unwrap_or("");
+        tracing::info!(reason = refusal.reason(), token = name, stream, "Refused a request by access control.");
+        match refusal {
+            Refusal::Missing => IngestError::Unauthenticated(
+                "this server needs a token: send Authorization: Bearer <token> (or a client certificate it knows)"
+                    .to_owned(),
+            ),
+            Refusal::Invalid => IngestError::Unauthenticated("the token is not valid".to_owned()),
+            Refusal::StreamNotGranted => {
+                IngestError::PermissionDenied(format!("token {name:?} may not write stream {stream:?}"))
+            }
+            Refusal::QueryNotGranted => IngestError::PermissionDenied(format!(
+                "token {name:?} may not query (Flight SQL, DoGet, the Flight listings, GET /streams)"
+            )),
+        }
     }
 
     pub fn database(&self) -> &Database {

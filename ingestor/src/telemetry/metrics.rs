@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::auth::Refusal;
+
 /// How data arrived.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Protocol {
@@ -62,6 +64,12 @@ pub struct CheckpointLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why access control refused (see [`Refusal::reason`]).
+    pub reason: &'static str,
+}
+
 type LatencyFamily = Family<StreamLabels, Histogram, fn() -> Histogram>;
 
 /// Everything `/metrics` reports.
@@ -88,6 +96,12 @@ pub struct Metrics {
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
     pub panics: Counter,
+    pub auth_refusals: Family<ReasonLabels, Counter>,
+    pub auth_tokens: Gauge,
+    pub tls_handshake_failures: Counter,
+    pub tls_certificate_reloads: Counter,
+    pub tls_certificate_reload_failures: Counter,
+    pub tls_certificate_expiry: Gauge,
     pub checkpoints: Family<CheckpointLabels, Counter>,
     pub checkpoint_duration: Histogram,
     /// Read at each scrape (see [`Metrics::set_resources`]).
@@ -150,6 +164,41 @@ impl Default for Metrics {
         let config_reloads = Counter::default();
         let config_reload_failures = Counter::default();
         let panics = Counter::default();
+        let auth_refusals = Family::<ReasonLabels, Counter>::default();
+        for refusal in Refusal::ALL {
+            auth_refusals.get_or_create(&ReasonLabels { reason: refusal.reason() }).inc_by(0);
+        }
+        let auth_tokens = Gauge::default();
+        registry.register(
+            "auth_refusals",
+            "Requests refused by access control, by reason (missing, invalid, stream_not_granted, query_not_granted)",
+            auth_refusals.clone(),
+        );
+        registry.register("auth_tokens", "Entries of the tokens file in force", auth_tokens.clone());
+        let tls_handshake_failures = Counter::default();
+        let tls_certificate_reloads = Counter::default();
+        let tls_certificate_reload_failures = Counter::default();
+        let tls_certificate_expiry = Gauge::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out (a client certificate refused, a client that does not trust the server's)",
+            tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_certificate_reloads",
+            "New TLS certificates (or client CAs) put in force after their files changed",
+            tls_certificate_reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_reload_failures",
+            "New TLS certificates or client CAs refused (unreadable, key mismatch, outside their validity); the old ones stay",
+            tls_certificate_reload_failures.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate in force expires (Unix seconds; 0 without TLS)",
+            tls_certificate_expiry.clone(),
+        );
         registry.register("requests", "Ingest requests by outcome", requests.clone());
         registry.register("rows", "Rows committed", rows.clone());
         registry.register("batches", "Record batches committed", batches.clone());
@@ -279,6 +328,12 @@ impl Default for Metrics {
             config_reloads,
             config_reload_failures,
             panics,
+            auth_refusals,
+            auth_tokens,
+            tls_handshake_failures,
+            tls_certificate_reloads,
+            tls_certificate_reload_failures,
+            tls_certificate_expiry,
             checkpoints,
             checkpoint_duration,
             resident_memory_bytes,
@@ -293,6 +348,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a request access control refused.
+    pub fn auth_refused(&self, refusal: Refusal) {
+        self.auth_refusals.get_or_create(&ReasonLabels { reason: refusal.reason() }).inc();
+    }
+
     /// Sets the gauges read at scrape time; a reading that could not be taken keeps its last value.
     pub fn set_resources(&self, resources: &Resources) {
         let set = |gauge: &Gauge, value: u64| {

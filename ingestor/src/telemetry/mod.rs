@@ -63,7 +63,9 @@ impl Telemetry {
         let metrics = &self.metrics;
         // Names that never became a stream are not labels: that would let any client mint time series.
         let label = match error {
-            Some(IngestError::InvalidStreamName(_) | IngestError::UnknownStream(_)) => "",
+            Some(
+                IngestError::InvalidStreamName(_) | IngestError::UnknownStream(_) | IngestError::PermissionDenied(_),
+            ) => "",
             _ => stream,
         };
         let labels = StreamLabels { stream: label.to_owned(), protocol };

@@ -8,12 +8,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::tls::Tls;
 
 /// Largest HTTP/2 frame we accept (the protocol's range is 16 KiB to 16 MiB). h2 reads each frame into a
 /// buffer of about its size; below the allocator's mapping threshold those buffers are recycled arena
@@ -38,7 +42,7 @@ pub struct Timeouts {
     pub shutdown: Duration,
 }
 
-/// Serves `app` on `listener` until `stop` completes, then waits up to the shutdown timeout for open
+/// Serves `app` on `listener` (over TLS with `tls`) until `stop` completes, then waits up to the shutdown timeout for open
 /// connections to finish their requests (each is told to close once idle). Past it, `abort` is
 /// cancelled: uploads roll back and answer `shutting_down`, and connections get a few more seconds to
 /// carry those answers; a client that still keeps its connection open is left to the process's exit.
@@ -48,6 +52,7 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
     timeouts: Timeouts,
     abort: CancellationToken,
+    tls: Option<Tls>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header);
@@ -74,11 +79,34 @@ pub async fn serve(
         if let Err(error) = socket.set_nodelay(true) {
             tracing::debug!(%error, "Could not set TCP_NODELAY.");
         }
-        let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
-        let connection = connections.watch(connection);
+        let Some(tls) = &tls else {
+            let service = TowerToHyperService::new(app.clone());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
+            let connection = connections.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "Connection ended with an error.");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, so a slow client never holds up the accept loop;
+        // it must finish within the header timeout.
+        let (tls, builder, watcher, app) = (tls.clone(), builder.clone(), connections.watcher(), app.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let Some((stream, peer)) = tls.accept(socket, timeouts.header).await else {
+                return;
+            };
+            // Every request of the connection carries its client certificate's name, for access control.
+            let service = app.map_request(move |mut request: axum::http::Request<Incoming>| {
+                if let Some(peer) = &peer {
+                    request.extensions_mut().insert(peer.clone());
+                }
+                request
+            });
+            let service = TowerToHyperService::new(service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%error, "Connection ended with an error.");
             }
         });

@@ -1,10 +1,11 @@
 //! The transports: HTTP ([`http`]) and Arrow Flight ([`flight`]), siblings that never import each other,
 //! each a thin adapter between its protocol and the [`App`]. This module serves both, on one listener
-//! or two, and owns what they share: the accept loop ([`listen`]) and the panic guard.
+//! or two, and owns what they share: the accept loop ([`listen`]), TLS ([`tls`]) and the panic guard.
 
 pub mod flight;
 pub mod http;
 mod listen;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,12 +30,13 @@ pub fn catch_panics(
     })
 }
 
-/// Serves HTTP, and Arrow Flight on the same listener unless `flight_listener` is given, until
-/// `shutdown` completes; then lets in-flight requests finish and checkpoints.
+/// Serves HTTP, and Arrow Flight on the same listener unless `flight_listener` is given, over TLS with
+/// `tls`, until `shutdown` completes; then lets in-flight requests finish and checkpoints.
 pub async fn serve(
     listener: TcpListener,
     flight_listener: Option<TcpListener>,
     app: Arc<App>,
+    tls: Option<tls::Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -61,10 +63,10 @@ pub async fn serve(
     let abort = app.abort_token();
     let (http, flight) = (http::router(app.clone()), flight::router(app.clone()));
     match flight_listener {
-        None => listen::serve(listener, http.merge(flight), until_stopped(), timeouts, abort).await,
+        None => listen::serve(listener, http.merge(flight), until_stopped(), timeouts, abort, tls).await,
         Some(flight_listener) => {
-            let http = listen::serve(listener, http, until_stopped(), timeouts, abort.clone());
-            let flight = listen::serve(flight_listener, flight, until_stopped(), timeouts, abort);
+            let http = listen::serve(listener, http, until_stopped(), timeouts, abort.clone(), tls.clone());
+            let flight = listen::serve(flight_listener, flight, until_stopped(), timeouts, abort, tls);
             tokio::join!(http, flight);
         }
     }

@@ -525,7 +525,7 @@ async fn flight_can_have_its_own_port() {
     let flight_url = format!("http://{}", flight.local_addr().unwrap());
     let http_url = format!("http://{}", http.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(arrowport::transport::serve(http, Some(flight), state, async {
+    let task = tokio::spawn(arrowport::transport::serve(http, Some(flight), state, None, async {
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(flight_url).unwrap().connect().await.unwrap();

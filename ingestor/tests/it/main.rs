@@ -1,5 +1,6 @@
 //! Integration tests: the real server on an ephemeral loopback port, real HTTP and Flight clients, real DuckDB.
 
+mod auth;
 mod bad_input;
 mod cli;
 mod disk;

@@ -48,10 +48,13 @@ impl TestServer {
     /// Starts a server with `config`, on its storage as it is.
     pub async fn with_config_at(config: Config) -> Self {
         let app = arrowport::app::App::open(&config).unwrap();
+        if let Some(path) = &config.auth.tokens_file {
+            app.replace_tokens(&arrowport_config::settings::load_tokens(path).unwrap());
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(arrowport::transport::serve(listener, None, app.clone(), async {
+        let task = tokio::spawn(arrowport::transport::serve(listener, None, app.clone(), None, async {
             let _ = stopped.await;
         }));
         Self { url, app, client: reqwest::Client::new(), stop: Some(stop), task: Some(task), _dir: None }

@@ -23,13 +23,18 @@ use arrow_flight::{
     PollInfo, PutResult, SchemaResult, Ticket,
 };
 use axum::Router;
+use axum::extract::{Request as HttpRequest, State};
+use axum::middleware::{self, Next};
 use axum::routing::post;
 use futures::Stream;
 use prost::Message;
+use tonic::metadata::MetadataValue;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
+use crate::auth::{self, Identity, PeerName};
+use crate::telemetry::Protocol;
 use status::status;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -49,10 +54,45 @@ pub fn router(app: Arc<App>) -> Router {
     let name = FlightServiceServer::<FlightFront>::NAME;
     // DoPut takes its own decoder (see `receive`); the generated server answers every other call.
     let do_put = post(move |request| receive::do_put(front.clone(), max_message, request));
+    // Access control in front of every call, DoPut's own route included, before a message is read.
     Router::new()
         .route(&format!("/{name}/DoPut"), do_put)
         .route_service(&format!("/{name}/{{*rpc}}"), service)
+        .layer(middleware::from_fn_with_state(panics.clone(), authenticate))
         .layer(super::catch_panics(&panics, panicked))
+}
+
+/// Who a call is (its `authorization` metadata, its connection's client certificate), put into its
+/// extensions for the handlers' grant checks; or the call ends `UNAUTHENTICATED` before a message is read.
+async fn authenticate(State(app): State<Arc<App>>, mut request: HttpRequest, next: Next) -> axum::response::Response {
+    let authorization = request.headers().get(axum::http::header::AUTHORIZATION).map(|value| value.as_bytes());
+    let peer = request.extensions().get::<PeerName>().map(|peer| peer.0.clone());
+    match app.authenticate(authorization, peer.as_deref()) {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(error) => status(&error).into_http(),
+    }
+}
+
+/// The identity [`authenticate`] found for a call (a call without one is refused: access control fails
+/// closed).
+fn identity<T>(request: &Request<T>) -> Result<Identity, Status> {
+    request.extensions().get::<Identity>().cloned().ok_or_else(|| Status::unauthenticated("no identity"))
+}
+
+/// Refuses a call whose identity may not read.
+fn authorize_query<T>(app: &App, request: &Request<T>) -> Result<(), Status> {
+    app.authorize_query(&identity(request)?).map_err(|e| status(&e))
+}
+
+/// Refuses (and counts, as a request of `protocol`) a call whose identity may not write `stream`.
+fn authorize_write<T>(app: &App, request: &Request<T>, protocol: Protocol, stream: &str) -> Result<(), Status> {
+    app.authorize_write(&identity(request)?, stream).map_err(|error| {
+        app.refused(protocol, stream, &error);
+        status(&error)
+    })
 }
 
 /// The answer to a call whose handler panicked: `INTERNAL`, and the server goes on.
@@ -104,19 +144,31 @@ impl FlightService for FlightFront {
     type ListActionsStream = BoxStream<ActionType>;
     type DoExchangeStream = BoxStream<FlightData>;
 
+    /// The caller is authenticated by now (by its `authorization` metadata: `Basic` with the token as the
+    /// password, as ADBC's username/password and pyarrow's `authenticate_basic_token` send it, or
+    /// `Bearer`). The answer carries `authorization: Bearer <token>` for the client to send from then on.
     async fn handshake(
         &self,
         request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
-        FlightService::handshake(&self.sql, request).await
+        let bearer = request.metadata().get("authorization").and_then(|value| auth::bearer_of(value.as_bytes()));
+        let answer = HandshakeResponse { protocol_version: 0, payload: Default::default() };
+        let mut response: Response<Self::HandshakeStream> =
+            Response::new(Box::pin(futures::stream::iter([Ok(answer)])));
+        if let Some(value) = bearer.and_then(|bearer| MetadataValue::try_from(bearer).ok()) {
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
     }
 
-    async fn list_flights(&self, _request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(&self, request: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        authorize_query(&self.app, &request)?;
         let flights = info::list(&self.app).await.map_err(|e| status(&e))?;
         Ok(Response::new(Box::pin(futures::stream::iter(flights.into_iter().map(Ok)))))
     }
 
     async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        authorize_query(&self.app, &request)?;
         if !is_path(request.get_ref()) {
             return FlightService::get_flight_info(&self.sql, request).await;
         }
@@ -125,10 +177,12 @@ impl FlightService for FlightFront {
     }
 
     async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        authorize_query(&self.app, &request)?;
         FlightService::poll_flight_info(&self.sql, request).await
     }
 
     async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        authorize_query(&self.app, &request)?;
         if !is_path(request.get_ref()) {
             return Err(Status::invalid_argument("GetSchema takes a PATH descriptor naming one stream"));
         }
@@ -137,6 +191,7 @@ impl FlightService for FlightFront {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        authorize_query(&self.app, &request)?;
         if is_sql_ticket(request.get_ref()) {
             return FlightService::do_get(&self.sql, request).await;
         }
@@ -147,11 +202,13 @@ impl FlightService for FlightFront {
     }
 
     async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
-        // Flight SQL peeks at the descriptor; PATH descriptors come back through its fallback.
+        // Flight SQL peeks at the descriptor; PATH descriptors come back through its fallback. The stream's
+        // grant is checked there, once the first message has named it and before any data is decoded.
         FlightService::do_put(&self.sql, request).await
     }
 
     async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        authorize_query(&self.app, &request)?;
         FlightService::do_action(&self.sql, request).await
     }
 

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::message::raw_message;
 use super::status::status;
-use super::{BoxStream, is_path, path_stream};
+use super::{BoxStream, authorize_write, is_path, path_stream};
 use crate::app::{App, Commits, Incoming, IngestRequest, WireCounter};
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
@@ -47,6 +47,7 @@ pub async fn put_stream(
         )));
     }
     let stream = path_stream(&descriptor)?.to_owned();
+    authorize_write(app, &request, Protocol::Flight, &stream)?;
     let key = idempotency_key(request.metadata());
     let asked = IngestRequest { key, ..IngestRequest::new(Protocol::Flight, stream, Commits::AtFlushThresholds) };
     let ingest = app.start_ingest(asked).await.map_err(|e| status(&e))?;

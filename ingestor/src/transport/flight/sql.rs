@@ -19,7 +19,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::status::status;
-use super::{put, reply};
+use super::{authorize_write, put, reply};
 use crate::app::{App, Commits, IngestRequest, WireCounter};
 use crate::error::IngestError;
 use crate::load::{IfExists, TableMode};
@@ -253,6 +253,7 @@ impl FlightSqlService for SqlService {
             self.app.refused(Protocol::FlightSql, &command.table, error);
         });
         let mode = mode.map_err(|e| status(&e))?;
+        authorize_write(&self.app, &request, Protocol::FlightSql, &command.table)?;
         let key = put::idempotency_key(request.metadata());
         let asked =
             IngestRequest { mode, key, ..IngestRequest::new(Protocol::FlightSql, command.table, Commits::AtEnd) };

@@ -10,28 +10,34 @@ pub mod framing;
 use std::sync::Arc;
 
 use arrowport_api::{ErrorBody, ErrorCode, IDEMPOTENCY_KEY_HEADER, IngestReport, REPLAYED_HEADER, StreamsReport};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 
 use crate::app::{App, Commits, Incoming, IngestRequest, WireCounter};
+use crate::auth::{Identity, PeerName};
 use crate::budget::MemoryBudget;
 use crate::error::IngestError;
 use crate::telemetry::Protocol;
 pub use body::ContentEncoding;
 use framing::{IpcDecoder, IpcFormat};
 
-/// All HTTP routes.
+/// All HTTP routes. Ingest and `/streams` go through access control; health, readiness and metrics
+/// stay open (probes and Prometheus carry no token).
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/ingest/{stream}", post(ingest))
+        .route("/streams", get(streams))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
+    Router::new()
+        .merge(guarded)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/streams", get(streams))
         // Bodies are streamed and limited by `limits.max_body_bytes` in the handler, not buffered.
         .layer(DefaultBodyLimit::disable())
         .layer(super::catch_panics(&app, panicked))
@@ -54,6 +60,30 @@ impl IntoResponse for IngestError {
     }
 }
 
+/// Access control, before the handler reads a byte of the body: who the request is (its
+/// `Authorization` header, its connection's client certificate) goes into its extensions, or it is
+/// answered `401 unauthenticated`.
+async fn authenticate(State(app): State<Arc<App>>, mut request: Request, next: Next) -> Response {
+    let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let peer = request.extensions().get::<PeerName>().map(|peer| peer.0.clone());
+    match app.authenticate(authorization, peer.as_deref()) {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(error) => {
+            let mut response = error.into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // The body is unread: an HTTP/1.1 connection cannot carry another request.
+            if request.version() < Version::HTTP_2 {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
+}
+
 /// The answer to a request whose handler panicked: a JSON error like any other, and the server goes on.
 pub fn panicked() -> Response {
     tracing::error!("A request handler panicked; answered 500. This is a bug: please report it.");
@@ -64,12 +94,20 @@ pub fn panicked() -> Response {
 
 async fn ingest(
     State(app): State<Arc<App>>,
+    Extension(identity): Extension<Identity>,
     Path(stream): Path<String>,
     version: Version,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    match ingest_body(&app, stream, &headers, body).await {
+    let answer = match app.authorize_write(&identity, &stream) {
+        Ok(()) => ingest_body(&app, stream, &headers, body).await,
+        Err(error) => {
+            app.refused(Protocol::Http, &stream, &error);
+            Err(error)
+        }
+    };
+    match answer {
         Ok(report) if report.replayed => {
             ([(REPLAYED_HEADER, HeaderValue::from_static("true"))], Json(report)).into_response()
         }
@@ -190,6 +228,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
-async fn streams(State(app): State<Arc<App>>) -> Json<StreamsReport> {
-    Json(app.streams_report())
+async fn streams(State(app): State<Arc<App>>, Extension(identity): Extension<Identity>) -> Response {
+    match app.authorize_query(&identity) {
+        Ok(()) => Json::<StreamsReport>(app.streams_report()).into_response(),
+        Err(error) => error.into_response(),
+    }
 }
