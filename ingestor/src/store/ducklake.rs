@@ -167,6 +167,13 @@ impl Storage for DuckLake {
         for name in self.extensions() {
             load_extension(admin, &self.extension_directory, name)?;
         }
+        // Several writers race for each snapshot id, and DuckLake retries a commit that lost: by default 10
+        // times with waits growing by half each time, which eight producers on two ingesters exhausted now
+        // and then (a 500). More, shorter, slower-growing waits: at most 50, about 23 s in all.
+        admin.execute_batch(
+            "SET GLOBAL ducklake_max_retry_count = 50; SET GLOBAL ducklake_retry_wait_ms = 20; \
+             SET GLOBAL ducklake_retry_backoff = 1.1",
+        )?;
         let data_path = format!("{}/", self.data_path.to_string_lossy().trim_end_matches('/'));
         let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
         let attach = format!(
