@@ -148,40 +148,29 @@ mod tests {
 
     #[tokio::test]
     async fn changed_spec_rewrites_the_file_and_records_the_generation() {
-        let (ctx, mut server) = Context::test();
-        let mut snap = settled(vec![ArrowportStream::test("lineitem")]);
-        let edited = (*snap.streams[0]).clone().with_chunk_size(1024).with_generation(2);
-        snap.streams = vec![edited.into()];
-        let verifier = tokio::spawn(async move {
-            server
-                .config_map_apply(
-                    "arrowport-streams",
-                    "streams:\n  lineitem:\n    target_table: lineitem\n    chunk_size: 1024\n",
-                )
-                .await;
-            let status = server.status_apply("lineitem").await;
-            assert_eq!(status.observed_generation, Some(2));
-            // Still Accepted: no event for an unchanged reason.
-            server.done().await;
-        });
-        reconcile(&ctx, &snap).await.unwrap();
-        drop(ctx);
-        timeout_after(verifier).await;
+        let expected = "streams:\n  lineitem:\n    target_table: lineitem\n    chunk_size: 1024\n";
+        edited_spec_rewrites_the_file(|stream| stream.with_chunk_size(1024), expected).await;
     }
 
     #[tokio::test]
     async fn granting_writers_rewrites_the_file_with_their_names() {
+        let expected =
+            "streams:\n  lineitem:\n    target_table: lineitem\n    writers:\n    - loader\n    - etl-batch\n";
+        edited_spec_rewrites_the_file(|stream| stream.with_writers(&["loader", "etl-batch"]), expected).await;
+    }
+
+    /// Edits the one settled stream's spec (generation 2): the file is rewritten as `expected` and the
+    /// status records the generation, with no event for the unchanged reason (still Accepted).
+    async fn edited_spec_rewrites_the_file(
+        edit: impl FnOnce(ArrowportStream) -> ArrowportStream,
+        expected: &'static str,
+    ) {
         let (ctx, mut server) = Context::test();
         let mut snap = settled(vec![ArrowportStream::test("lineitem")]);
-        let edited = (*snap.streams[0]).clone().with_writers(&["loader", "etl-batch"]).with_generation(2);
+        let edited = edit((*snap.streams[0]).clone()).with_generation(2);
         snap.streams = vec![edited.into()];
         let verifier = tokio::spawn(async move {
-            server
-                .config_map_apply(
-                    "arrowport-streams",
-                    "streams:\n  lineitem:\n    target_table: lineitem\n    writers:\n    - loader\n    - etl-batch\n",
-                )
-                .await;
+            server.config_map_apply("arrowport-streams", expected).await;
             let status = server.status_apply("lineitem").await;
             assert_eq!(status.observed_generation, Some(2));
             server.done().await;
