@@ -125,7 +125,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => addr,
         };
         let scheme = if config.tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, flight = %flight_addr, db = %config.db_path.display(), streams = config.streams.len(), "Listening.");
+        let storage = app.database().storage().describe();
+        tracing::info!(%addr, scheme, flight = %flight_addr, %storage, streams = config.streams.len(), "Listening.");
         let tls = match &config.tls {
             Some(tls) => Some(arrowport::transport::tls::Tls::start(tls, &app)?),
             None => None,
