@@ -16,12 +16,13 @@ const MIB: u64 = 1 << 20;
 const MIN_BUDGET_BYTES: u64 = 64 * MIB;
 pub const MAX_BUDGET_BYTES: u64 = 512 * MIB;
 /// What the process needs beside DuckDB and the budget: a fifth of the memory available, and at least
-/// this. Measured under `arrowport-memlimit`'s load in a 768 MiB pod: 250–300 MiB besides both (code,
-/// runtime and DuckDB's threads, HTTP/2 windows, DuckDB's allocations outside its buffer pool, arenas).
-const MIN_PROCESS_BYTES: u64 = 320 * MIB;
+/// this. Measured under `arrowport-memlimit`'s load: 250–300 MiB besides both for tables of 16 columns,
+/// about 380 MiB for 32 (code, runtime and DuckDB's threads, HTTP/2 windows, DuckDB's allocations
+/// outside its buffer pool, which grow with the columns, allocator arenas).
+const MIN_PROCESS_BYTES: u64 = 384 * MIB;
 /// DuckDB's limit is never derived below this. Less memory costs speed, not safety: DuckDB bulk-inserts
 /// on at most `limit / 4 / (4 MiB × columns) + 1` threads, so 384 MiB keeps both of two cores busy for
-/// tables of up to 24 columns (measured on 16: 200 MiB halved the load rate); a 768 MiB pod gets 256 MiB.
+/// tables of up to 24 columns (measured on 16: 200 MiB halved the load rate); a 768 MiB pod gets 192 MiB.
 pub const MIN_DUCKDB_BYTES: u64 = 128 * MIB;
 
 /// The memory budget by default: a quarter of `available`, at least 64 MiB and at most 512 MiB.
@@ -30,7 +31,7 @@ pub fn default_budget(available: u64) -> u64 {
 }
 
 /// DuckDB's `memory_limit` by default: what `available` leaves after the `budget` and the process's own
-/// share (a fifth, at least 320 MiB), and never less than [`MIN_DUCKDB_BYTES`].
+/// share (a fifth, at least 384 MiB), and never less than [`MIN_DUCKDB_BYTES`].
 pub fn default_duckdb_limit(available: u64, budget: u64) -> u64 {
     let process = (available / 5).max(MIN_PROCESS_BYTES);
     available.saturating_sub(process).saturating_sub(budget).max(MIN_DUCKDB_BYTES)
@@ -124,11 +125,11 @@ mod tests {
         // Large machines: the budget stops at 512 MiB, DuckDB takes the rest of its share.
         assert_eq!(default_budget(24 * GIB), 512 * MIB);
         assert_eq!(default_duckdb_limit(24 * GIB, 512 * MIB), 24 * GIB - 24 * GIB / 5 - 512 * MIB);
-        // A 768 MiB pod: 192 MiB budget, 320 MiB for the process, 256 MiB for DuckDB; 1 GiB: 256/320/448.
+        // A 768 MiB pod: 192 MiB budget, 384 MiB for the process, 192 MiB for DuckDB; 1 GiB: 256/384/384.
         assert_eq!(default_budget(768 * MIB), 192 * MIB);
-        assert_eq!(default_duckdb_limit(768 * MIB, 192 * MIB), 256 * MIB);
+        assert_eq!(default_duckdb_limit(768 * MIB, 192 * MIB), 192 * MIB);
         assert_eq!(default_budget(GIB), 256 * MIB);
-        assert_eq!(default_duckdb_limit(GIB, 256 * MIB), 448 * MIB);
+        assert_eq!(default_duckdb_limit(GIB, 256 * MIB), 384 * MIB);
     }
 
     #[test]
