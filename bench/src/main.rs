@@ -21,7 +21,7 @@ use arrowport::store::{Database, DatabaseOptions};
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
 
-use server::{Server, StorageKind, Usage, own_cpu_time};
+use server::{FreshStorage, Server, StorageKind, Usage, own_cpu_time};
 
 /// Measures Arrowport's HTTP and Flight ingest against in-process DuckDB loading of the same batches.
 #[derive(Parser)]
@@ -59,6 +59,20 @@ struct Args {
     /// scripts/duckdb-extensions).
     #[arg(long, env = "ARROWPORT_EXTENSIONS")]
     extensions: Option<PathBuf>,
+    /// With `--storage ducklake`: `postgres:` and a libpq connection string to a PostgreSQL server
+    /// where every lake, in-process ones included, gets a catalog database of its own (created and
+    /// dropped); without it each lake has a local catalog file. Adds the scenarios of two ingesters
+    /// sharing one lake.
+    #[arg(long, value_parser = postgres_server)]
+    catalog: Option<String>,
+}
+
+/// The PostgreSQL server's connection string in a `--catalog` value.
+fn postgres_server(catalog: &str) -> Result<String, String> {
+    match catalog.strip_prefix("postgres:") {
+        Some(server) => Ok(server.to_owned()),
+        None => Err("the catalog is `postgres:` and a libpq connection string (a local catalog is the default)".into()),
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -72,9 +86,11 @@ enum StorageArg {
 impl Args {
     fn storage(&self) -> anyhow::Result<StorageKind> {
         Ok(match self.storage {
+            StorageArg::Duckdb if self.catalog.is_some() => anyhow::bail!("--catalog needs --storage ducklake"),
             StorageArg::Duckdb => StorageKind::Duckdb,
             StorageArg::Ducklake => StorageKind::Ducklake {
                 extensions: self.extensions.clone().context("--storage ducklake needs --extensions DIR")?,
+                postgres: self.catalog.clone(),
             },
         })
     }
@@ -87,6 +103,8 @@ impl Args {
 const SMALL_REQUESTS: &str = "HTTP, small requests";
 const SMALL_CALLS: &str = "Flight DoPut, small calls";
 const STREAMED_UPLOAD: &str = "HTTP, streamed upload";
+/// Ingesters sharing one lake in the scenarios that need a PostgreSQL catalog.
+const SHARED_LAKE_INGESTERS: usize = 2;
 
 struct Outcome {
     scenario: String,
@@ -116,12 +134,13 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let bytes: u64 = batches.iter().map(decoded_size).sum();
     println!(
-        "Arrowport benchmark: {} lineitem-like rows in {} batches, {:.0} MB of Arrow data, {} cores, into {:?}",
+        "Arrowport benchmark: {} lineitem-like rows in {} batches, {:.0} MB of Arrow data, {} cores, into {:?}{}",
         args.rows,
         batches.len(),
         bytes as f64 / 1e6,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        args.storage
+        args.storage,
+        if args.catalog.is_some() { " with a PostgreSQL catalog" } else { "" }
     );
 
     let eighths = split(&batches, 8);
@@ -147,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
     for (scenario, bodies) in http_scenarios.into_iter().filter(|(scenario, _)| args.selects(scenario)) {
         let producers = bodies.len();
         let payloads = Payloads::Http(bodies);
-        outcomes.push(bench.median(producers, || remote(&args, scenario, &payloads, bytes)).await?);
+        outcomes.push(bench.median(producers, || remote(&args, scenario, &payloads, bytes, 1)).await?);
     }
     let flight_scenarios = [
         ("Flight DoPut, 1 producer", vec![&batches[..]], None),
@@ -162,7 +181,23 @@ async fn main() -> anyhow::Result<()> {
         }
         let producers = puts.len();
         let payloads = Payloads::Flight(puts);
-        outcomes.push(bench.median(producers, || remote(&args, scenario, &payloads, bytes)).await?);
+        outcomes.push(bench.median(producers, || remote(&args, scenario, &payloads, bytes, 1)).await?);
+    }
+    // Several ingesters share a lake only through a PostgreSQL catalog.
+    if args.catalog.is_some() {
+        let http = Payloads::Http(eighths.iter().map(|part| ipc(part, None)).collect());
+        let mut puts = Vec::new();
+        for part in &eighths {
+            puts.push(flight::messages("lineitem", part, None).await?);
+        }
+        let shared = [
+            (format!("HTTP, 8 producers, {SHARED_LAKE_INGESTERS} ingesters"), http),
+            (format!("Flight DoPut, 8 producers, {SHARED_LAKE_INGESTERS} ingesters"), Payloads::Flight(puts)),
+        ];
+        for (scenario, payloads) in shared.into_iter().filter(|(scenario, _)| args.selects(scenario)) {
+            let run = || remote(&args, &scenario, &payloads, bytes, SHARED_LAKE_INGESTERS);
+            outcomes.push(bench.median(eighths.len(), run).await?);
+        }
     }
     if args.selects(SMALL_REQUESTS) {
         let requests: Vec<Request> = small_pieces(&args, &batches)
@@ -294,11 +329,11 @@ fn rate(outcome: &Outcome) -> f64 {
 /// DuckDB scanning Arrow streams in-process: the same loader the server uses, without the network. Each
 /// part is one session (one transaction), all at once.
 async fn in_process_native(parts: &[&[RecordBatch]], storage: &StorageKind) -> anyhow::Result<Outcome> {
-    let dir = tempfile::tempdir()?;
+    let fresh = FreshStorage::new(storage)?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
     let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold };
-    let database = Arc::new(Database::open(storage.open_in_process(dir.path())?, &options)?);
+    let database = Arc::new(Database::open(fresh.open_in_process()?, &options)?);
     let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget })?;
     let target = Target {
         table: "lineitem".into(),
@@ -398,27 +433,45 @@ enum Payloads {
     Flight(Vec<Vec<FlightData>>),
 }
 
-/// Sends every payload concurrently to a fresh server, one producer each, and waits for all commits.
-async fn remote(args: &Args, scenario: &str, payloads: &Payloads, bytes: u64) -> anyhow::Result<Outcome> {
-    let server = Server::start(&args.server, &args.storage()?)?;
+/// Sends every payload concurrently to `ingesters` fresh servers sharing one storage, one producer each
+/// (spread over the servers in turn), and waits for all commits. The CPU time and peak memory are the
+/// servers' added up.
+async fn remote(
+    args: &Args,
+    scenario: &str,
+    payloads: &Payloads,
+    bytes: u64,
+    ingesters: usize,
+) -> anyhow::Result<Outcome> {
+    let storage = Arc::new(FreshStorage::new(&args.storage()?)?);
+    let servers: Vec<Server> =
+        (0..ingesters).map(|_| Server::start_on(&args.server, storage.clone())).collect::<anyhow::Result<_>>()?;
+    let server_of = |producer: usize| &servers[producer % servers.len()];
     let client = reqwest::Client::new();
     // Copied before the clock starts: each run sends its own.
     let payloads = payloads.clone();
     let clock = Clock::start()?;
     let committed: Vec<u64> = match payloads {
         Payloads::Http(bodies) => {
-            let requests = bodies.into_iter().map(|body| server.ingest(&client, "lineitem", reqwest::Body::from(body)));
+            let requests = bodies
+                .into_iter()
+                .enumerate()
+                .map(|(producer, body)| server_of(producer).ingest(&client, "lineitem", reqwest::Body::from(body)));
             futures::future::try_join_all(requests).await?
         }
         Payloads::Flight(puts) => {
-            let calls = puts.into_iter().map(|messages| flight::put(server.url(), messages));
+            let calls = puts
+                .into_iter()
+                .enumerate()
+                .map(|(producer, messages)| flight::put(server_of(producer).url(), messages));
             futures::future::try_join_all(calls).await?
         }
     };
     let times = clock.stop()?;
     let (committed, rows) = (committed.iter().sum::<u64>(), args.rows);
-    anyhow::ensure!(committed == rows, "{scenario}: the server committed {committed} rows, expected {rows}");
-    Ok(Outcome::remote(scenario.to_owned(), rows, bytes, times, server.stop()?))
+    anyhow::ensure!(committed == rows, "{scenario}: the servers committed {committed} rows, expected {rows}");
+    let usage = Usage::together(servers.into_iter().map(Server::stop).collect::<anyhow::Result<Vec<_>>>()?);
+    Ok(Outcome::remote(scenario.to_owned(), rows, bytes, times, usage))
 }
 
 /// Many small requests (`small_rows` each) from `small_producers` concurrent producers, each waiting for

@@ -3,25 +3,30 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use arrowport_config::{Config, DuckLakeConfig, StorageConfig};
 
 pub struct Server {
     child: Child,
     url: String,
-    dir: tempfile::TempDir,
+    storage: Arc<FreshStorage>,
 }
 
 impl Server {
-    /// Starts `binary` on fresh storage of `kind` in a temporary directory.
+    /// Starts `binary` on fresh storage of `kind`.
     pub fn start(binary: &Path, kind: &StorageKind) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("config.yaml");
-        std::fs::write(&config, kind.config_yaml(dir.path()))?;
+        Self::start_on(binary, Arc::new(FreshStorage::new(kind)?))
+    }
+
+    /// Starts `binary` on `storage`, which other servers may share (a lake with a PostgreSQL catalog).
+    pub fn start_on(binary: &Path, storage: Arc<FreshStorage>) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--config"])
-            .arg(&config)
+            .arg(storage.config_path())
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
@@ -34,12 +39,12 @@ impl Server {
             }
         };
         std::thread::spawn(move || lines.for_each(drop));
-        Ok(Self { child, url: format!("http://{addr}"), dir })
+        Ok(Self { child, url: format!("http://{addr}"), storage })
     }
 
     /// Parquet files in the lake's data directory now (0 for a DuckDB file).
     pub fn parquet_files(&self) -> u64 {
-        count_parquet(&self.dir.path().join(LAKE_DATA))
+        self.storage.parquet_files()
     }
 
     pub fn url(&self) -> &str {
@@ -78,6 +83,7 @@ impl Server {
 }
 
 /// What a server process used.
+#[derive(Default)]
 pub struct Usage {
     /// Peak resident memory (`VmHWM`), KiB.
     pub peak_rss_kib: u64,
@@ -87,40 +93,82 @@ pub struct Usage {
     pub parquet_files: u64,
 }
 
-/// Where a lake's Parquet files go, in the server's directory.
-const LAKE_DATA: &str = "lake-data";
+impl Usage {
+    /// What servers sharing one lake used together, stopped in this order: their CPU time and peak
+    /// memory added up, and the Parquet files after the last one stopped.
+    pub fn together(usages: impl IntoIterator<Item = Usage>) -> Usage {
+        usages.into_iter().fold(Usage::default(), |sum, usage| Usage {
+            peak_rss_kib: sum.peak_rss_kib + usage.peak_rss_kib,
+            cpu: sum.cpu + usage.cpu,
+            parquet_files: usage.parquet_files,
+        })
+    }
+}
 
 /// What the benchmark writes into.
 #[derive(Debug, Clone)]
 pub enum StorageKind {
     Duckdb,
-    /// A local DuckLake, with the extension files in this directory.
+    /// A DuckLake, with the extension files in `extensions`: its catalog a local file, or a database of
+    /// its own on the PostgreSQL server at `postgres` (a libpq connection string).
     Ducklake {
         extensions: PathBuf,
+        postgres: Option<String>,
     },
 }
 
-impl StorageKind {
-    /// The server's config file for storage in `dir`.
-    pub fn config_yaml(&self, dir: &Path) -> String {
-        match self {
-            Self::Duckdb => format!("db_path: {}\n", dir.join("bench.duckdb").display()),
-            Self::Ducklake { extensions } => format!(
-                "storage: {{kind: ducklake, catalog: {}, data_path: {}}}\nduckdb: {{extension_directory: {}}}\n",
-                dir.join("meta.ducklake").display(),
-                dir.join(LAKE_DATA).display(),
-                extensions.display()
-            ),
+/// Fresh storage of one kind for one run: a temporary directory with the server's config file in it,
+/// and for a lake on PostgreSQL a catalog database of its own, dropped with it.
+pub struct FreshStorage {
+    kind: StorageKind,
+    dir: tempfile::TempDir,
+    catalog: Option<CatalogDatabase>,
+}
+
+impl FreshStorage {
+    pub fn new(kind: &StorageKind) -> anyhow::Result<Self> {
+        let catalog = match kind {
+            StorageKind::Ducklake { postgres: Some(server), .. } => Some(CatalogDatabase::create(server)?),
+            _ => None,
+        };
+        let storage = Self { kind: kind.clone(), dir: tempfile::tempdir()?, catalog };
+        std::fs::write(storage.config_path(), serde_json::to_string(&storage.config())?)?; // JSON is YAML
+        Ok(storage)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    /// The servers' configuration.
+    fn config(&self) -> Config {
+        let mut config = Config { db_path: self.dir.path().join("bench.duckdb"), ..Config::default() };
+        if let StorageKind::Ducklake { extensions, .. } = &self.kind {
+            config.storage = StorageConfig::Ducklake(DuckLakeConfig::new(self.catalog(), self.data_path()));
+            config.duckdb.extension_directory = Some(extensions.clone());
+        }
+        config
+    }
+
+    /// A lake's catalog, as `storage.catalog` names it.
+    fn catalog(&self) -> String {
+        match &self.catalog {
+            Some(database) => format!("postgres:{}", database.connection()),
+            None => self.dir.path().join("meta.ducklake").to_string_lossy().into_owned(),
         }
     }
 
-    /// The same storage for in-process loading, in `dir`.
-    pub fn open_in_process(&self, dir: &Path) -> anyhow::Result<Box<dyn arrowport::store::Storage>> {
-        Ok(match self {
-            Self::Duckdb => Box::new(arrowport::store::DuckDbFile::new(dir.join("native.duckdb"))),
-            Self::Ducklake { extensions } => Box::new(arrowport::store::DuckLake::new(
-                &dir.join("meta.ducklake").to_string_lossy(),
-                &dir.join(LAKE_DATA),
+    fn data_path(&self) -> PathBuf {
+        self.dir.path().join("lake-data")
+    }
+
+    /// The same storage for in-process loading.
+    pub fn open_in_process(&self) -> anyhow::Result<Box<dyn arrowport::store::Storage>> {
+        Ok(match &self.kind {
+            StorageKind::Duckdb => Box::new(arrowport::store::DuckDbFile::new(self.dir.path().join("native.duckdb"))),
+            StorageKind::Ducklake { extensions, .. } => Box::new(arrowport::store::DuckLake::new(
+                &self.catalog(),
+                &self.data_path(),
                 extensions,
                 10_000,
                 Duration::from_secs(3600),
@@ -128,6 +176,46 @@ impl StorageKind {
             )?),
         })
     }
+
+    /// Parquet files in the lake's data directory now (0 for a DuckDB file).
+    pub fn parquet_files(&self) -> u64 {
+        count_parquet(&self.data_path())
+    }
+}
+
+/// A database of its own on a PostgreSQL server, for one lake's catalog.
+struct CatalogDatabase {
+    server: String,
+    name: String,
+}
+
+impl CatalogDatabase {
+    fn create(server: &str) -> anyhow::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("arrowport_bench_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        psql(server, &format!("CREATE DATABASE {name}"))?;
+        Ok(Self { server: server.to_owned(), name })
+    }
+
+    /// Its libpq connection string: the server's, with this database (libpq takes a keyword's last value).
+    fn connection(&self) -> String {
+        format!("{} dbname={}", self.server, self.name)
+    }
+}
+
+impl Drop for CatalogDatabase {
+    fn drop(&mut self) {
+        if let Err(error) = psql(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+            eprintln!("cannot drop the catalog database {}: {error:#}", self.name);
+        }
+    }
+}
+
+/// Runs one SQL statement with `psql` on the PostgreSQL server at `server`.
+fn psql(server: &str, statement: &str) -> anyhow::Result<()> {
+    let output = Command::new("psql").args([server, "-qc", statement]).output().context("cannot run psql")?;
+    anyhow::ensure!(output.status.success(), "{statement}: {}", String::from_utf8_lossy(&output.stderr).trim());
+    Ok(())
 }
 
 fn count_parquet(dir: &Path) -> u64 {
@@ -170,5 +258,27 @@ mod tests {
         let stat = "4242 (arrow port) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 31 0 0 20 0 9 0";
         assert_eq!(cpu_time(stat), Some(Duration::from_millis(2810)));
         assert_eq!(cpu_time("4242 (truncated"), None);
+    }
+
+    #[test]
+    fn servers_sharing_a_lake_add_up_cpu_and_memory_and_count_the_files_after_the_last() {
+        let usage = |peak_rss_kib, cpu_ms, parquet_files| Usage {
+            peak_rss_kib,
+            cpu: Duration::from_millis(cpu_ms),
+            parquet_files,
+        };
+        let together = Usage::together([usage(100, 1500, 7), usage(300, 2500, 4)]);
+        assert_eq!((together.peak_rss_kib, together.cpu, together.parquet_files), (400, Duration::from_secs(4), 4));
+    }
+
+    #[test]
+    fn a_local_lake_config_names_its_catalog_data_path_and_extensions() {
+        let kind = StorageKind::Ducklake { extensions: "/opt/extensions".into(), postgres: None };
+        let storage = FreshStorage::new(&kind).unwrap();
+        let config: Config = serde_json::from_str(&std::fs::read_to_string(storage.config_path()).unwrap()).unwrap();
+        let StorageConfig::Ducklake(lake) = &config.storage else { panic!("not a lake: {:?}", config.storage) };
+        assert_eq!(lake.catalog, storage.dir.path().join("meta.ducklake").to_string_lossy());
+        assert_eq!(lake.data_path, storage.dir.path().join("lake-data"));
+        assert_eq!(config.duckdb.extension_directory, Some("/opt/extensions".into()));
     }
 }
