@@ -106,7 +106,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let app = arrowport::app::App::open(&config)?;
         if let Some(tokens) = &tokens {
             app.replace_tokens(tokens);
-            tracing::info!(tokens = tokens.tokens.len(), "Access control on: every request but health and metrics needs a token.");
+            tracing::info!(
+                tokens = tokens.tokens.len(),
+                "Access control on: every request but health and metrics needs a token."
+            );
         }
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
