@@ -135,12 +135,18 @@ const LINGER_BYTES: u64 = 1 << 30;
 /// Reads what is left of a body (come back through [`returning`]) and drops it, within [`LINGER`] and
 /// [`LINGER_BYTES`].
 pub async fn linger(returned: oneshot::Receiver<BodyDataStream>) {
-    let Ok(mut rest) = returned.await else { return };
+    if let Ok(rest) = returned.await {
+        drain(rest, LINGER_BYTES).await;
+    }
+}
+
+/// Reads up to `max_bytes` of `body` within [`LINGER`] and drops them.
+pub async fn drain(mut body: BodyDataStream, max_bytes: u64) {
     let mut read = 0u64;
     let _ = tokio::time::timeout(LINGER, async {
-        while let Some(Ok(frame)) = rest.next().await {
+        while let Some(Ok(frame)) = body.next().await {
             read += frame.len() as u64;
-            if read > LINGER_BYTES {
+            if read > max_bytes {
                 break;
             }
         }

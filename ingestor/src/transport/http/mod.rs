@@ -60,6 +60,9 @@ impl IntoResponse for IngestError {
     }
 }
 
+/// Most of a refused unauthenticated request's body read (and dropped) before the answer.
+const UNAUTHENTICATED_BODY_BYTES: u64 = 1 << 20;
+
 /// Access control, before the handler reads a byte of the body: who the request is (its
 /// `Authorization` header, its connection's client certificate) goes into its extensions, or it is
 /// answered `401 unauthenticated`.
@@ -72,11 +75,16 @@ async fn authenticate(State(app): State<Arc<App>>, mut request: Request, next: N
             next.run(request).await
         }
         Err(error) => {
+            let version = request.version();
+            // A small body is read and dropped first: a client sends it before it reads the answer, and
+            // a stream reset under it (HTTP/2) or a closed connection hides the 401. An unauthenticated
+            // client gets no more than that of the server's time.
+            body::drain(request.into_body().into_data_stream(), UNAUTHENTICATED_BODY_BYTES).await;
             let mut response = error.into_response();
             let headers = response.headers_mut();
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            // The body is unread: an HTTP/1.1 connection cannot carry another request.
-            if request.version() < Version::HTTP_2 {
+            // The body may be unread: an HTTP/1.1 connection cannot carry another request.
+            if version < Version::HTTP_2 {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             response
