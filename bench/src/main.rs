@@ -35,12 +35,10 @@ struct Args {
     /// The `arrowport` binary to start for the HTTP and Flight scenarios.
     #[arg(long)]
     server: PathBuf,
-    /// Rows per request in the small-request scenario.
-    #[arg(long, default_value_t = 1_000)]
-    small_rows: usize,
-    /// Concurrent producers in the small-request scenario.
-    #[arg(long, default_value_t = 32)]
-    small_producers: usize,
+    /// The small-request scenarios, each `ROWSxPRODUCERS`: requests of ROWS rows from PRODUCERS concurrent
+    /// producers (repeat the flag for several).
+    #[arg(long = "small", value_parser = small_point, default_values = ["1000x32", "100x256"])]
+    small: Vec<SmallPoint>,
     /// Size of the single streamed upload whose server peak RSS is reported (0 skips it).
     #[arg(long, default_value_t = 1.0)]
     upload_gib: f64,
@@ -72,6 +70,23 @@ fn postgres_server(catalog: &str) -> Result<String, String> {
     match catalog.strip_prefix("postgres:") {
         Some(server) => Ok(server.to_owned()),
         None => Err("the catalog is `postgres:` and a libpq connection string (a local catalog is the default)".into()),
+    }
+}
+
+/// Rows per request and concurrent producers of a small-request scenario.
+#[derive(Clone, Copy, Debug)]
+struct SmallPoint {
+    rows: usize,
+    producers: usize,
+}
+
+fn small_point(point: &str) -> Result<SmallPoint, String> {
+    let parse = |(rows, producers): (&str, &str)| {
+        Some(SmallPoint { rows: rows.parse().ok()?, producers: producers.parse().ok()? })
+    };
+    match point.split_once('x').and_then(parse) {
+        Some(point) if point.rows > 0 && point.producers > 0 => Ok(point),
+        _ => Err("expected ROWSxPRODUCERS, e.g. 1000x32".into()),
     }
 }
 
@@ -119,8 +134,8 @@ struct Outcome {
     producer_cpu: Option<Duration>,
     /// Peak resident memory of the server, KiB.
     peak_rss_kib: Option<u64>,
-    /// Median and 99th-percentile time from sending a request to its commit answer.
-    latency: Option<(Duration, Duration)>,
+    /// Median, 99th and 99.9th-percentile time from sending a request to its commit answer.
+    latency: Option<[Duration; 3]>,
     /// A lake's Parquet files when the load ended, and after the server's last maintenance.
     files: Option<(u64, u64)>,
 }
@@ -199,19 +214,21 @@ async fn main() -> anyhow::Result<()> {
             outcomes.push(bench.median(eighths.len(), run).await?);
         }
     }
-    if args.selects(SMALL_REQUESTS) {
-        let requests: Vec<Request> = small_pieces(&args, &batches)
-            .iter()
-            .map(|piece| Request::Http(ipc(std::slice::from_ref(piece), None)))
-            .collect();
-        outcomes.push(bench.median(1, || small_requests(&args, SMALL_REQUESTS, &requests, bytes)).await?);
-    }
-    if args.selects(SMALL_CALLS) {
-        let mut requests = Vec::new();
-        for piece in small_pieces(&args, &batches) {
-            requests.push(Request::Flight(flight::messages("lineitem", &[piece], None).await?));
+    for point in &args.small {
+        if args.selects(SMALL_REQUESTS) {
+            let requests: Vec<Request> = small_pieces(point, &batches)
+                .iter()
+                .map(|piece| Request::Http(ipc(std::slice::from_ref(piece), None)))
+                .collect();
+            outcomes.push(bench.median(1, || small_requests(&args, *point, SMALL_REQUESTS, &requests, bytes)).await?);
         }
-        outcomes.push(bench.median(1, || small_requests(&args, SMALL_CALLS, &requests, bytes)).await?);
+        if args.selects(SMALL_CALLS) {
+            let mut requests = Vec::new();
+            for piece in small_pieces(point, &batches) {
+                requests.push(Request::Flight(flight::messages("lineitem", &[piece], None).await?));
+            }
+            outcomes.push(bench.median(1, || small_requests(&args, *point, SMALL_CALLS, &requests, bytes)).await?);
+        }
     }
     if args.upload_gib > 0.0 && args.selects(STREAMED_UPLOAD) {
         outcomes.push(bench.median(1, || streamed_upload(&args)).await?);
@@ -332,7 +349,7 @@ async fn in_process_native(parts: &[&[RecordBatch]], storage: &StorageKind) -> a
     let fresh = FreshStorage::new(storage)?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
-    let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold };
+    let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold, threads: None };
     let database = Arc::new(Database::open(fresh.open_in_process()?, &options)?);
     let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget })?;
     let target = Target {
@@ -474,16 +491,22 @@ async fn remote(
     Ok(Outcome::remote(scenario.to_owned(), rows, bytes, times, usage))
 }
 
-/// Many small requests (`small_rows` each) from `small_producers` concurrent producers, each waiting for
+/// Many small requests (`point.rows` each) from `point.producers` concurrent producers, each waiting for
 /// its answer before sending the next: where per-request overhead (one transaction each) shows. Over
 /// Flight each request is one `DoPut`, and each producer keeps its own connection.
-async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes: u64) -> anyhow::Result<Outcome> {
+async fn small_requests(
+    args: &Args,
+    point: SmallPoint,
+    scenario: &str,
+    requests: &[Request],
+    bytes: u64,
+) -> anyhow::Result<Outcome> {
     // Copied before the clock starts: each run sends its own.
     let queue = std::sync::Arc::new(std::sync::Mutex::new(requests.to_vec()));
     let server = Server::start(&args.server, &args.storage()?)?;
     let client = reqwest::Client::new();
     let clock = Clock::start()?;
-    let producers = (0..args.small_producers).map(|_| {
+    let producers = (0..point.producers).map(|_| {
         let (queue, client, server) = (queue.clone(), client.clone(), &server);
         async move {
             let mut flight = None;
@@ -514,12 +537,12 @@ async fn small_requests(args: &Args, scenario: &str, requests: &[Request], bytes
     let mut latencies: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    let scenario = format!("{scenario}: {} rows each from {} producers", args.small_rows, args.small_producers);
+    let scenario = format!("{scenario}: {} rows each from {} producers", point.rows, point.producers);
     let files_at_end = server.parquet_files();
     let usage = server.stop()?;
     let files = (matches!(args.storage, StorageArg::Ducklake)).then_some((files_at_end, usage.parquet_files));
     let outcome = Outcome::remote(scenario, rows, bytes, times, usage);
-    Ok(Outcome { latency: Some((percentile(0.5), percentile(0.99))), files, ..outcome })
+    Ok(Outcome { latency: Some([percentile(0.5), percentile(0.99), percentile(0.999)]), files, ..outcome })
 }
 
 /// One small request of either protocol, encoded before the clock starts.
@@ -529,14 +552,14 @@ enum Request {
     Flight(Vec<FlightData>),
 }
 
-/// The batches cut into `small_rows` pieces.
-fn small_pieces(args: &Args, batches: &[RecordBatch]) -> Vec<RecordBatch> {
+/// The batches cut into `point.rows` pieces.
+fn small_pieces(point: &SmallPoint, batches: &[RecordBatch]) -> Vec<RecordBatch> {
     batches
         .iter()
         .flat_map(|batch| {
             (0..batch.num_rows())
-                .step_by(args.small_rows)
-                .map(|start| batch.slice(start, args.small_rows.min(batch.num_rows() - start)))
+                .step_by(point.rows)
+                .map(|start| batch.slice(start, point.rows.min(batch.num_rows() - start)))
         })
         .collect()
 }
@@ -589,17 +612,21 @@ fn ipc(batches: &[RecordBatch], compression: Option<CompressionType>) -> Vec<u8>
 fn report(outcomes: &[Outcome]) {
     println!();
     println!(
-        "| scenario | rows | seconds | rows/s | MB/s | vs in-process (as many sessions as producers) | server CPU | producer CPU | server peak RSS | ack latency p50 / p99 | Parquet files per M rows (end / after maintenance) |"
+        "| scenario | rows | seconds | rows/s | MB/s | vs in-process (as many sessions as producers) | server CPU (per M rows) | producer CPU | server peak RSS | ack latency p50 / p99 / p99.9 | Parquet files per M rows (end / after maintenance) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let seconds = o.elapsed.as_secs_f64();
         let seconds_of =
             |cpu: Option<Duration>| cpu.map_or("-".to_owned(), |cpu| format!("{:.2} s", cpu.as_secs_f64()));
-        let (cpu, producer_cpu) = (seconds_of(o.cpu), seconds_of(o.producer_cpu));
+        let per_million_rows = |cpu: Duration| cpu.as_secs_f64() * 1e6 / o.rows.max(1) as f64;
+        let cpu =
+            o.cpu.map_or("-".to_owned(), |cpu| format!("{:.2} s ({:.2} s)", cpu.as_secs_f64(), per_million_rows(cpu)));
+        let producer_cpu = seconds_of(o.producer_cpu);
         let rss = o.peak_rss_kib.map_or("-".to_owned(), |kib| format!("{} MB", kib / 1024));
-        let latency = o.latency.map_or("-".to_owned(), |(p50, p99)| {
-            format!("{:.1} / {:.1} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3)
+        let latency = o.latency.map_or("-".to_owned(), |quantiles| {
+            let [p50, p99, p999] = quantiles.map(|q| q.as_secs_f64() * 1e3);
+            format!("{p50:.1} / {p99:.1} / {p999:.1} ms")
         });
         let per_million = |files: u64| files as f64 * 1e6 / o.rows.max(1) as f64;
         let files = o

@@ -216,6 +216,11 @@ pub struct DuckDbSettings {
     /// batch of them (DuckDB's own default, 16 MiB, halves small-request throughput); a larger log takes
     /// more memory until it is checkpointed and longer to replay after a crash.
     pub checkpoint_threshold: ByteSize,
+    /// DuckDB's `threads`. `None`: the cores this process may use (its cgroup's CPU quota, else the
+    /// machine's) less one, at least one — the transports decode requests on the core left. DuckDB's own
+    /// default, every core, makes a commit's thread spin while another finishes a small insert: on two
+    /// cores that doubled the CPU cost of small requests.
+    pub threads: Option<usize>,
 }
 
 impl Default for DuckDbSettings {
@@ -225,6 +230,7 @@ impl Default for DuckDbSettings {
             checkpoint_interval_seconds: 300,
             extension_directory: None,
             checkpoint_threshold: ByteSize::mib(64),
+            threads: None,
         }
     }
 }

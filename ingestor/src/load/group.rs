@@ -200,7 +200,12 @@ mod tests {
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
         let storage = DuckDbFile::new(dir.path().join("group.duckdb"));
-        let options = DatabaseOptions { extensions: Vec::new(), memory_limit: None, checkpoint_threshold: 16 << 20 };
+        let options = DatabaseOptions {
+            extensions: Vec::new(),
+            memory_limit: None,
+            checkpoint_threshold: 16 << 20,
+            threads: None,
+        };
         let database = Database::open(Box::new(storage), &options).unwrap();
         let options =
             LoaderOptions { max_concurrent_loads: 4, budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)) };

@@ -31,6 +31,8 @@ pub struct DatabaseOptions {
     pub memory_limit: Option<u64>,
     /// DuckDB's `checkpoint_threshold` in bytes: the WAL size at which a commit checkpoints.
     pub checkpoint_threshold: u64,
+    /// DuckDB's `threads`; `None` keeps DuckDB's default (every core).
+    pub threads: Option<usize>,
 }
 
 /// The open DuckDB instance and its data catalog. Share it behind an `Arc`.
@@ -75,6 +77,9 @@ impl Instance {
             admin.execute_batch(&format!("SET memory_limit = '{limit}B'"))?;
         }
         admin.execute_batch(&format!("SET checkpoint_threshold = '{}B'", options.checkpoint_threshold))?;
+        if let Some(threads) = options.threads {
+            admin.execute_batch(&format!("SET threads = {threads}"))?;
+        }
         for extension in &options.extensions {
             admin.execute_batch(&format!("LOAD {}", sql::ident(extension))).map_err(|e| {
                 IngestError::Database(format!(
