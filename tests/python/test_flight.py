@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
 
-from conftest import readme_block
+from conftest import DATA_TABLES, readme_block
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string())])
 # For calls that wait on an ack: a missing ack fails the test instead of hanging it.
@@ -81,14 +81,6 @@ def sorted_table(table):
     return table.sort_by("id")
 
 
-def read_duckdb(server, sql):
-    """Stops the server (it holds the file) and runs `sql` on the file with DuckDB's own Python client."""
-    assert server.stop() == 0
-    with duckdb.connect(str(server.workdir / "arrowport.duckdb"), read_only=True) as db:
-        result = db.sql(sql).arrow()
-        return result.read_all() if isinstance(result, pa.RecordBatchReader) else result
-
-
 # --- Flight DoPut ---------------------------------------------------------------------------------
 
 
@@ -135,7 +127,7 @@ def test_do_put_commits_at_the_flush_threshold(start_server):
 
     expected = pa.Table.from_batches([rows(0, 500)])
     assert sorted_table(do_get(flight, "events")).equals(expected)
-    back = read_duckdb(server, "SELECT id, name FROM events ORDER BY id")
+    back = server.read_back("SELECT id, name FROM events ORDER BY id")
     assert back.column("id").to_pylist() == expected.column("id").to_pylist()
     assert back.column("name").to_pylist() == expected.column("name").to_pylist()
 
@@ -228,7 +220,7 @@ def test_list_flights_get_flight_info_get_schema_do_get(start_server):
     assert sorted_table(flight.do_get(info.endpoints[0].ticket).read_all()).equals(readings)
     assert sorted_table(do_get(flight, "events")).equals(events)
 
-    back = read_duckdb(server, "SELECT id, celsius FROM sensor_readings ORDER BY id")
+    back = server.read_back("SELECT id, celsius FROM sensor_readings ORDER BY id")
     assert back.to_pylist() == readings.to_pylist()
 
 
@@ -292,7 +284,7 @@ def test_unknown_stream_is_not_found_when_auto_create_is_off(start_server):
     assert trailers.codes() == ["unknown_stream"]
     assert do_put(flight, "known", [(rows(0, 2), metadata(1))])[0]["rows_total"] == 2
     assert {f.descriptor.path[0] for f in flight.list_flights()} == {b"known"}
-    assert read_duckdb(server, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").column(0).to_pylist() == ["known"]
+    assert server.read_back(DATA_TABLES).column(0).to_pylist() == ["known"]
 
 
 def test_a_batch_larger_than_the_memory_budget_is_refused_and_rolls_back(start_server):
@@ -351,7 +343,7 @@ def test_adbc_ingest_modes_land_exactly_what_was_sent(server):
         assert query(conn, "SELECT * FROM fresh ORDER BY id").equals(MORE)
         assert ingest(conn, "fresh2", PEOPLE, "replace") == 3
         assert query(conn, "SELECT * FROM fresh2 ORDER BY id").equals(PEOPLE)
-    back = read_duckdb(server, "SELECT id, score FROM people ORDER BY id")
+    back = server.read_back("SELECT id, score FROM people ORDER BY id")
     assert back.to_pylist() == pa.concat_tables([replaced, more_scores]).to_pylist()
 
 
@@ -369,6 +361,7 @@ def test_adbc_ingest_create_on_existing_and_append_on_missing_fail(server):
         assert tables == ["people"]
 
 
+@pytest.mark.storage_kinds("duckdb", reason="a DuckLake has no PRIMARY KEY or UNIQUE constraints")
 def test_adbc_ingest_into_a_table_with_a_primary_key_refuses_duplicates(start_server, tmp_path):
     # The user's own table, created before the server opens the file.
     with duckdb.connect(str(tmp_path / "arrowport.duckdb")) as db:
@@ -396,7 +389,7 @@ def test_adbc_ingest_schema_mismatch_and_unsupported_options(server):
             with pytest.raises(adbc_driver_manager.ProgrammingError, match='INVALID_ARGUMENT.*catalog "elsewhere" does not exist'):
                 cursor.adbc_ingest("people", MORE, mode="append", catalog_name="elsewhere")
         with conn.cursor() as cursor:
-            assert cursor.adbc_ingest("people", MORE, mode="append", catalog_name="arrowport", db_schema_name="main") == 2
+            assert cursor.adbc_ingest("people", MORE, mode="append", catalog_name=server.catalog, db_schema_name="main") == 2
         assert query(conn, "SELECT * FROM people ORDER BY id").equals(pa.concat_tables([PEOPLE, MORE]))
 
 
@@ -477,6 +470,26 @@ def test_adbc_queries_cannot_read_the_servers_files_or_catalogs(server, sql):
         assert query(conn, "SELECT * FROM people ORDER BY id").equals(PEOPLE)
 
 
+@pytest.mark.storage_kinds("ducklake", reason="only a lake opens a directory (its data path) to DuckDB's file access")
+def test_adbc_queries_cannot_read_the_lakes_parquet_files_directly(server):
+    many = pa.table({"id": pa.array(range(20_000), pa.int64()), "name": ["x"] * 20_000})
+    with connect(server) as conn:
+        # More rows than the lake inlines into its catalog (10,000): they go to a Parquet file.
+        assert ingest(conn, "people", many, "create") == 20_000
+        data = server.workdir / "lake"
+        assert list(data.rglob("*.parquet")), "the rows were not written to a Parquet file"
+        for sql in [
+            f"SELECT count(*) FROM read_parquet('{data}/**/*.parquet')",
+            f"SELECT * FROM glob('{data}/**')",
+            f"SELECT count(*) FROM '{data}/**/*.parquet'",
+        ]:
+            with conn.cursor() as cursor, pytest.raises(adbc_driver_manager.ProgrammingError, match="INVALID_ARGUMENT") as error:
+                cursor.execute(sql)
+                cursor.fetchall()
+            assert (b"x-arrowport-code", b"invalid_query") in error.value.details
+        assert query(conn, "SELECT count(*) AS n FROM people").column("n").to_pylist() == [20_000]
+
+
 def test_adbc_queries_cannot_list_or_scan_a_live_upload(server):
     """An HTTP upload held open in its data phase: no query lists its scan view or reads its rows."""
     big = pa.record_batch({"id": list(range(150_000)), "name": ["x"] * 150_000}, schema=SCHEMA)
@@ -525,9 +538,8 @@ def test_adbc_queries_cannot_list_or_scan_a_live_upload(server):
         sender.join(60)
     assert answer["status"] == 200, answer
     assert answer["body"]["rows"] == 151_000
-    assert server.stop() == 0
-    with duckdb.connect(str(server.workdir / "arrowport.duckdb"), read_only=True) as db:
-        assert db.sql("SELECT count(*), sum(id) FROM live").fetchone() == (151_000, sum(range(151_000)))
+    back = server.read_back("SELECT count(*) AS n, sum(id) AS s FROM live")
+    assert back.to_pylist() == [{"n": 151_000, "s": sum(range(151_000))}]
 
 
 def metric(server, name):
@@ -559,7 +571,7 @@ def test_adbc_metadata_lists_catalog_schema_and_tables(server):
         ingest(conn, "people", PEOPLE, "create")
         ingest(conn, "pets", MORE, "create")
         objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
-        assert [o["catalog_name"] for o in objects] == ["arrowport"]
+        assert [o["catalog_name"] for o in objects] == [server.catalog]
         [schema] = objects[0]["catalog_db_schemas"]
         assert schema["db_schema_name"] == "main"
         assert sorted((t["table_name"], t["table_type"]) for t in schema["db_schema_tables"]) == [
@@ -609,14 +621,14 @@ def test_readme_python_flight_example(server, tmp_path):
         "{'rows_committed': 3, 'batches_committed': 3, 'rows_total': 3, 'request_id': 2}",
         "3 rows in events: ['event 0', 'event 1', 'event 2']",
     ]
-    back = read_duckdb(server, "SELECT id, name FROM events ORDER BY id")
+    back = server.read_back("SELECT id, name FROM events ORDER BY id")
     assert back.to_pylist() == [{"id": i, "name": f"event {i}"} for i in range(3)]
 
 
 def test_readme_python_adbc_example(server, tmp_path):
     lines = run_readme("python-adbc", server, tmp_path)
     assert lines == ["3 rows ingested", "[('Grace',), ('Edsger',)]"]
-    back = read_duckdb(server, "SELECT id, name FROM people ORDER BY id")
+    back = server.read_back("SELECT id, name FROM people ORDER BY id")
     assert back.to_pylist() == PEOPLE.to_pylist()
 
 

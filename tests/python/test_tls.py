@@ -4,6 +4,7 @@ rotated mid-run (a Secret volume's `..data` swap, as cert-manager's renewals arr
 expired replacements that keep the old certificate. Certificates are made here with `cryptography`."""
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -207,6 +208,23 @@ def test_pyarrow_flight_and_adbc_over_grpc_tls(start_server, certs, ca):
         with conn.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM people")
             assert cursor.fetchall() == [(3,)]
+
+
+def test_a_refused_upload_over_http2_gets_its_answer_not_a_stream_reset(start_server, certs, tmp_path):
+    """401 and 403 come before the handler reads the body: the server reads (up to 1 MiB of) it first, or
+    curl over HTTP/2 fails with 'Stream error in the HTTP/2 framing layer' instead of seeing the answer."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"tokens:\n  analyst: {{sha256: {hashlib.sha256(b'analyst-token').hexdigest()}, query: true}}\n")
+    server = start_server(tls_config(certs, extra=f"auth: {{tokens_file: {tokens}}}\n"))
+    body = tmp_path / "events.arrows"
+    body.write_bytes(ipc_body(pa.table({"id": list(range(100_000))})))  # about 800 KB
+    for token, expected in [("analyst-token", "403"), ("wrong", "401")] * 3:
+        done = curl(
+            "--http2", "--cacert", str(certs.path("ca.crt")), "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {token}",
+            "-H", "Content-Type: application/vnd.apache.arrow.stream", "--data-binary", f"@{body}",
+            f"https://127.0.0.1:{port(server)}/ingest/events",
+        )
+        assert (done.returncode, done.stdout[-3:]) == (0, expected), done.stderr
 
 
 def test_mutual_tls_client_certificates_name_token_entries(start_server, certs, ca, tmp_path):

@@ -60,8 +60,9 @@ impl IntoResponse for IngestError {
     }
 }
 
-/// Most of a refused unauthenticated request's body read (and dropped) before the answer.
-const UNAUTHENTICATED_BODY_BYTES: u64 = 1 << 20;
+/// Most of a refused request's body (unauthenticated, or not allowed to write its stream) read and
+/// dropped before the answer.
+const REFUSED_BODY_BYTES: u64 = 1 << 20;
 
 /// Access control, before the handler reads a byte of the body: who the request is (its
 /// `Authorization` header, its connection's client certificate) goes into its extensions, or it is
@@ -79,7 +80,7 @@ async fn authenticate(State(app): State<Arc<App>>, mut request: Request, next: N
             // A small body is read and dropped first: a client sends it before it reads the answer, and
             // a stream reset under it (HTTP/2) or a closed connection hides the 401. An unauthenticated
             // client gets no more than that of the server's time.
-            body::drain(request.into_body().into_data_stream(), UNAUTHENTICATED_BODY_BYTES).await;
+            body::drain(request.into_body().into_data_stream(), REFUSED_BODY_BYTES).await;
             let mut response = error.into_response();
             let headers = response.headers_mut();
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -112,6 +113,8 @@ async fn ingest(
         Ok(()) => ingest_body(&app, stream, &headers, body).await,
         Err(error) => {
             app.refused(Protocol::Http, &stream, &error);
+            // As for a 401 (see `authenticate`): under a stream reset an HTTP/2 client misses the 403.
+            body::drain(body.into_data_stream(), REFUSED_BODY_BYTES).await;
             Err(error)
         }
     };
