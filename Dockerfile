@@ -1,24 +1,34 @@
 # syntax=docker/dockerfile:1
 #
-# Arrowport image: both binaries, /usr/local/bin/arrowport (the ingester) and
-# /usr/local/bin/arrowport-operator, stripped, on glibc and libstdc++ from Debian's packages (no shell),
-# running as uid 65532. The ingester links
-# DuckDB's official prebuilt shared library, /usr/local/lib/libduckdb.so (its licence in
-# /usr/local/share/doc/duckdb/LICENSE), and a DuckLake loads DuckDB's signed ducklake, icu and
-# postgres_scanner extensions from /usr/local/lib/arrowport/extensions (duckdb.extension_directory).
+# Arrowport's three images, one target each (image/files names them and their layers):
 #
-#   docker build -t ghcr.io/arrowport/arrowport:0.1.0 .
+#   arrowport           the ingester, /usr/local/bin/arrowport, for a DuckDB file (storage.kind: duckdb)
+#   arrowport-lake      the same plus DuckDB's signed ducklake, icu and postgres_scanner extensions in
+#                       /usr/local/lib/arrowport/extensions (duckdb.extension_directory), for a DuckLake
+#   arrowport-operator  the operator alone, /usr/local/bin/arrowport-operator
 #
-# Fully static variant instead (DuckDB compiled into the binary, no libduckdb.so in the image): this
-# compiles DuckDB's C++, about 20+ minutes on two cores (much longer for arm64 under emulation), where
-# the default build compiles only the Rust code:
+# Each is stripped, on glibc and libstdc++ from Debian's packages (no shell), running as uid 65532. The
+# ingester links DuckDB's official prebuilt shared library, /usr/local/lib/libduckdb.so (its licence in
+# /usr/local/share/doc/duckdb/LICENSE).
 #
-#   docker build --build-arg CARGO_FEATURES=arrowport/bundled -t ghcr.io/arrowport/arrowport:0.1.0 .
+#   docker build --target arrowport -t ghcr.io/arrowport/arrowport:0.1.0 .
+#   docker build --target arrowport-lake -t ghcr.io/arrowport/arrowport-lake:0.1.0 .
+#   docker build --target arrowport-operator -t ghcr.io/arrowport/arrowport-operator:0.1.0 .
+#
+# Without --target, `docker build .` builds the last stage, arrowport. The three share one build stage
+# (both binaries compiled once; BuildKit reuses it for the second and third target).
+#
+# Fully static variant instead (DuckDB compiled into the binary, no libduckdb.so in the ingester images):
+# this compiles DuckDB's C++, about 20+ minutes on two cores (much longer for arm64 under emulation),
+# where the default build compiles only the Rust code:
+#
+#   docker build --build-arg CARGO_FEATURES=arrowport/bundled --target arrowport -t ghcr.io/arrowport/arrowport:0.1.0 .
 #
 # (outside Docker the same is `cargo build --release --features arrowport/bundled`).
 #
 # See helm/arrowport/README.md ("Image") for building for several platforms and pushing, and README.md
-# ("The image") for building the same image without Docker (scripts/build-image, which CI runs and boots).
+# ("The images") for building the same images without Docker (scripts/build-image, which CI runs and
+# boots).
 
 ARG RUST_VERSION=1.95
 ARG NODE_VERSION=20
@@ -72,30 +82,51 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
         -p arrowport -p arrowport-operator \
     && mkdir -p /out \
     && cp target/release/arrowport target/release/arrowport-operator /out/
-# The image's two layers, as directories: /image/base (the Debian packages of image/packages, unpacked:
-# glibc, libstdc++, CA certificates, tzdata) and /image/app (the files of image/files: the binaries,
-# stripped, libduckdb.so unless DuckDB is compiled in, its licence, the extensions, the non-root user).
-# .ci/image runs the same script to assemble the same image without Docker, and checks (with
-# image/imagecheck.py) that this file's last stage copies exactly these two directories.
+# The images' layers, as directories (image/files names them): /image/base (the Debian packages of
+# image/packages, unpacked: glibc, libstdc++, CA certificates, tzdata), /image/common (the non-root user),
+# /image/ingester (arrowport, stripped, libduckdb.so unless DuckDB is compiled in, its licence, the
+# database directory), /image/lake (the extension files) and /image/operator (arrowport-operator,
+# stripped). .ci/image runs the same script to assemble the same images without Docker, and checks (with
+# image/imagecheck.py) that each image stage below copies exactly its image's layers.
 RUN bash scripts/build-image --bin-dir /out --rootfs /image
 
-# ---- run --------------------------------------------------------------------------------------------
+# ---- the images ---------------------------------------------------------------------------------------
 # No shell, no package manager: glibc, libstdc++ (DuckDB needs both), CA certificates and tzdata from
-# Debian, the files above, user 65532 (nonroot). Ownership comes with the copied files (the database
-# directory is 65532's). scripts/build-image gives the assembled image this stage's configuration, so
-# every instruction here must be one image/imagecheck.py understands.
-FROM scratch
+# Debian, the layers above, user 65532 (nonroot). Ownership comes with the copied files (the database
+# directory is 65532's). scripts/build-image gives each assembled image the configuration of the stage of
+# the same name (with the stages it is built on), so every instruction from here on must be one
+# image/imagecheck.py understands. `runtime` and `ingester` are shared steps, not images.
+FROM scratch AS runtime
 COPY --from=build /image/base/ /
-COPY --from=build /image/app/ /
-LABEL org.opencontainers.image.title="arrowport" \
-      org.opencontainers.image.description="Arrowport: Arrow IPC and Arrow Flight ingest into DuckDB, and its Kubernetes operator" \
-      org.opencontainers.image.source="https://github.com/arrowport/arrowport" \
+COPY --from=build /image/common/ /
+LABEL org.opencontainers.image.source="https://github.com/arrowport/arrowport" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/usr/local/bin:/usr/bin:/bin
 USER 65532:65532
+
+FROM runtime AS arrowport-operator
+COPY --from=build /image/operator/ /
+LABEL org.opencontainers.image.title="arrowport-operator" \
+      org.opencontainers.image.description="Arrowport's Kubernetes operator: renders ArrowportStream resources into each ingester's streams ConfigMap"
+WORKDIR /home/nonroot
+# /metrics, /healthz and /readyz (ARROWPORT_OPERATOR_METRICS_ADDR).
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/arrowport-operator"]
+
+FROM runtime AS ingester
+COPY --from=build /image/ingester/ /
 # The database directory (a volume in Kubernetes) and working directory, writable by the runtime user,
 # so that a plain `docker run IMAGE` writes ./arrowport.duckdb there.
 WORKDIR /var/lib/arrowport
 EXPOSE 8888
 ENTRYPOINT ["/usr/local/bin/arrowport"]
 CMD ["serve"]
+
+FROM ingester AS arrowport-lake
+COPY --from=build /image/lake/ /
+LABEL org.opencontainers.image.title="arrowport-lake" \
+      org.opencontainers.image.description="Arrowport: Arrow IPC and Arrow Flight ingest into DuckDB or a DuckLake (with DuckDB's ducklake, icu and postgres_scanner extensions)"
+
+FROM ingester AS arrowport
+LABEL org.opencontainers.image.title="arrowport" \
+      org.opencontainers.image.description="Arrowport: Arrow IPC and Arrow Flight ingest into a DuckDB file"

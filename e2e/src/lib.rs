@@ -129,12 +129,14 @@ fn chart_dir() -> std::path::PathBuf {
 }
 const RELEASE: &str = "arrowport";
 
-/// The `helm` binary (`ARROWPORT_E2E_HELM`, default `helm` on `PATH`) and the image the chart runs
-/// (`ARROWPORT_E2E_IMAGE`, `repository:tag`).
+/// The `helm` binary (`ARROWPORT_E2E_HELM`, default `helm` on `PATH`) and the images the chart runs: the
+/// chart's `image.registry` (`ARROWPORT_E2E_IMAGE_REGISTRY`, default empty: the bare names `kind load`
+/// gives local builds) and `image.tag` (`ARROWPORT_E2E_IMAGE_TAG`), under which the cluster pulls
+/// `arrowport-operator` and `arrowport`.
 pub struct Helm {
     binary: PathBuf,
     version: String,
-    repository: String,
+    registry: String,
     tag: String,
 }
 
@@ -147,17 +149,17 @@ impl Helm {
                  $HOME/.cache/arrowport-tools/bin/helm, where .ci/helm-checks installs it."
             )
         })?;
-        let image = std::env::var("ARROWPORT_E2E_IMAGE").unwrap_or_default();
-        // The tag follows the last ':', unless a '/' does too: then that ':' was a registry's port.
-        let Some((repository, tag)) =
-            image.rsplit_once(':').filter(|(r, t)| !r.is_empty() && !t.is_empty() && !t.contains('/'))
-        else {
+        let registry = std::env::var("ARROWPORT_E2E_IMAGE_REGISTRY").unwrap_or_default();
+        let tag = std::env::var("ARROWPORT_E2E_IMAGE_TAG").unwrap_or_default();
+        if tag.is_empty() {
             panic!(
-                "ARROWPORT_E2E_INSTALL=helm needs ARROWPORT_E2E_IMAGE=<repository>:<tag>, an image of this checkout \
-                 the cluster can pull (e.g. arrowport:e2e after `kind load docker-image arrowport:e2e`); got {image:?}"
+                "ARROWPORT_E2E_INSTALL=helm needs ARROWPORT_E2E_IMAGE_TAG=<tag> (and ARROWPORT_E2E_IMAGE_REGISTRY unless \
+                 the cluster has the bare names): the images arrowport-operator:<tag> and arrowport:<tag> of this \
+                 checkout, which the cluster can pull (e.g. after `kind load docker-image arrowport-operator:e2e \
+                 arrowport:e2e`). ARROWPORT_E2E_IMAGE, for the former single image, is no longer read"
             )
-        };
-        Ok(Self { binary, version, repository: repository.to_owned(), tag: tag.to_owned() })
+        }
+        Ok(Self { binary, version, registry: registry.trim_end_matches('/').to_owned(), tag })
     }
 
     /// `helm install --wait`: returns once the operator Deployment and the ingester StatefulSet are ready.
@@ -166,11 +168,11 @@ impl Helm {
     /// from an older run.
     pub async fn install(&self, namespace: &str) -> Result<(), String> {
         say(&format!(
-            "helm {}: installing {RELEASE} into {namespace} with image {}:{}",
-            self.version, self.repository, self.tag
+            "helm {}: installing {RELEASE} into {namespace} with the images of registry {:?}, tag {}",
+            self.version, self.registry, self.tag
         ));
         // --set-string: with --set, a tag such as `2` would become a number, which the values schema refuses.
-        let image = format!("image.repository={},image.tag={}", self.repository, self.tag);
+        let image = format!("image.registry={},image.tag={}", self.registry, self.tag);
         let chart = chart_dir().to_string_lossy().into_owned();
         let args =
             ["install", RELEASE, &chart, "--namespace", namespace, "--skip-crds", "--wait", "--set-string", &image];

@@ -21,13 +21,27 @@ Names. Resources are prefixed with the release name; the contract with the opera
 {{- end }}
 {{- end }}
 
+{{/*
+One of the three images (image/files in the repository names them), `<registry>/<name>:<tag>[@<digest>]`.
+Call with (dict "root" $ "image" "ingester"|"lake"|"operator").
+*/}}
 {{- define "arrowport.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
-{{- if .Values.image.digest }}
-{{- printf "%s:%s@%s" .Values.image.repository $tag .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- $image := get .root.Values.image .image }}
+{{- $tag := default .root.Chart.AppVersion .root.Values.image.tag }}
+{{- $ref := printf "%s:%s" $image.name $tag }}
+{{- with .root.Values.image.registry }}
+{{- $ref = printf "%s/%s" . $ref }}
 {{- end }}
+{{- with $image.digest }}
+{{- $ref = printf "%s@%s" $ref . }}
+{{- end }}
+{{- $ref }}
+{{- end }}
+
+{{/* An ingester's image: arrowport for a DuckDB file, arrowport-lake (the extensions) for a DuckLake.
+Call with (dict "root" $ "ing" <entry of arrowport.ingesters>). */}}
+{{- define "arrowport.ingesterImage" -}}
+{{- include "arrowport.image" (dict "root" .root "image" (ternary "lake" "ingester" (eq .ing.storage.kind "ducklake"))) }}
 {{- end }}
 
 {{/* Labels every resource carries. */}}
