@@ -220,6 +220,7 @@ pub struct DuckDbSettings {
     /// machine's) less one, at least one — the transports decode requests on the core left. DuckDB's own
     /// default, every core, makes a commit's thread spin while another finishes a small insert: on two
     /// cores that doubled the CPU cost of small requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
 }
 
