@@ -143,7 +143,7 @@ fn load_extension(admin: &Connection, directory: &Path, name: &str) -> Result<()
             .unwrap_or_else(|_| "?".to_owned());
         IngestError::Database(format!(
             "cannot load the DuckDB extension {name} from {} (this is DuckDB {version}; install the matching file, \
-             e.g. with scripts/duckdb-extensions): {error}",
+             e.g. with scripts/duckdb-extensions; the arrowport-lake image carries them): {error}",
             file.display()
         ))
     })
