@@ -170,7 +170,7 @@ impl FreshStorage {
                 &self.catalog(),
                 &self.data_path(),
                 extensions,
-                10_000,
+                DuckLakeConfig::new(self.catalog(), self.data_path()).data_inlining_row_limit,
                 Duration::from_secs(3600),
                 Duration::from_secs(300),
             )?),

@@ -474,7 +474,7 @@ def test_adbc_queries_cannot_read_the_servers_files_or_catalogs(server, sql):
 def test_adbc_queries_cannot_read_the_lakes_parquet_files_directly(server):
     many = pa.table({"id": pa.array(range(20_000), pa.int64()), "name": ["x"] * 20_000})
     with connect(server) as conn:
-        # More rows than the lake inlines into its catalog (10,000): they go to a Parquet file.
+        # More rows than the lake inlines into its catalog (100): they go to a Parquet file.
         assert ingest(conn, "people", many, "create") == 20_000
         data = server.workdir / "lake"
         assert list(data.rglob("*.parquet")), "the rows were not written to a Parquet file"
