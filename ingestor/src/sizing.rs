@@ -37,14 +37,6 @@ pub fn default_duckdb_limit(available: u64, budget: u64) -> u64 {
     available.saturating_sub(process).saturating_sub(budget).max(MIN_DUCKDB_BYTES)
 }
 
-/// DuckDB's `threads` by default: one fewer than the `cores` this process may use, at least one. The
-/// transports (decoding requests, answering) need a core beside DuckDB's; and with more threads than one
-/// insert can use, the committing thread spins until the others finish: on two cores small requests
-/// cost twice the CPU with two threads, while a bulk load was as fast on one (README, "Benchmark").
-pub fn default_duckdb_threads(cores: usize) -> usize {
-    cores.saturating_sub(1).max(1)
-}
-
 /// The memory this process may use, and what says so.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Available {
@@ -138,11 +130,6 @@ mod tests {
         assert_eq!(default_duckdb_limit(768 * MIB, 192 * MIB), 192 * MIB);
         assert_eq!(default_budget(GIB), 256 * MIB);
         assert_eq!(default_duckdb_limit(GIB, 256 * MIB), 384 * MIB);
-    }
-
-    #[test]
-    fn duckdb_gets_every_core_but_one() {
-        assert_eq!([1, 2, 4, 16].map(default_duckdb_threads), [1, 1, 3, 15]);
     }
 
     #[test]

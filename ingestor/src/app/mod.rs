@@ -78,7 +78,7 @@ impl App {
             extensions: config.duckdb_extensions.clone(),
             memory_limit: duckdb_memory_limit,
             checkpoint_threshold: config.duckdb.checkpoint_threshold.0,
-            threads: Some(duckdb_threads(config)),
+            threads: config.duckdb.threads,
         };
         let database = Arc::new(Database::open(storage, &options)?);
         let budget = MemoryBudget::new(budget, BUDGET_PATIENCE);
@@ -254,17 +254,6 @@ impl App {
 /// The memory plan: the budget and DuckDB's memory limit, each the configured one or derived from the
 /// memory this process may use ([`sizing`]). DuckDB's limit is `None` (its own default) only where that
 /// memory cannot be read.
-/// DuckDB's threads: as configured, else every core this process may use but one.
-fn duckdb_threads(config: &Config) -> usize {
-    config.duckdb.threads.unwrap_or_else(|| {
-        // Rust's count honours the cgroup's CPU quota, as a pod's CPU limit sets it.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = sizing::default_duckdb_threads(cores);
-        tracing::info!(cores, threads, "DuckDB threads: every core but one, which the transports use.");
-        threads
-    })
-}
-
 fn memory_plan(config: &Config) -> (u64, Option<u64>) {
     let available = sizing::available();
     let budget = match (config.limits.memory_budget_bytes, available) {
