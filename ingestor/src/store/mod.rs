@@ -282,3 +282,24 @@ const DURABLE_COMMIT: &str = "Transaction COMMIT succeeded and is durable";
 /// database has been invalidated because of a previous fatal error. The database must be restarted prior
 /// to being used again. Original error: ...".
 const INVALIDATED: &str = "database has been invalidated";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn threads_of(threads: Option<usize>) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Box::new(DuckDbFile::new(dir.path().join("t.duckdb")));
+        let options =
+            DatabaseOptions { extensions: Vec::new(), memory_limit: None, checkpoint_threshold: 16 << 20, threads };
+        let database = Database::open(storage, &options).unwrap();
+        database
+            .with_connection(|conn| conn.query_row("SELECT current_setting('threads')", [], |row| row.get(0)))
+            .unwrap()
+    }
+
+    #[test]
+    fn duckdb_runs_on_the_threads_configured() {
+        assert_eq!([threads_of(Some(1)), threads_of(Some(3))], [1, 3]);
+    }
+}
