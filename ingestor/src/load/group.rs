@@ -17,12 +17,18 @@ use arrow::datatypes::SchemaRef;
 use arrowport_config::SchemaPolicy;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use super::{Committed, LoadSession, Loader, Receipt, TableMode, Target};
-use crate::budget::Reservation;
+use super::{Committed, LoadSession, Loader, Receipt, TableMode, Target, decoded_size};
+use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
 
 /// Most rows one group commits; the requests after them form the next group.
 const MAX_GROUP_ROWS: u64 = 1 << 20;
+
+/// Decoded bytes up to which a group's small batches are joined into one before DuckDB scans them.
+/// DuckDB's per-batch work dominates small batches: in one transaction, 25,600 rows as 100-row batches
+/// took 3x the CPU of the same rows as one batch, as 1,000-row batches 1.4x. The joined copy holds its
+/// own share of the memory budget until DuckDB releases it.
+const JOINED_BATCH_BYTES: u64 = 4 << 20;
 
 /// Requests waiting for a group commit, by what they write to. A key is present while its runner runs.
 #[derive(Default)]
@@ -112,7 +118,7 @@ impl Loader {
     async fn commit_group(&self, slot: OwnedSemaphorePermit, target: &Target, schema: &SchemaRef, group: Vec<Member>) {
         let session = self.begin_in(slot, target.clone(), schema.clone()).await;
         let alone = group.len() == 1;
-        match load_members(session, &group).await {
+        match load_members(session, &group, target.chunk_size, &self.shared.budget).await {
             Ok(_) => {
                 for member in group {
                     let rows = member.rows;
@@ -132,7 +138,9 @@ impl Loader {
                 self.shared.groups.retried_alone.fetch_add(group.len() as u64, Ordering::Relaxed);
                 for member in group {
                     let session = self.begin(target.clone(), schema.clone()).await;
-                    let outcome = load_members(session, std::slice::from_ref(&member)).await;
+                    let outcome =
+                        load_members(session, std::slice::from_ref(&member), target.chunk_size, &self.shared.budget)
+                            .await;
                     let _ = member.answer.send(outcome);
                 }
             }
@@ -140,14 +148,53 @@ impl Loader {
     }
 }
 
-/// Loads the members' batches in `session` and commits. The members keep their budget reservations until
-/// they are answered, so the batches go without one.
-async fn load_members(session: Result<LoadSession, IngestError>, members: &[Member]) -> Result<Committed, IngestError> {
+/// Loads the members' batches in `session` and commits. Consecutive batches are joined into one of at
+/// most `max_rows` rows and [`JOINED_BATCH_BYTES`] when the budget has room for the copy; otherwise they
+/// go as they are. The members keep their budget reservations until they are answered, so their own
+/// batches go without one.
+async fn load_members(
+    session: Result<LoadSession, IngestError>,
+    members: &[Member],
+    max_rows: usize,
+    budget: &MemoryBudget,
+) -> Result<Committed, IngestError> {
     let mut session = session?;
+    let mut joining: Vec<&RecordBatch> = Vec::new();
+    let (mut rows, mut bytes) = (0, 0);
     for batch in members.iter().flat_map(|member| &member.batches) {
-        session.feed(batch.clone(), None).await?;
+        let size = decoded_size(batch);
+        if !joining.is_empty() && (rows + batch.num_rows() > max_rows || bytes + size > JOINED_BATCH_BYTES) {
+            feed_joined(&mut session, &joining, bytes, budget).await?;
+            joining.clear();
+            (rows, bytes) = (0, 0);
+        }
+        joining.push(batch);
+        rows += batch.num_rows();
+        bytes += size;
+    }
+    if !joining.is_empty() {
+        feed_joined(&mut session, &joining, bytes, budget).await?;
     }
     session.commit(members.iter().filter_map(|member| member.receipt.clone()).collect()).await
+}
+
+/// Feeds `batches` (one schema) as one joined batch, or one by one if there is a single batch or the
+/// budget has no room for the copy of `bytes`.
+async fn feed_joined(
+    session: &mut LoadSession,
+    batches: &[&RecordBatch],
+    bytes: u64,
+    budget: &MemoryBudget,
+) -> Result<(), IngestError> {
+    if let ([first, _, ..], Some(reservation)) = (batches, budget.try_reserve(bytes)) {
+        let joined = arrow::compute::concat_batches(&first.schema(), batches.iter().copied())
+            .map_err(|error| IngestError::Database(format!("joining a group's batches: {error}")))?;
+        return session.feed(joined, Some(reservation)).await;
+    }
+    for batch in batches {
+        session.feed((*batch).clone(), None).await?;
+    }
+    Ok(())
 }
 
 /// Takes the oldest requests up to [`MAX_GROUP_ROWS`] (always at least one).
@@ -194,8 +241,7 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
 
     use super::*;
-    use crate::budget::MemoryBudget;
-    use crate::load::{IfExists, LoaderOptions, Upload, decoded_size};
+    use crate::load::{IfExists, LoaderOptions, Upload};
     use crate::store::{Database, DatabaseOptions, DuckDbFile};
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
@@ -282,6 +328,36 @@ mod tests {
         assert!(error.contains("duplicate key \"10\""), "{error}");
         assert_eq!(outcomes[2].as_ref().unwrap().rows, 1);
         assert_eq!(table(&loader), [1, 2, 20]);
+    }
+
+    #[tokio::test]
+    async fn a_groups_small_batches_reach_duckdb_joined_unless_the_budget_has_no_room_for_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let loader = loader(&dir);
+        loader.database().with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT)")).unwrap();
+        let members = |requests: &[&[i64]]| -> Vec<Member> {
+            let member = |values: &&[i64]| Member {
+                batches: vec![ids(values)],
+                _reservations: Vec::new(),
+                rows: values.len() as u64,
+                receipt: None,
+                answer: oneshot::channel().0,
+            };
+            requests.iter().map(member).collect()
+        };
+        let mut batches_read = Vec::new();
+        for (requests, max_rows, budget) in [
+            (&[&[1, 2][..], &[3], &[4, 5, 6]][..], 1000, loader.budget().clone()),
+            (&[&[7, 8], &[9], &[10, 11]], 3, loader.budget().clone()),
+            (&[&[12], &[13]], 1000, MemoryBudget::new(0, Duration::from_millis(1))),
+        ] {
+            let session = loader.begin(target(), ids(&[]).schema()).await;
+            let committed = load_members(session, &members(requests), max_rows, &budget).await.unwrap();
+            batches_read.push(committed.batches);
+        }
+        // All three joined; then at most three rows a batch; then no room for a copy: one by one.
+        assert_eq!(batches_read, [1, 2, 2]);
+        assert_eq!(table(&loader), (1..=13).collect::<Vec<_>>());
     }
 
     #[tokio::test]
