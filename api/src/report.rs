@@ -28,6 +28,10 @@ pub struct IngestReport {
     /// batches and bytes), and nothing was written again. Absent (false) otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// Answered once durable in the server's journal: the rows are written to the table shortly after,
+    /// and the server's own queries already read them. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub journaled: bool,
 }
 
 /// The HTTP header that names a request for retries (the IETF httpapi draft's name).
@@ -138,6 +142,7 @@ mod tests {
             commit_time: Duration::ZERO,
             grouped: false,
             replayed: false,
+            journaled: false,
         };
         let mut stats = StreamStats::default();
         assert_eq!(stats.compression_ratio(), None);
@@ -163,6 +168,7 @@ mod tests {
             commit_time: Duration::ZERO,
             grouped: false,
             replayed: false,
+            journaled: false,
         };
         assert!(!serde_json::to_string(&report).unwrap().contains("replayed"));
         report.replayed = true;

@@ -33,6 +33,12 @@ pub async fn connect(url: &str) -> anyhow::Result<FlightClient> {
     Ok(FlightClient::new(Channel::from_shared(url.to_owned())?.connect().await?))
 }
 
+/// The rows of `table` as the server counts them (`GetFlightInfo`), once every answered request is in it.
+pub async fn table_rows(url: &str, table: &str) -> anyhow::Result<u64> {
+    let info = connect(url).await?.get_flight_info(FlightDescriptor::new_path(vec![table.to_owned()])).await?;
+    u64::try_from(info.total_records).context("a row count")
+}
+
 /// Sends one `DoPut` on a connection of its own and returns the rows the server acknowledged as committed.
 pub async fn put(url: &str, messages: Vec<FlightData>) -> anyhow::Result<u64> {
     put_on(&mut connect(url).await?, messages).await

@@ -16,7 +16,7 @@ use arrow_flight::FlightData;
 use arrow_ipc::CompressionType;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrowport::budget::MemoryBudget;
-use arrowport::load::{Loader, LoaderOptions, TableMode, Target, decoded_size};
+use arrowport::load::{Loader, LoaderOptions, Proof, TableMode, Target, decoded_size};
 use arrowport::store::{Database, DatabaseOptions};
 use arrowport_config::SchemaPolicy;
 use clap::Parser;
@@ -117,6 +117,9 @@ impl Args {
 
 const SMALL_REQUESTS: &str = "HTTP, small requests";
 const SMALL_CALLS: &str = "Flight DoPut, small calls";
+/// The same with the server's journal on: the clock stops once every row is in the table.
+const SMALL_REQUESTS_JOURNAL: &str = "HTTP, small requests, journal";
+const SMALL_CALLS_JOURNAL: &str = "Flight DoPut, small calls, journal";
 const STREAMED_UPLOAD: &str = "HTTP, streamed upload";
 /// Ingesters sharing one lake in the scenarios that need a PostgreSQL catalog.
 const SHARED_LAKE_INGESTERS: usize = 2;
@@ -215,19 +218,29 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     for point in &args.small {
-        if args.selects(SMALL_REQUESTS) {
+        let http = [(SMALL_REQUESTS, false), (SMALL_REQUESTS_JOURNAL, true)];
+        let http: Vec<_> = http.into_iter().filter(|(scenario, _)| args.selects(scenario)).collect();
+        if !http.is_empty() {
             let requests: Vec<Request> = small_pieces(point, &batches)
                 .iter()
                 .map(|piece| Request::Http(ipc(std::slice::from_ref(piece), None)))
                 .collect();
-            outcomes.push(bench.median(1, || small_requests(&args, *point, SMALL_REQUESTS, &requests, bytes)).await?);
+            for (scenario, journal) in http {
+                let run = || small_requests(&args, *point, scenario, journal, &requests, bytes);
+                outcomes.push(bench.median(1, run).await?);
+            }
         }
-        if args.selects(SMALL_CALLS) {
+        let flight = [(SMALL_CALLS, false), (SMALL_CALLS_JOURNAL, true)];
+        let flight: Vec<_> = flight.into_iter().filter(|(scenario, _)| args.selects(scenario)).collect();
+        if !flight.is_empty() {
             let mut requests = Vec::new();
             for piece in small_pieces(point, &batches) {
                 requests.push(Request::Flight(flight::messages("lineitem", &[piece], None).await?));
             }
-            outcomes.push(bench.median(1, || small_requests(&args, *point, SMALL_CALLS, &requests, bytes)).await?);
+            for (scenario, journal) in flight {
+                let run = || small_requests(&args, *point, scenario, journal, &requests, bytes);
+                outcomes.push(bench.median(1, run).await?);
+            }
         }
     }
     if args.upload_gib > 0.0 && args.selects(STREAMED_UPLOAD) {
@@ -346,12 +359,12 @@ fn rate(outcome: &Outcome) -> f64 {
 /// DuckDB scanning Arrow streams in-process: the same loader the server uses, without the network. Each
 /// part is one session (one transaction), all at once.
 async fn in_process_native(parts: &[&[RecordBatch]], storage: &StorageKind) -> anyhow::Result<Outcome> {
-    let fresh = FreshStorage::new(storage)?;
+    let fresh = FreshStorage::new(storage, false)?;
     let budget = MemoryBudget::new(u64::MAX / 2, Duration::ZERO);
     let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
     let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold, threads: None };
     let database = Arc::new(Database::open(fresh.open_in_process()?, &options)?);
-    let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget })?;
+    let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget, journal: None })?;
     let target = Target {
         table: "lineitem".into(),
         chunk_size: 122_880,
@@ -365,7 +378,7 @@ async fn in_process_native(parts: &[&[RecordBatch]], storage: &StorageKind) -> a
             let reservation = loader.budget().reserve_batch(decoded_size(batch)).await?;
             session.send(batch.clone(), reservation).await?;
         }
-        anyhow::Ok(session.commit(Vec::new()).await?.rows)
+        anyhow::Ok(session.commit(Proof::default()).await?.rows)
     });
     let rows: u64 = futures::future::try_join_all(sessions).await?.into_iter().sum();
     let (elapsed, cpu) = clock.stop()?;
@@ -460,7 +473,7 @@ async fn remote(
     bytes: u64,
     ingesters: usize,
 ) -> anyhow::Result<Outcome> {
-    let storage = Arc::new(FreshStorage::new(&args.storage()?)?);
+    let storage = Arc::new(FreshStorage::new(&args.storage()?, false)?);
     let servers: Vec<Server> =
         (0..ingesters).map(|_| Server::start_on(&args.server, storage.clone())).collect::<anyhow::Result<_>>()?;
     let server_of = |producer: usize| &servers[producer % servers.len()];
@@ -493,17 +506,20 @@ async fn remote(
 
 /// Many small requests (`point.rows` each) from `point.producers` concurrent producers, each waiting for
 /// its answer before sending the next: where per-request overhead (one transaction each) shows. Over
-/// Flight each request is one `DoPut`, and each producer keeps its own connection.
+/// Flight each request is one `DoPut`, and each producer keeps its own connection. With the `journal`,
+/// answers come before the rows are in the table, so the clock stops only once the server's count of
+/// the table (which first waits for the journaled rows) has every row.
 async fn small_requests(
     args: &Args,
     point: SmallPoint,
     scenario: &str,
+    journal: bool,
     requests: &[Request],
     bytes: u64,
 ) -> anyhow::Result<Outcome> {
     // Copied before the clock starts: each run sends its own.
     let queue = std::sync::Arc::new(std::sync::Mutex::new(requests.to_vec()));
-    let server = Server::start(&args.server, &args.storage()?)?;
+    let server = Server::start(&args.server, &args.storage()?, journal)?;
     let client = reqwest::Client::new();
     let clock = Clock::start()?;
     let producers = (0..point.producers).map(|_| {
@@ -531,9 +547,11 @@ async fn small_requests(
         }
     });
     let results = futures::future::try_join_all(producers).await?;
+    let in_table = flight::table_rows(server.url(), "lineitem").await?;
     let times = clock.stop()?;
     let rows: u64 = results.iter().map(|(rows, _)| rows).sum();
     anyhow::ensure!(rows == args.rows, "{scenario}: the server committed {rows} rows, expected {}", args.rows);
+    anyhow::ensure!(in_table == rows, "{scenario}: the table holds {in_table} rows, expected {rows}");
     let mut latencies: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
@@ -585,7 +603,7 @@ async fn streamed_upload(args: &Args) -> anyhow::Result<Outcome> {
         let _ = tx.blocking_send(Ok(std::mem::take(writer.get_mut())));
         Ok((rows, sent))
     });
-    let server = Server::start(&args.server, &args.storage()?)?;
+    let server = Server::start(&args.server, &args.storage()?, false)?;
     let body = reqwest::Body::wrap_stream(tokio_stream(rx));
     let clock = Clock::start()?;
     let committed = server.ingest(&reqwest::Client::new(), "upload", body).await?;

@@ -17,9 +17,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `binary` on fresh storage of `kind`.
-    pub fn start(binary: &Path, kind: &StorageKind) -> anyhow::Result<Self> {
-        Self::start_on(binary, Arc::new(FreshStorage::new(kind)?))
+    /// Starts `binary` on fresh storage of `kind`, with its journal on or off.
+    pub fn start(binary: &Path, kind: &StorageKind, journal: bool) -> anyhow::Result<Self> {
+        Self::start_on(binary, Arc::new(FreshStorage::new(kind, journal)?))
     }
 
     /// Starts `binary` on `storage`, which other servers may share (a lake with a PostgreSQL catalog).
@@ -121,17 +121,19 @@ pub enum StorageKind {
 /// and for a lake on PostgreSQL a catalog database of its own, dropped with it.
 pub struct FreshStorage {
     kind: StorageKind,
+    /// The server's journal is on (`journal.enabled`).
+    journal: bool,
     dir: tempfile::TempDir,
     catalog: Option<CatalogDatabase>,
 }
 
 impl FreshStorage {
-    pub fn new(kind: &StorageKind) -> anyhow::Result<Self> {
+    pub fn new(kind: &StorageKind, journal: bool) -> anyhow::Result<Self> {
         let catalog = match kind {
             StorageKind::Ducklake { postgres: Some(server), .. } => Some(CatalogDatabase::create(server)?),
             _ => None,
         };
-        let storage = Self { kind: kind.clone(), dir: tempfile::tempdir()?, catalog };
+        let storage = Self { kind: kind.clone(), journal, dir: tempfile::tempdir()?, catalog };
         std::fs::write(storage.config_path(), serde_json::to_string(&storage.config())?)?; // JSON is YAML
         Ok(storage)
     }
@@ -147,6 +149,7 @@ impl FreshStorage {
             config.storage = StorageConfig::Ducklake(DuckLakeConfig::new(self.catalog(), self.data_path()));
             config.duckdb.extension_directory = Some(extensions.clone());
         }
+        config.journal.enabled = self.journal;
         config
     }
 
@@ -274,7 +277,7 @@ mod tests {
     #[test]
     fn a_local_lake_config_names_its_catalog_data_path_and_extensions() {
         let kind = StorageKind::Ducklake { extensions: "/opt/extensions".into(), postgres: None };
-        let storage = FreshStorage::new(&kind).unwrap();
+        let storage = FreshStorage::new(&kind, false).unwrap();
         let config: Config = serde_json::from_str(&std::fs::read_to_string(storage.config_path()).unwrap()).unwrap();
         let StorageConfig::Ducklake(lake) = &config.storage else { panic!("not a lake: {:?}", config.storage) };
         assert_eq!(lake.catalog, storage.dir.path().join("meta.ducklake").to_string_lossy());

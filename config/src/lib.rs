@@ -61,6 +61,9 @@ pub struct Config {
     pub duckdb: DuckDbSettings,
     /// How long retries with an idempotency key are recognised.
     pub idempotency: IdempotencySettings,
+    /// Small requests answered once they are durable in a journal on local disk, and written to their
+    /// tables in large transactions. Off by default.
+    pub journal: JournalSettings,
     /// Access control: bearer tokens with per-stream write grants and a query grant. Off by default.
     pub auth: AuthConfig,
     /// TLS on the listening port(s), and mutual TLS with `client_ca`. Off by default.
@@ -108,6 +111,7 @@ impl Default for Config {
             limits: Limits::default(),
             duckdb: DuckDbSettings::default(),
             idempotency: IdempotencySettings::default(),
+            journal: JournalSettings::default(),
             auth: AuthConfig::default(),
             tls: None,
             streams: BTreeMap::new(),
@@ -196,6 +200,31 @@ pub struct IdempotencySettings {
 impl Default for IdempotencySettings {
     fn default() -> Self {
         Self { key_window_seconds: 86_400 }
+    }
+}
+
+/// The journal (see the README's "Small writes"). A small request (below one chunk of rows and 8 MiB)
+/// to a table it has written before is answered once it is durable in the journal; its rows are then
+/// written together with others' in transactions of up to a million rows, and are read by Arrowport's
+/// queries as soon as the request is answered (a query first waits for them). Readers that open the
+/// database or lake directly see them up to `linger_ms` later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSettings {
+    pub enabled: bool,
+    /// The journal's directory, on a persistent volume of this ingester alone. Default: beside the
+    /// database file (`<db_path>.journal`) or the lake's catalog file (`<catalog>.journal`); with a
+    /// PostgreSQL catalog it must be set.
+    pub path: Option<PathBuf>,
+    /// Longest a journaled request waits before its table is written, unless a million rows gather
+    /// first. Longer makes larger transactions (faster, fewer Parquet files in a lake) and holds more
+    /// rows in memory, within `limits.memory_budget_bytes`.
+    pub linger_ms: u64,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        Self { enabled: false, path: None, linger_ms: 500 }
     }
 }
 
@@ -460,6 +489,22 @@ impl Config {
                     key(&["duckdb", "extension_directory"]),
                     "a DuckLake needs the directory holding ducklake.duckdb_extension (and icu, postgres_scanner)",
                 ));
+            }
+        }
+        if self.journal.enabled {
+            let lake_on_postgres = matches!(&self.storage, StorageConfig::Ducklake(lake) if lake.is_postgres());
+            match &self.journal.path {
+                Some(path) if path.as_os_str().is_empty() => {
+                    issues.push(Issue::new(key(&["journal", "path"]), "must name a directory"))
+                }
+                None if lake_on_postgres => issues.push(Issue::new(
+                    key(&["journal", "path"]),
+                    "must be set with a PostgreSQL catalog: a directory on this ingester's own volume",
+                )),
+                _ => {}
+            }
+            if self.journal.linger_ms == 0 {
+                issues.push(Issue::new(key(&["journal", "linger_ms"]), "must be at least 1"));
             }
         }
         if self.idempotency.key_window_seconds == 0 {

@@ -88,6 +88,10 @@ struct Args {
     /// The lake's catalog, e.g. `postgres:host=... dbname=...` [default: a catalog file in the run's directory].
     #[arg(long)]
     catalog: Option<String>,
+    /// Turn on the server's journal: small requests are acknowledged once durable in it and written to
+    /// the table after, so kills also land between an acknowledgement and the write.
+    #[arg(long)]
+    journal: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -252,6 +256,9 @@ fn config_yaml(args: &Args, lake: Option<&server::Lake>) -> String {
             quoted(&lake.catalog),
             quoted(&lake.data_path.to_string_lossy())
         ));
+    }
+    if args.journal {
+        yaml.push_str("journal:\n  enabled: true\n");
     }
     let extensions = lake.map(|lake| format!("  extension_directory: {}\n", lake.extensions.display()));
     let threshold =

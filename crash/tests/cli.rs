@@ -13,7 +13,7 @@ fn crash(args: &[&str]) -> (i32, String) {
 fn help_names_the_run_s_knobs() {
     let (code, text) = crash(&["--help"]);
     assert_eq!(code, 0, "{text}");
-    for flag in ["--kills", "--seconds-between", "--seed", "--json", "--server"] {
+    for flag in ["--kills", "--seconds-between", "--seed", "--json", "--server", "--journal"] {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
     }
 }

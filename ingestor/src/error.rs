@@ -63,6 +63,8 @@ pub enum IngestError {
     InsufficientStorage(String),
     #[error("DuckDB error: {0}")]
     Database(String),
+    #[error("journal: {0}")]
+    Journal(String),
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
     #[error("permission denied: {0}")]
@@ -99,7 +101,7 @@ impl IngestError {
             Self::QueryTimeout { .. } => ErrorCode::QueryTimeout,
             Self::RequestInProgress(_) => ErrorCode::RequestInProgress,
             Self::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
-            Self::Database(_) => ErrorCode::DatabaseError,
+            Self::Database(_) | Self::Journal(_) => ErrorCode::DatabaseError,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
         }

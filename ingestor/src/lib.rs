@@ -9,9 +9,10 @@
 //! - [`app`]: the protocol-neutral core and composition root: the one ingest loop both transports drive,
 //!   the route table, lifecycle (shutdown, checkpoints). [`reload`] feeds it new routes.
 //! - the engines it composes: [`load`] (Arrow batches → one DuckDB transaction per commit, with
-//!   [`ipc`] checking and decoding messages and [`budget`] bounding their memory), [`query`] (read-only
+//!   [`ipc`] checking and decoding messages, [`budget`] bounding their memory and [`journal`] making
+//!   small requests durable before their tables are written), [`query`] (read-only
 //!   queries), [`routing`] (stream → table), [`telemetry`] (metrics and per-stream totals).
-//! - [`store`]: the one DuckDB instance and the storage seam behind it (today a DuckDB file).
+//! - [`store`]: the one DuckDB instance and the storage seam behind it (a DuckDB file or a DuckLake).
 //!
 //! Wire types and error codes live in the `arrowport-api` crate, shared with the client commands of
 //! the `arrowport-cli` crate, which have no DuckDB behind them.
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod budget;
 pub mod error;
 pub mod ipc;
+pub mod journal;
 pub mod load;
 pub mod malloc;
 pub mod query;

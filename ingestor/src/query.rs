@@ -4,7 +4,8 @@
 //! stream tables (checked on DuckDB's own parse of it, see [`check_references`]), and runs in a
 //! `READ ONLY` transaction that is always rolled back. Queries take their own slots, never
 //! the loaders', and are interrupted after the timeout, so they cannot stall ingest for long. DuckDB's
-//! MVCC lets them read while loads append.
+//! MVCC lets them read while loads append. With a journal, every read first waits until the requests
+//! answered before it are written to their tables, so a client reads what it was told is committed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use duckdb::{Connection, InterruptHandle};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::IngestError;
+use crate::journal::Journal;
 use crate::store::Database;
 
 /// DuckDB hands out 2,048-row chunks; batches of about this many rows are cheaper to send.
@@ -38,6 +40,7 @@ pub struct QueryService {
     db: Arc<Database>,
     permits: Arc<Semaphore>,
     timeout: Duration,
+    journal: Option<Journal>,
 }
 
 /// A running query: its schema now, its batches as DuckDB produces them. Dropping it cancels the query.
@@ -53,8 +56,16 @@ enum Sql {
 }
 
 impl QueryService {
-    pub fn new(db: Arc<Database>, limits: QueryLimits) -> Self {
-        Self { db, permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))), timeout: limits.timeout }
+    /// Queries on `db`; with `journal`, each waits for the journaled requests answered before it.
+    pub fn new(db: Arc<Database>, limits: QueryLimits, journal: Option<Journal>) -> Self {
+        let permits = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
+        Self { db, permits, timeout: limits.timeout, journal }
+    }
+
+    async fn settle(&self) {
+        if let Some(journal) = &self.journal {
+            journal.settle().await;
+        }
     }
 
     /// Runs a client's read-only SQL statement.
@@ -100,6 +111,7 @@ impl QueryService {
     }
 
     async fn table_infos(&self, only: Option<String>) -> Result<Vec<TableInfo>, IngestError> {
+        self.settle().await;
         let db = self.db.clone();
         blocking(move || {
             let conn = db.connect()?;
@@ -126,6 +138,7 @@ impl QueryService {
     }
 
     async fn run_query(&self, sql: Sql) -> Result<QueryResult, IngestError> {
+        self.settle().await;
         let permit = self.permits.clone().acquire_owned().await.map_err(|_| IngestError::ShuttingDown)?;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (batches_tx, batches_rx) = mpsc::channel(CHANNEL_DEPTH);

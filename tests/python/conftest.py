@@ -109,13 +109,15 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
         )
+        seen = []
         for line in self.process.stderr:
             match = re.search(r"addr=(\S+)", line)
             if match:
                 self.addr = match.group(1)
                 break
+            seen.append(line)
         else:
-            raise RuntimeError("arrowport exited before listening")
+            raise RuntimeError("arrowport exited before listening:\n" + "".join(seen))
         # Keep reading stderr so the server never blocks on a full pipe.
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
         self.url = f"http://{self.addr}"

@@ -246,6 +246,12 @@ must share its data path. Call with (dict "ing" <entry> "lakes" <dict>).
 {{- if or (ne $config.compression.algorithm "zstd") (kindIs "invalid" $config.compression.level) }}
 {{- $_ := unset $config.compression "level" }}
 {{- end }}
+{{- with $config.journal }}
+{{- $_ := set . "path" (printf "%s/journal" (include "arrowport.volumePath" $)) }}
+{{- if kindIs "float64" .linger_ms }}
+{{- $_ := set . "linger_ms" (int64 .linger_ms) }}
+{{- end }}
+{{- end }}
 {{- range $key, $value := $config.limits }}
 {{- if kindIs "float64" $value }}
 {{- $_ := set $config.limits $key (int64 $value) }}

@@ -122,9 +122,14 @@ impl App {
         tasks
     }
 
-    /// The last step of a shutdown, once no request is open: a final checkpoint, then what others wait for
-    /// is handed over (a lake's maintenance turn).
+    /// The last step of a shutdown, once no request is open: the journaled requests are written (those
+    /// that cannot be in the shutdown timeout are written at the next start), a final checkpoint, then
+    /// what others wait for is handed over (a lake's maintenance turn).
     pub async fn finish(&self) {
+        let timeout = Duration::from_secs(self.limits.shutdown_timeout_seconds);
+        if tokio::time::timeout(timeout, self.loader.settle()).await.is_err() {
+            tracing::warn!("Journaled requests not yet written to their tables; they are at the next start.");
+        }
         match self.checkpoint().await {
             Ok(_) => tracing::info!("Checkpointed the database."),
             Err(error) => tracing::error!(%error, "Checkpoint at shutdown failed; the WAL is replayed at next start."),

@@ -12,6 +12,7 @@ mod session;
 mod streams;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use arrowport_config::{Config, Limits, StorageConfig, TokensFile};
 use crate::auth::{Access, Identity, Refusal};
 use crate::budget::MemoryBudget;
 use crate::error::IngestError;
-use crate::load::{Loader, LoaderOptions};
+use crate::load::{JournalOptions, Loader, LoaderOptions};
 use crate::query::{QueryLimits, QueryService};
 use crate::routing::Routes;
 use crate::sizing;
@@ -82,15 +83,21 @@ impl App {
         };
         let database = Arc::new(Database::open(storage, &options)?);
         let budget = MemoryBudget::new(budget, BUDGET_PATIENCE);
-        let loader = Loader::new(
-            database.clone(),
-            LoaderOptions { max_concurrent_loads: config.limits.max_concurrent_loads, budget },
-        )?;
+        let journal = config.journal.enabled.then(|| JournalOptions {
+            dir: journal_dir(config),
+            linger: Duration::from_millis(config.journal.linger_ms),
+        });
+        if let Some(journal) = &journal {
+            tracing::info!(dir = %journal.dir.display(), linger_ms = journal.linger.as_millis() as u64,
+                "Small requests are answered once durable in the journal.");
+        }
+        let max_concurrent_loads = config.limits.max_concurrent_loads;
+        let loader = Loader::new(database.clone(), LoaderOptions { max_concurrent_loads, budget, journal })?;
         let query_limits = QueryLimits {
             max_concurrent: config.limits.max_concurrent_queries,
             timeout: Duration::from_secs(config.limits.query_timeout_seconds),
         };
-        let queries = QueryService::new(database.clone(), query_limits);
+        let queries = QueryService::new(database.clone(), query_limits, loader.journal().cloned());
         let routes = Routes::from_config(config);
         let telemetry = Telemetry::default();
         let metrics = &telemetry.metrics;
@@ -243,11 +250,28 @@ impl App {
         let metrics = &self.telemetry.metrics;
         metrics.set_resources(&resources);
         metrics.inflight_bytes.set(self.loader.budget().used() as i64);
+        let unwritten = self.loader.journal().map_or(0, |journal| journal.unapplied());
+        metrics.journal_unwritten_requests.set(unwritten as i64);
     }
 
     /// Counts a request refused before it reached the core (a transport's own checks).
     pub fn refused(&self, protocol: metrics::Protocol, stream: &str, error: &IngestError) {
         self.telemetry.record_request(protocol, stream, Some(error), 0, Instant::now());
+    }
+}
+
+/// The journal's directory: configured, or beside the database file or the lake's local catalog.
+fn journal_dir(config: &Config) -> PathBuf {
+    let beside = |path: &Path| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".journal");
+        PathBuf::from(name)
+    };
+    match (&config.journal.path, &config.storage) {
+        (Some(path), _) => path.clone(),
+        (None, StorageConfig::Duckdb) => beside(&config.db_path),
+        // Validation refuses a PostgreSQL catalog without a path.
+        (None, StorageConfig::Ducklake(lake)) => beside(Path::new(&lake.catalog)),
     }
 }
 

@@ -178,6 +178,7 @@ impl App {
             commit_time: Duration::ZERO,
             grouped: false,
             replayed: false,
+            journaled: false,
         };
         let (replay, skip_through) = match request.commits {
             Commits::AtEnd => (found, None),
@@ -290,6 +291,7 @@ impl Ingest {
             bytes_decoded: found.bytes_decoded,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             replayed: true,
+            journaled: false,
             ..self.totals
         })
     }
@@ -437,6 +439,7 @@ impl Ingest {
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             commit_time: committed.commit_time,
             grouped: committed.grouped,
+            journaled: committed.journaled,
             replayed: false,
         };
         self.app.telemetry.record_commit(self.request.protocol, &report);
@@ -446,6 +449,7 @@ impl Ingest {
         totals.bytes_decoded += report.bytes_decoded;
         totals.commit_time += report.commit_time;
         totals.grouped |= report.grouped;
+        totals.journaled |= report.journaled;
         self.committed_request_id = self.committed_request_id.max(pending.request_id);
         if let Some(acks) = acks {
             let ack = Ack {

@@ -6,6 +6,12 @@
 //! one runner per queue commits everything queued in one session and then answers each request. While it
 //! commits, the next group gathers, so groups grow with load and nobody waits on a timer. When a group
 //! fails, its requests are retried one at a time, so one bad request cannot fail the others.
+//!
+//! With the journal (see [`journaled`](super::journaled)), a request of a trusted group is answered as
+//! soon as its record is durable and waits in the queue with the others; the runner lets them gather
+//! for up to the linger time (or a million rows, or until someone waits for them to be written) and
+//! writes them in one transaction that records their sequence numbers. A journaled request is never
+//! failed: when its group fails, it goes back to the head of the queue and is tried again.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -17,12 +23,18 @@ use arrow::datatypes::SchemaRef;
 use arrowport_config::SchemaPolicy;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use super::{Committed, LoadSession, Loader, Receipt, TableMode, Target, decoded_size};
+use super::{Committed, LoadSession, Loader, Proof, Receipt, TableMode, Target, blocking, decoded_size, journaled};
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
 
 /// Most rows one group commits; the requests after them form the next group.
 const MAX_GROUP_ROWS: u64 = 1 << 20;
+
+/// While journaled requests linger, how often the runner looks whether it should stop waiting.
+const LINGER_STEP: Duration = Duration::from_millis(10);
+
+/// How long a runner waits before trying its journaled requests again after their group failed.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Decoded bytes up to which a group's small batches are joined into one before DuckDB scans them.
 /// DuckDB's per-batch work dominates small batches: in one transaction, 25,600 rows as 100-row batches
@@ -40,8 +52,8 @@ pub(super) struct GroupQueues {
 
 /// Requests can share a transaction when they write the same columns to the same table the same way.
 #[derive(Clone, Hash, PartialEq, Eq)]
-struct GroupKey {
-    table: String,
+pub(super) struct GroupKey {
+    pub table: String,
     policy: SchemaPolicy,
     mode: TableMode,
     schema: SchemaRef,
@@ -55,7 +67,12 @@ struct Member {
     rows: u64,
     /// Committed with the member's rows, whichever transaction takes them.
     receipt: Option<Receipt>,
-    answer: oneshot::Sender<Result<Committed, IngestError>>,
+    /// Where to answer; `None` for a request answered from the journal.
+    answer: Option<oneshot::Sender<Result<Committed, IngestError>>>,
+    /// The request's journal record, once it is durable there.
+    journaled: Option<u64>,
+    /// When it was queued: a journaled request waits at most the linger time.
+    queued: Instant,
 }
 
 impl Loader {
@@ -70,12 +87,46 @@ impl Loader {
         receipt: Option<Receipt>,
     ) -> Result<Committed, IngestError> {
         let started = Instant::now();
-        let (answer, answered) = oneshot::channel();
         let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
-        let receipt =
-            receipt.map(|receipt| Receipt { rows: Some(rows), batches: Some(batches.len() as u64), ..receipt });
-        let member = Member { batches, _reservations: reservations, rows, receipt, answer };
+        let count = batches.len() as u64;
+        let receipt = receipt.map(|receipt| Receipt { rows: Some(rows), batches: Some(count), ..receipt });
         let key = GroupKey { table: target.table.clone(), policy: target.policy, mode: target.mode, schema };
+        let queued = Instant::now();
+        if let Some(journaling) = self.shared.journal.as_ref().filter(|journaling| journaling.trusts(&key)) {
+            let (header, body) = journaled::encode(&target, &key.schema, &batches, receipt.as_ref());
+            let seq = journaling.journal.append(header, body).await?;
+            let member = Member {
+                batches,
+                _reservations: reservations,
+                rows,
+                receipt,
+                answer: None,
+                journaled: Some(seq),
+                queued,
+            };
+            self.enqueue(key, target, member);
+            let commit_time = started.elapsed();
+            return Ok(Committed { rows, batches: count, commit_time, grouped: true, journaled: true });
+        }
+        let (answer, answered) = oneshot::channel();
+        let member = Member {
+            batches,
+            _reservations: reservations,
+            rows,
+            receipt,
+            answer: Some(answer),
+            journaled: None,
+            queued,
+        };
+        self.enqueue(key, target, member);
+        let committed = answered
+            .await
+            .map_err(|_| IngestError::Database("the group commit ended without an answer".to_owned()))??;
+        Ok(Committed { commit_time: started.elapsed(), ..committed })
+    }
+
+    /// Queues `member` for `key`, starting the queue's runner if it has none.
+    fn enqueue(&self, key: GroupKey, target: Target, member: Member) {
         let start_runner = match self.shared.groups.lock().entry(key.clone()) {
             Entry::Occupied(mut queue) => {
                 queue.get_mut().push(member);
@@ -89,16 +140,16 @@ impl Loader {
         if start_runner {
             tokio::spawn(self.clone().run_groups(key, target));
         }
-        let committed = answered
-            .await
-            .map_err(|_| IngestError::Database("the group commit ended without an answer".to_owned()))??;
-        Ok(Committed { commit_time: started.elapsed(), ..committed })
     }
 
     /// Commits the queue of `key` group by group until it is empty.
     async fn run_groups(self, key: GroupKey, target: Target) {
         let mut runner = Runner { loader: &self, key: &key, done: false };
         loop {
+            if let Some(wait) = self.lingering(&key) {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             // Requests keep gathering while the runner waits for a load slot.
             let Ok(slot) = self.load_slot().await else { return };
             let group = {
@@ -111,39 +162,140 @@ impl Loader {
                 }
                 next_group(queue)
             };
-            self.commit_group(slot, &target, &key.schema, group).await;
+            if !self.commit_group(slot, &target, &key, group).await {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
         }
     }
 
-    async fn commit_group(&self, slot: OwnedSemaphorePermit, target: &Target, schema: &SchemaRef, group: Vec<Member>) {
-        let session = self.begin_in(slot, target.clone(), schema.clone()).await;
+    /// How much longer the queue of `key` should gather before its next group, if at all: only a queue of
+    /// journaled requests waits, and only while it holds less than a group, its oldest request is younger
+    /// than the linger time, nobody waits for the journal to be applied and the memory budget (which
+    /// waiting requests hold) is less than half full.
+    fn lingering(&self, key: &GroupKey) -> Option<Duration> {
+        let journaling = self.shared.journal.as_ref()?;
+        let budget = &self.shared.budget;
+        if journaling.journal.hurried() || budget.used() > budget.capacity() / 2 {
+            return None;
+        }
+        let queues = self.shared.groups.lock();
+        let queue = queues.get(key)?;
+        if queue.iter().any(|member| member.answer.is_some()) {
+            return None;
+        }
+        if queue.iter().map(|member| member.rows).sum::<u64>() >= MAX_GROUP_ROWS {
+            return None;
+        }
+        let left = journaling.linger.checked_sub(queue.first()?.queued.elapsed())?;
+        Some(left.min(LINGER_STEP))
+    }
+
+    /// Commits `group` and answers its requests. Returns `false` if journaled requests failed and went
+    /// back to the queue.
+    async fn commit_group(
+        &self,
+        slot: OwnedSemaphorePermit,
+        target: &Target,
+        key: &GroupKey,
+        group: Vec<Member>,
+    ) -> bool {
+        let session = self.begin_in(slot, target.clone(), key.schema.clone()).await;
         let alone = group.len() == 1;
-        match load_members(session, &group, target.chunk_size, &self.shared.budget).await {
+        let journal = self.shared.journal.as_ref();
+        let seqs: Vec<u64> = group.iter().filter_map(|member| member.journaled).collect();
+        let applies = journal.filter(|_| !seqs.is_empty()).map(|j| (j.journal.id().to_owned(), seqs.clone()));
+        match load_members(session, &group, target.chunk_size, &self.shared.budget, applies).await {
             Ok(_) => {
+                if let Some(journaling) = journal {
+                    journaling.journal.applied(&seqs);
+                    if seqs.is_empty() && !journaling.trusts(key) {
+                        self.trust_if_unconstrained(key).await;
+                    }
+                }
                 for member in group {
-                    let rows = member.rows;
-                    let batches = member.batches.len() as u64;
-                    let committed = Committed { rows, batches, commit_time: Duration::ZERO, grouped: !alone };
-                    let _ = member.answer.send(Ok(committed));
+                    let (rows, batches) = (member.rows, member.batches.len() as u64);
+                    let committed =
+                        Committed { rows, batches, commit_time: Duration::ZERO, grouped: !alone, journaled: false };
+                    if let Some(answer) = member.answer {
+                        let _ = answer.send(Ok(committed));
+                    }
                 }
-            }
-            Err(error) if alone => {
-                if let Some(member) = group.into_iter().next() {
-                    let _ = member.answer.send(Err(error));
-                }
+                true
             }
             Err(error) => {
-                tracing::debug!(table = %target.table, requests = group.len(), %error,
-                    "A group commit failed; committing its requests one at a time.");
-                self.shared.groups.retried_alone.fetch_add(group.len() as u64, Ordering::Relaxed);
-                for member in group {
-                    let session = self.begin(target.clone(), schema.clone()).await;
-                    let outcome =
-                        load_members(session, std::slice::from_ref(&member), target.chunk_size, &self.shared.budget)
-                            .await;
-                    let _ = member.answer.send(outcome);
+                let (answered, waiting): (Vec<Member>, Vec<Member>) =
+                    group.into_iter().partition(|member| member.journaled.is_none());
+                if let Some(journaling) = journal.filter(|_| !waiting.is_empty()) {
+                    tracing::warn!(table = %target.table, requests = waiting.len(), %error,
+                        "Could not write journaled requests to their table; trying again. New requests to it are \
+                         committed before they are answered until this succeeds.");
+                    journaling.distrust_table(&target.table);
+                    let mut queues = self.shared.groups.lock();
+                    let queue = queues.get_mut(key).expect("a running group queue stays in the map");
+                    queue.splice(0..0, waiting);
+                }
+                self.answer_failed(target, key, answered, alone, error).await;
+                seqs.is_empty()
+            }
+        }
+    }
+
+    /// Answers the requests of a failed group: a request alone gets the error, the others are retried one
+    /// at a time so that one bad request cannot fail them.
+    async fn answer_failed(
+        &self,
+        target: &Target,
+        key: &GroupKey,
+        members: Vec<Member>,
+        alone: bool,
+        error: IngestError,
+    ) {
+        if alone {
+            if let Some(answer) = members.into_iter().next().and_then(|member| member.answer) {
+                let _ = answer.send(Err(error));
+            }
+            return;
+        }
+        tracing::debug!(table = %target.table, requests = members.len(), %error,
+            "A group commit failed; committing its requests one at a time.");
+        self.shared.groups.retried_alone.fetch_add(members.len() as u64, Ordering::Relaxed);
+        for member in members {
+            // Not `begin`: that would wait for the journaled requests this runner itself has to write.
+            let session = match self.load_slot().await {
+                Ok(slot) => self.begin_in(slot, target.clone(), key.schema.clone()).await,
+                Err(error) => Err(error),
+            };
+            let one = std::slice::from_ref(&member);
+            let outcome = load_members(session, one, target.chunk_size, &self.shared.budget, None).await;
+            if let Some(answer) = member.answer {
+                let _ = answer.send(outcome);
+            }
+        }
+    }
+
+    /// Trusts `key` with the journal if its table has no constraints that could refuse rows later.
+    async fn trust_if_unconstrained(&self, key: &GroupKey) {
+        let db = self.shared.db.clone();
+        let table = key.table.clone();
+        let constraints = blocking(move || {
+            db.with_connection(|conn| {
+                conn.query_row(
+                    "SELECT count(*) FROM duckdb_constraints() \
+                     WHERE database_name = ? AND schema_name = 'main' AND lower(table_name) = lower(?)",
+                    [db.catalog(), table.as_str()],
+                    |row| row.get::<_, i64>(0),
+                )
+            })
+        })
+        .await;
+        match constraints {
+            Ok(0) => {
+                if let Some(journaling) = &self.shared.journal {
+                    journaling.trust(key.clone());
                 }
             }
+            Ok(_) => tracing::debug!(table = %key.table, "The table has constraints: its requests are not journaled."),
+            Err(error) => tracing::warn!(table = %key.table, %error, "Could not read the table's constraints."),
         }
     }
 }
@@ -157,6 +309,7 @@ async fn load_members(
     members: &[Member],
     max_rows: usize,
     budget: &MemoryBudget,
+    journaled: Option<(String, Vec<u64>)>,
 ) -> Result<Committed, IngestError> {
     let mut session = session?;
     let mut joining: Vec<&RecordBatch> = Vec::new();
@@ -175,7 +328,8 @@ async fn load_members(
     if !joining.is_empty() {
         feed_joined(&mut session, &joining, bytes, budget).await?;
     }
-    session.commit(members.iter().filter_map(|member| member.receipt.clone()).collect()).await
+    let receipts = members.iter().filter_map(|member| member.receipt.clone()).collect();
+    session.commit(Proof { receipts, journaled }).await
 }
 
 /// Feeds `batches` (one schema) as one joined batch, or one by one if there is a single batch or the
@@ -209,6 +363,26 @@ fn next_group(queue: &mut Vec<Member>) -> Vec<Member> {
         .count()
         .max(1);
     queue.drain(..count).collect()
+}
+
+impl Loader {
+    /// Queues a journal record found at start that no transaction recorded: it is written like any
+    /// journaled request.
+    pub(super) fn requeue_recovered(&self, seq: u64, record: journaled::Decoded) {
+        let journaled::Decoded { target, schema, batches, receipt } = record;
+        let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
+        let key = GroupKey { table: target.table.clone(), policy: target.policy, mode: target.mode, schema };
+        let member = Member {
+            batches,
+            _reservations: Vec::new(),
+            rows,
+            receipt,
+            answer: None,
+            journaled: Some(seq),
+            queued: Instant::now(),
+        };
+        self.enqueue(key, target, member);
+    }
 }
 
 impl GroupQueues {
@@ -245,6 +419,10 @@ mod tests {
     use crate::store::{Database, DatabaseOptions, DuckDbFile};
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
+        loader_with(dir, None)
+    }
+
+    fn loader_with(dir: &tempfile::TempDir, journal: Option<journaled::JournalOptions>) -> Loader {
         let storage = DuckDbFile::new(dir.path().join("group.duckdb"));
         let options = DatabaseOptions {
             extensions: Vec::new(),
@@ -253,8 +431,11 @@ mod tests {
             threads: None,
         };
         let database = Database::open(Box::new(storage), &options).unwrap();
-        let options =
-            LoaderOptions { max_concurrent_loads: 4, budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)) };
+        let options = LoaderOptions {
+            max_concurrent_loads: 4,
+            budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)),
+            journal,
+        };
         Loader::new(Arc::new(database), options).unwrap()
     }
 
@@ -341,7 +522,9 @@ mod tests {
                 _reservations: Vec::new(),
                 rows: values.len() as u64,
                 receipt: None,
-                answer: oneshot::channel().0,
+                answer: None,
+                journaled: None,
+                queued: Instant::now(),
             };
             requests.iter().map(member).collect()
         };
@@ -352,7 +535,7 @@ mod tests {
             (&[&[12], &[13]], 1000, MemoryBudget::new(0, Duration::from_millis(1))),
         ] {
             let session = loader.begin(target(), ids(&[]).schema()).await;
-            let committed = load_members(session, &members(requests), max_rows, &budget).await.unwrap();
+            let committed = load_members(session, &members(requests), max_rows, &budget, None).await.unwrap();
             batches_read.push(committed.batches);
         }
         // All three joined; then at most three rows a batch; then no room for a copy: one by one.
@@ -387,6 +570,30 @@ mod tests {
         assert_eq!(table(&loader), [1, 2, 3, 4]);
     }
 
+    #[tokio::test]
+    async fn a_journaled_group_that_fails_is_kept_and_written_once_the_table_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journaled::JournalOptions { dir: dir.path().join("journal"), linger: Duration::from_millis(1) };
+        let loader = loader_with(&dir, Some(journal));
+        let first = upload_together(&loader, target(), &[&[1]]).await.remove(0).unwrap();
+        assert!(!first.journaled, "a new table is committed before the answer");
+        let second = upload_together(&loader, target(), &[&[2]]).await.remove(0).unwrap();
+        assert!(second.journaled, "its group is trusted now");
+        loader.settle().await;
+        // The table changes under the journal: the next journaled rows break its constraint.
+        let replace = |sql: &'static str| loader.database().with_connection(|conn| conn.execute_batch(sql)).unwrap();
+        replace("DROP TABLE t; CREATE TABLE t (id BIGINT CHECK (id < 0))");
+        let third = upload_together(&loader, target(), &[&[3]]).await.remove(0).unwrap();
+        assert!(third.journaled);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(loader.journal().unwrap().unapplied(), 1, "answered, and not written while the table refuses it");
+        let fourth = upload_together(&loader, target(), &[&[4]]).await;
+        assert!(fourth[0].is_err(), "a failing group is no longer trusted: the next request gets the error");
+        replace("DROP TABLE t; CREATE TABLE t (id BIGINT)");
+        loader.settle().await;
+        assert_eq!(table(&loader), [3], "written on a later try, once");
+    }
+
     #[test]
     fn the_next_group_stops_at_the_row_limit() {
         let member = |rows| Member {
@@ -394,7 +601,9 @@ mod tests {
             _reservations: Vec::new(),
             rows,
             receipt: None,
-            answer: oneshot::channel().0,
+            answer: None,
+            journaled: None,
+            queued: Instant::now(),
         };
         let mut queue = vec![member(MAX_GROUP_ROWS / 2), member(MAX_GROUP_ROWS / 2), member(1)];
         assert_eq!(next_group(&mut queue).len(), 2);

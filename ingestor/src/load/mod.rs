@@ -7,6 +7,7 @@
 
 mod group;
 mod held;
+mod journaled;
 mod reader;
 mod receipts;
 mod schema;
@@ -26,10 +27,13 @@ use tokio::task::JoinHandle;
 
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
+use crate::journal::Journal;
 use crate::store::{self, Database, RawConnection, SCRATCH, sql};
 pub use arrowport_api::decoded_size;
+pub use journaled::JournalOptions;
+use journaled::Journaling;
 use reader::{ChannelReader, Feed};
-pub use receipts::{Found, Receipt};
+pub use receipts::{Found, Proof, Receipt};
 pub use schema::{Column, IfExists, TableMode, TablePlan, check_supported};
 use tables::{TableGuard, TableLocks};
 pub use upload::{SMALL_REQUEST_BYTES, Upload};
@@ -55,6 +59,8 @@ pub struct LoaderOptions {
     pub max_concurrent_loads: usize,
     /// The memory budget sessions reserve decoded batches against.
     pub budget: MemoryBudget,
+    /// Answer small requests from a journal (see [`journaled`]).
+    pub journal: Option<JournalOptions>,
 }
 
 /// What a committed session wrote.
@@ -66,6 +72,8 @@ pub struct Committed {
     pub commit_time: Duration,
     /// Committed in one transaction with other requests (group commit).
     pub grouped: bool,
+    /// Durable in the journal, and written to the table soon after (see [`journaled`]).
+    pub journaled: bool,
 }
 
 /// Loads Arrow data into the database's tables. Cheap to clone.
@@ -82,6 +90,7 @@ struct Shared {
     groups: group::GroupQueues,
     budget: MemoryBudget,
     next_view: AtomicU64,
+    journal: Option<Journaling>,
 }
 
 /// One loading slot: a SQL connection and the raw connection that registers its Arrow streams.
@@ -91,10 +100,18 @@ struct Worker {
 }
 
 impl Loader {
-    /// A loader on `db`; creates the table of receipts if it is missing.
+    /// A loader on `db`; creates the table of receipts if it is missing. With a journal, its records
+    /// that no transaction recorded are queued to be written (this needs the async runtime).
     pub fn new(db: Arc<Database>, options: LoaderOptions) -> Result<Self, IngestError> {
         receipts::create_table(&db)?;
-        Ok(Self {
+        let (journal, recovered) = match &options.journal {
+            Some(journal) => {
+                let (opened, recovered) = Journal::open(&journal.dir)?;
+                (Some(Journaling::new(opened, journal.linger)), recovered)
+            }
+            None => (None, Vec::new()),
+        };
+        let loader = Self {
             shared: Arc::new(Shared {
                 db,
                 idle: Mutex::new(Vec::new()),
@@ -103,20 +120,61 @@ impl Loader {
                 groups: group::GroupQueues::default(),
                 budget: options.budget,
                 next_view: AtomicU64::new(0),
+                journal,
             }),
-        })
+        };
+        if let Some(journal) = loader.journal() {
+            let db = &loader.shared.db;
+            let applied: std::collections::HashSet<u64> =
+                receipts::journal_applied(db, journal.id(), journal.oldest_kept())?.into_iter().collect();
+            let (done, todo): (Vec<_>, Vec<_>) = recovered.into_iter().partition(|r| applied.contains(&r.seq));
+            journal.applied(&done.iter().map(|record| record.seq).collect::<Vec<_>>());
+            if !todo.is_empty() {
+                tracing::info!(
+                    records = todo.len(),
+                    "Writing the journal's records that were not written before the last stop."
+                );
+            }
+            for record in todo {
+                loader.requeue_recovered(record.seq, journaled::decode(&record)?);
+            }
+            receipts::prune_journal_applied(db, journal.id(), journal.oldest_kept())?;
+        }
+        Ok(loader)
+    }
+
+    /// The journal, if small requests are answered from one.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.shared.journal.as_ref().map(|journaling| &journaling.journal)
+    }
+
+    /// Waits until every journaled request answered so far is written to its table.
+    pub async fn settle(&self) {
+        if let Some(journal) = self.journal() {
+            journal.settle().await;
+        }
     }
 
     /// The committed receipt of `key` on `stream`, if any (see [`Receipt`]).
     pub async fn find_receipt(&self, stream: &str, key: &str) -> Result<Option<Found>, IngestError> {
+        // A journaled request's receipt is committed with its rows.
+        self.settle().await;
         let (db, stream, key) = (self.shared.db.clone(), stream.to_owned(), key.to_owned());
         blocking(move || receipts::find(&db, &stream, &key)).await
     }
 
-    /// Forgets receipts older than `window`; returns how many are left.
+    /// Forgets receipts older than `window`, and which journal records were written once the journal no
+    /// longer holds them; returns how many receipts are left.
     pub async fn prune_receipts(&self, window: Duration) -> Result<u64, IngestError> {
         let db = self.shared.db.clone();
-        blocking(move || receipts::prune(&db, window.as_millis() as u64)).await
+        let journal = self.journal().map(|journal| (journal.id().to_owned(), journal.oldest_kept()));
+        blocking(move || {
+            if let Some((id, oldest)) = journal {
+                receipts::prune_journal_applied(&db, &id, oldest)?;
+            }
+            receipts::prune(&db, window.as_millis() as u64)
+        })
+        .await
     }
 
     /// The database this loader writes to.
@@ -139,8 +197,16 @@ impl Loader {
     /// Starts a session: waits for a free slot, checks `schema` against the target table (creating or
     /// evolving it inside the session's transaction), then accepts batches. Schema problems are reported
     /// here, before the caller reads any data.
+    /// With a journal, the session first waits until the journaled requests answered before it are
+    /// written; one that replaces the table stops journaling requests to it.
     pub async fn begin(&self, target: Target, schema: SchemaRef) -> Result<LoadSession, IngestError> {
         check_supported(&schema)?;
+        if let Some(journaling) = &self.shared.journal {
+            if target.mode.if_exists != IfExists::Append {
+                journaling.distrust_table(&target.table);
+            }
+            journaling.journal.settle().await;
+        }
         let slot = self.load_slot().await?;
         self.begin_in(slot, target, schema).await
     }
@@ -216,11 +282,11 @@ impl Shared {
     ) -> Result<Committed, IngestError> {
         let view = format!("ingest_{}", self.next_view.fetch_add(1, Ordering::Relaxed));
         let batches = Arc::new(AtomicU64::new(0));
-        let receipts = Arc::new(Mutex::new(Vec::new()));
-        let reader = ChannelReader::new(schema, rx, batches.clone(), receipts.clone());
+        let proof = Arc::new(Mutex::new(Proof::default()));
+        let reader = ChannelReader::new(schema, rx, batches.clone(), proof.clone());
         let stream = worker.scan.register(&view, Box::new(reader)).map_err(|error| self.db.explain(error))?;
         let view = sql::qualified(SCRATCH, "main", &view);
-        let outcome = self.load_view(&worker.sql, target, &view, ready, &batches, &receipts);
+        let outcome = self.load_view(&worker.sql, target, &view, ready, &batches, &proof);
         // The view points at `stream`: drop the view first. Failure here only leaves an in-memory entry.
         if let Err(error) = worker.sql.execute_batch(&format!("DROP VIEW IF EXISTS {view}")) {
             tracing::warn!(%view, %error, "Could not drop a scan view.");
@@ -231,6 +297,7 @@ impl Shared {
             batches: batches.load(Ordering::Relaxed),
             commit_time: Duration::ZERO,
             grouped: false,
+            journaled: false,
         })
     }
 
@@ -241,7 +308,7 @@ impl Shared {
         view: &str,
         ready: oneshot::Sender<()>,
         batches: &AtomicU64,
-        receipts: &Mutex<Vec<Receipt>>,
+        proof: &Mutex<Proof>,
     ) -> Result<u64, IngestError> {
         let incoming = describe(conn, view)?;
         let storage = self.db.storage();
@@ -273,9 +340,9 @@ impl Shared {
             let _ = ready.send(());
             let columns = sql::ident_list(incoming.iter().map(|c| c.name.as_str()));
             let rows = conn.execute(&format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {view}"), [])?;
-            // The stream ended (else the INSERT failed): its receipts commit with its rows, or neither does.
-            let receipts = std::mem::take(&mut *receipts.lock().expect("receipts lock poisoned"));
-            receipts::record(&self.db, conn, &receipts, rows as u64, batches.load(Ordering::Relaxed))?;
+            // The stream ended (else the INSERT failed): its proof commits with its rows, or neither does.
+            let proof = std::mem::take(&mut *proof.lock().expect("proof lock poisoned"));
+            receipts::record(&self.db, conn, &proof, rows as u64, batches.load(Ordering::Relaxed))?;
             store::commit(conn)?;
             Ok(rows as u64)
         })();
@@ -406,11 +473,11 @@ impl LoadSession {
         Ok(())
     }
 
-    /// Ends the stream and waits until its rows, and `receipts` with them, are committed.
-    pub async fn commit(self, receipts: Vec<Receipt>) -> Result<Committed, IngestError> {
+    /// Ends the stream and waits until its rows, and `proof` with them, are committed.
+    pub async fn commit(self, proof: Proof) -> Result<Committed, IngestError> {
         let started = Instant::now();
         // If the worker already stopped, its result says why.
-        let _ = self.feed.send(Feed::End(receipts)).await;
+        let _ = self.feed.send(Feed::End(proof)).await;
         match self.handle.await {
             Ok(result) => result.map(|committed| Committed { commit_time: started.elapsed(), ..committed }),
             Err(join) => Err(IngestError::Database(format!("load task failed: {join}"))),

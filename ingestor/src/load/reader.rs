@@ -8,7 +8,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use tokio::sync::mpsc;
 
-use super::Receipt;
+use super::Proof;
 use super::held::holding;
 use crate::budget::Reservation;
 
@@ -16,8 +16,8 @@ use crate::budget::Reservation;
 pub enum Feed {
     /// A batch, holding its share of the memory budget until DuckDB releases it (unless its request holds it).
     Batch(RecordBatch, Option<Reservation>),
-    /// The stream is complete: the transaction may commit, with these receipts.
-    End(Vec<Receipt>),
+    /// The stream is complete: the transaction may commit, recording this beside its rows.
+    End(Proof),
 }
 
 /// Yields batches until [`Feed::End`]. A channel closed without `End` means the producer failed or went
@@ -27,18 +27,13 @@ pub struct ChannelReader {
     rx: mpsc::Receiver<Feed>,
     finished: bool,
     batches: Arc<AtomicU64>,
-    /// Where the receipts that came with [`Feed::End`] are left for the commit.
-    receipts: Arc<Mutex<Vec<Receipt>>>,
+    /// Where the proof that came with [`Feed::End`] is left for the commit.
+    proof: Arc<Mutex<Proof>>,
 }
 
 impl ChannelReader {
-    pub fn new(
-        schema: SchemaRef,
-        rx: mpsc::Receiver<Feed>,
-        batches: Arc<AtomicU64>,
-        receipts: Arc<Mutex<Vec<Receipt>>>,
-    ) -> Self {
-        Self { schema, rx, finished: false, batches, receipts }
+    pub fn new(schema: SchemaRef, rx: mpsc::Receiver<Feed>, batches: Arc<AtomicU64>, proof: Arc<Mutex<Proof>>) -> Self {
+        Self { schema, rx, finished: false, batches, proof }
     }
 }
 
@@ -58,9 +53,9 @@ impl Iterator for ChannelReader {
                     None => batch,
                 }))
             }
-            Some(Feed::End(receipts)) => {
+            Some(Feed::End(proof)) => {
                 self.finished = true;
-                *self.receipts.lock().expect("receipts lock poisoned") = receipts;
+                *self.proof.lock().expect("proof lock poisoned") = proof;
                 None
             }
             None => {

@@ -27,6 +27,15 @@ pub struct Receipt {
     pub bytes_decoded: u64,
 }
 
+/// What a commit records beside its rows.
+#[derive(Debug, Clone, Default)]
+pub struct Proof {
+    /// The receipts of the keyed requests it commits.
+    pub receipts: Vec<Receipt>,
+    /// The journal records it applies: the journal's id and their sequence numbers.
+    pub journaled: Option<(String, Vec<u64>)>,
+}
+
 /// A receipt found for a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
@@ -42,31 +51,38 @@ fn table(db: &Database) -> String {
     crate::store::sql::qualified(db.catalog(), "arrowport", "receipts")
 }
 
-/// Creates the receipts table if it does not exist.
+fn journal_table(db: &Database) -> String {
+    crate::store::sql::qualified(db.catalog(), "arrowport", "journal_applied")
+}
+
+/// Creates the receipts table, and the table of journal records applied, if they do not exist.
 pub fn create_table(db: &Database) -> Result<(), IngestError> {
     let schema = format!("{}.arrowport", crate::store::sql::ident(db.catalog()));
     db.with_connection(|conn| {
         conn.execute_batch(&format!(
             "CREATE SCHEMA IF NOT EXISTS {schema}; CREATE TABLE IF NOT EXISTS {} (stream VARCHAR NOT NULL, \
              key VARCHAR NOT NULL, committed_ms BIGINT NOT NULL, request_id UBIGINT, rows UBIGINT NOT NULL, \
-             batches UBIGINT NOT NULL, bytes_received UBIGINT NOT NULL, bytes_decoded UBIGINT NOT NULL)",
-            table(db)
+             batches UBIGINT NOT NULL, bytes_received UBIGINT NOT NULL, bytes_decoded UBIGINT NOT NULL); \
+             CREATE TABLE IF NOT EXISTS {} (journal VARCHAR NOT NULL, seqs UBIGINT[] NOT NULL, \
+             committed_ms BIGINT NOT NULL)",
+            table(db),
+            journal_table(db)
         ))
     })
 }
 
-/// Records `receipts` on `conn`, inside the transaction that wrote their rows.
-pub fn record(
-    db: &Database,
-    conn: &Connection,
-    receipts: &[Receipt],
-    rows: u64,
-    batches: u64,
-) -> Result<(), IngestError> {
+/// Records `proof` on `conn`, inside the transaction that wrote its rows.
+pub fn record(db: &Database, conn: &Connection, proof: &Proof, rows: u64, batches: u64) -> Result<(), IngestError> {
+    let now = now_ms();
+    if let Some((journal, seqs)) = &proof.journaled {
+        let seqs = format!("{seqs:?}");
+        let sql = format!("INSERT INTO {} VALUES (?, ?::UBIGINT[], ?)", journal_table(db));
+        conn.execute(&sql, params![journal, seqs, now])?;
+    }
+    let receipts = &proof.receipts;
     if receipts.is_empty() {
         return Ok(());
     }
-    let now = now_ms();
     let mut statement = conn.prepare(&format!("INSERT INTO {} VALUES (?, ?, ?, ?, ?, ?, ?, ?)", table(db)))?;
     for receipt in receipts {
         statement.execute(params![
@@ -116,6 +132,25 @@ pub fn prune(db: &Database, window_ms: u64) -> Result<u64, IngestError> {
     conn.execute(&format!("DELETE FROM {} WHERE committed_ms < ?", table(db)), params![cutoff])?;
     let left: i64 = conn.query_row(&format!("SELECT count(*) FROM {}", table(db)), [], |row| row.get(0))?;
     Ok(left.max(0) as u64)
+}
+
+/// The sequence numbers of `journal`'s records from `oldest` on that are applied.
+pub fn journal_applied(db: &Database, journal: &str, oldest: u64) -> Result<Vec<u64>, IngestError> {
+    let conn = db.connect()?;
+    let mut statement = conn.prepare(&format!(
+        "SELECT seq FROM (SELECT unnest(seqs) AS seq FROM {} WHERE journal = ?) WHERE seq >= ?",
+        journal_table(db)
+    ))?;
+    let seqs = statement.query_map(params![journal, oldest], |row| row.get(0))?.collect::<duckdb::Result<_>>()?;
+    Ok(seqs)
+}
+
+/// Forgets which of `journal`'s records below `oldest` were applied: the journal no longer holds them.
+pub fn prune_journal_applied(db: &Database, journal: &str, oldest: u64) -> Result<(), IngestError> {
+    let conn = db.connect()?;
+    let sql = format!("DELETE FROM {} WHERE journal = ? AND list_max(seqs) < ?", journal_table(db));
+    conn.execute(&sql, params![journal, oldest])?;
+    Ok(())
 }
 
 fn now_ms() -> i64 {

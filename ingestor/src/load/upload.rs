@@ -9,7 +9,7 @@
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use super::{Committed, IfExists, LoadSession, Loader, Receipt, Target, check_supported, decoded_size};
+use super::{Committed, IfExists, LoadSession, Loader, Proof, Receipt, Target, check_supported, decoded_size};
 use crate::budget::Reservation;
 use crate::error::IngestError;
 
@@ -87,7 +87,7 @@ impl Upload {
     /// Ends the request and waits until its rows, and its receipt if it has one, are committed.
     pub async fn commit(self, receipt: Option<Receipt>) -> Result<Committed, IngestError> {
         match self.session {
-            Some(session) => session.commit(receipt.into_iter().collect()).await,
+            Some(session) => session.commit(Proof { receipts: receipt.into_iter().collect(), journaled: None }).await,
             None => self.loader.commit_in_group(self.target, self.schema, self.held, self.reservations, receipt).await,
         }
     }

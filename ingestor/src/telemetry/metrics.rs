@@ -83,6 +83,8 @@ pub struct Metrics {
     pub schema_mismatches: Family<StreamLabels, Counter>,
     pub overloaded: Family<StreamLabels, Counter>,
     pub grouped_requests: Family<StreamLabels, Counter>,
+    pub journaled_requests: Family<StreamLabels, Counter>,
+    pub journal_unwritten_requests: Gauge,
     pub replayed_requests: Family<StreamLabels, Counter>,
     pub idempotency_keys: Gauge,
     pub idempotency_key_window_seconds: Gauge,
@@ -142,6 +144,8 @@ impl Default for Metrics {
         let schema_mismatches = Family::<StreamLabels, Counter>::default();
         let overloaded = Family::<StreamLabels, Counter>::default();
         let grouped_requests = Family::<StreamLabels, Counter>::default();
+        let journaled_requests = Family::<StreamLabels, Counter>::default();
+        let journal_unwritten_requests = Gauge::default();
         let replayed_requests = Family::<StreamLabels, Counter>::default();
         let idempotency_keys = Gauge::default();
         let idempotency_key_window_seconds = Gauge::default();
@@ -218,6 +222,16 @@ impl Default for Metrics {
             "grouped_requests",
             "Requests committed in one transaction together with other small requests (group commit)",
             grouped_requests.clone(),
+        );
+        registry.register(
+            "journaled_requests",
+            "Small requests answered once durable in the journal, before their rows were written to the table",
+            journaled_requests.clone(),
+        );
+        registry.register(
+            "journal_unwritten_requests",
+            "Journaled requests answered but not yet written to their tables",
+            journal_unwritten_requests.clone(),
         );
         registry.register(
             "replayed_requests",
@@ -315,6 +329,8 @@ impl Default for Metrics {
             schema_mismatches,
             overloaded,
             grouped_requests,
+            journaled_requests,
+            journal_unwritten_requests,
             replayed_requests,
             idempotency_keys,
             idempotency_key_window_seconds,

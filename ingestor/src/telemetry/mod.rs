@@ -48,6 +48,9 @@ impl Telemetry {
         if report.grouped {
             metrics.grouped_requests.get_or_create(&labels).inc();
         }
+        if report.journaled {
+            metrics.journaled_requests.get_or_create(&labels).inc();
+        }
         tracing::debug!(stream = %report.stream, table = %report.table, rows = report.rows, %protocol, "Committed.");
     }
 
