@@ -79,8 +79,19 @@ async fn the_readme_specifies_every_metric_exposed() {
     );
     assert_eq!(server.ingest("spec", mismatch).await.status(), 422);
     server.app.checkpoint().await.unwrap();
+    // The journal's families come from a server with the journal on: its second request is journaled.
+    let mut config = Config::default();
+    config.journal.enabled = true;
+    let journaling = TestServer::with_config(config).await;
+    for first in [0, 10] {
+        journaling.ingest_ok("spec", ipc_stream(&[batch(first, 10)], None)).await;
+    }
+    let journal_text = journaling.metrics().await;
+    assert_eq!(value(&journal_text, r#"arrowport_journaled_requests_total{stream="spec",protocol="http"}"#), 1.0);
+    journaling.stop().await;
     let text = server.metrics().await;
-    let (specified, exposed) = (specified(), exposed(&text));
+    let (specified, mut exposed) = (specified(), exposed(&text));
+    exposed.extend(self::exposed(&journal_text));
     let missing: Vec<_> = specified.iter().filter(|(name, kind)| exposed.get(*name) != Some(kind)).collect();
     let undocumented: Vec<_> = exposed.iter().filter(|(name, kind)| specified.get(*name) != Some(kind)).collect();
     assert!(missing.is_empty(), "specified in the README but not exposed (or of another type): {missing:?}\n{text}");
