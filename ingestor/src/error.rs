@@ -41,6 +41,8 @@ pub enum IngestError {
     UnsupportedType(String),
     #[error("the ingester's memory budget is exhausted; retry later")]
     Overloaded,
+    #[error("DuckDB's memory limit (duckdb.memory_limit) is exhausted by the loads running now; retry later: {0}")]
+    DuckDbOutOfMemory(String),
     #[error("the ingester is shutting down")]
     ShuttingDown,
     #[error("table {0:?} does not exist and the request does not allow creating it")]
@@ -90,7 +92,7 @@ impl IngestError {
             Self::BodyRead(_) => ErrorCode::BodyReadError,
             Self::SchemaMismatch(_) => ErrorCode::SchemaMismatch,
             Self::UnsupportedType(_) => ErrorCode::UnsupportedType,
-            Self::Overloaded => ErrorCode::Overloaded,
+            Self::Overloaded | Self::DuckDbOutOfMemory(_) => ErrorCode::Overloaded,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::TableNotFound(_) => ErrorCode::TableNotFound,
             Self::NoData(_) => ErrorCode::NoData,
@@ -128,6 +130,12 @@ impl IngestError {
         if NO_SPACE.iter().any(|text| lower.contains(text)) {
             return Self::InsufficientStorage(message);
         }
+        // Out of its buffer pool, DuckDB fails the statement and nothing else: the same request fits
+        // once fewer loads run, so it is the client's to retry, like a full memory budget. (Not once
+        // the instance is invalidated: that needs the reopen a database error leads to.)
+        if message.contains("Out of Memory Error") && !lower.contains("invalidated") {
+            return Self::DuckDbOutOfMemory(message);
+        }
         Self::Database(message)
     }
 }
@@ -160,6 +168,8 @@ mod tests {
         }
         let constraint = IngestError::database("Constraint Error: Duplicate key \"id: 1\"".to_owned());
         assert_eq!(constraint.code(), ErrorCode::ConstraintViolation);
+        let memory = "Out of Memory Error: failed to pin block of size 256.0 KiB (191.8 MiB/192.0 MiB used)";
+        assert_eq!(IngestError::database(memory.to_owned()).code(), ErrorCode::Overloaded);
         let other = IngestError::database("IO Error: Could not read file: Input/output error".to_owned());
         assert_eq!(other.code(), ErrorCode::DatabaseError);
     }

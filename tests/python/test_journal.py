@@ -99,3 +99,18 @@ def test_requests_to_a_table_with_constraints_are_committed_before_they_are_answ
     status, report = post(server, "keyed", batch(0))
     assert (status, report["error"]["code"]) == (409, "constraint_violation"), json.dumps(report)
     assert count(server, "keyed") == (300, 300)
+
+
+def test_a_replace_writes_what_was_journaled_first_and_old_schemas_are_then_refused_not_journaled(start_server):
+    server = start_server(JOURNAL)
+    assert post(server, "events", batch(0))[0] == 200
+    status, report = post(server, "events", batch(100))
+    assert (status, report.get("journaled")) == (200, True)
+    names = pa.table({"name": ["Ada", "Grace"]})
+    with flight_sql.connect(f"grpc://{server.addr}", autocommit=True) as conn, conn.cursor() as cursor:
+        assert cursor.adbc_ingest("events", names, mode="replace") == 2
+    # The table has other columns now: a request of the old schema must get the error, not a 200 from
+    # the journal for rows that could never be written.
+    status, report = post(server, "events", batch(200))
+    assert (status, report["error"]["code"]) == (422, "schema_mismatch"), json.dumps(report)
+    assert server.read_back("SELECT name FROM events ORDER BY name").to_pylist() == [{"name": "Ada"}, {"name": "Grace"}]

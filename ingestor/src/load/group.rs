@@ -57,9 +57,9 @@ pub(super) struct GroupQueues {
 #[derive(Clone, Hash, PartialEq, Eq)]
 pub(super) struct GroupKey {
     pub table: String,
-    policy: SchemaPolicy,
-    mode: TableMode,
-    schema: SchemaRef,
+    pub policy: SchemaPolicy,
+    pub mode: TableMode,
+    pub schema: SchemaRef,
 }
 
 /// A complete small request: its batches (holding their share of the memory budget) and where to answer.
@@ -202,9 +202,10 @@ impl Loader {
         key: &GroupKey,
         group: Vec<Member>,
     ) -> bool {
+        let journal = self.shared.journal.as_ref();
+        let epoch = journal.map_or(0, |journaling| journaling.epoch(&key.table));
         let session = self.begin_in(slot, target.clone(), key.schema.clone()).await;
         let alone = group.len() == 1;
-        let journal = self.shared.journal.as_ref();
         let seqs: Vec<u64> = group.iter().filter_map(|member| member.journaled).collect();
         let applies = journal.filter(|_| !seqs.is_empty()).map(|j| (j.journal.id().to_owned(), seqs.clone()));
         match load_members(session, &group, target.chunk_size, &self.shared.budget, applies).await {
@@ -212,7 +213,7 @@ impl Loader {
                 if let Some(journaling) = journal {
                     journaling.journal.applied(&seqs);
                     if seqs.is_empty() && !journaling.trusts(key) {
-                        self.trust_if_unconstrained(key).await;
+                        self.trust_if_unconstrained(key, epoch).await;
                     }
                 }
                 for member in group {
@@ -276,8 +277,9 @@ impl Loader {
         }
     }
 
-    /// Trusts `key` with the journal if its table has no constraints that could refuse rows later.
-    async fn trust_if_unconstrained(&self, key: &GroupKey) {
+    /// Trusts `key` with the journal, after a commit that started at `epoch`, if its table has no
+    /// constraints that could refuse rows later.
+    async fn trust_if_unconstrained(&self, key: &GroupKey, epoch: u64) {
         let db = self.shared.db.clone();
         let table = key.table.clone();
         let constraints = blocking(move || {
@@ -294,7 +296,7 @@ impl Loader {
         match constraints {
             Ok(0) => {
                 if let Some(journaling) = &self.shared.journal {
-                    journaling.trust(key.clone());
+                    journaling.trust(key.clone(), epoch);
                 }
             }
             Ok(_) => tracing::debug!(table = %key.table, "The table has constraints: its requests are not journaled."),

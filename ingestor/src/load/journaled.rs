@@ -8,7 +8,7 @@
 //!
 //! A record holds the request's target and receipt as JSON and its batches as an Arrow IPC stream.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -37,29 +37,78 @@ pub struct JournalOptions {
 pub(super) struct Journaling {
     pub journal: Journal,
     pub linger: Duration,
-    trusted: Mutex<HashSet<GroupKey>>,
+    trust: Mutex<Trust>,
+}
+
+/// Which groups may be journaled. A table's epoch moves whenever trust in its groups is withdrawn, so a
+/// commit that started before (and so may have written to the table as it was) proves nothing; while a
+/// session that may change the table's columns runs (a replace), none of its groups is journaled, since
+/// a request answered then could find the table changed under it.
+#[derive(Default)]
+struct Trust {
+    keys: HashSet<GroupKey>,
+    epochs: HashMap<String, u64>,
+    changing: HashMap<String, usize>,
+}
+
+impl Trust {
+    fn withdraw(&mut self, table: &str) {
+        self.keys.retain(|key| key.table != table);
+        *self.epochs.entry(table.to_owned()).or_default() += 1;
+    }
 }
 
 impl Journaling {
     pub fn new(journal: Journal, linger: Duration) -> Self {
-        Self { journal, linger, trusted: Mutex::new(HashSet::new()) }
+        Self { journal, linger, trust: Mutex::new(Trust::default()) }
     }
 
     pub fn trusts(&self, key: &GroupKey) -> bool {
-        self.lock().contains(key)
+        let trust = self.lock();
+        trust.keys.contains(key) && !trust.changing.contains_key(&key.table)
     }
 
-    pub fn trust(&self, key: GroupKey) {
-        self.lock().insert(key);
+    /// The table's epoch now: pass it to [`trust`](Self::trust) after a commit that starts now.
+    pub fn epoch(&self, table: &str) -> u64 {
+        self.lock().epochs.get(table).copied().unwrap_or(0)
+    }
+
+    /// Trusts `key` after a commit that started at `epoch`, unless trust in its table was withdrawn
+    /// since or a change of the table is running.
+    pub fn trust(&self, key: GroupKey, epoch: u64) {
+        let mut trust = self.lock();
+        let current = trust.epochs.get(&key.table).copied().unwrap_or(0);
+        if current == epoch && !trust.changing.contains_key(&key.table) {
+            trust.keys.insert(key);
+        }
     }
 
     /// Stops journaling requests to `table` until a commit proves their group again.
     pub fn distrust_table(&self, table: &str) {
-        self.lock().retain(|key| key.table != table);
+        self.lock().withdraw(table);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<GroupKey>> {
-        self.trusted.lock().expect("trusted groups lock poisoned")
+    /// A session that may change `table`'s columns starts: nothing is journaled for it until
+    /// [`end_change`](Self::end_change), and what was trusted before must be proven again after.
+    pub fn begin_change(&self, table: &str) {
+        let mut trust = self.lock();
+        trust.withdraw(table);
+        *trust.changing.entry(table.to_owned()).or_default() += 1;
+    }
+
+    pub fn end_change(&self, table: &str) {
+        let mut trust = self.lock();
+        trust.withdraw(table);
+        if let Some(count) = trust.changing.get_mut(table) {
+            *count -= 1;
+            if *count == 0 {
+                trust.changing.remove(table);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Trust> {
+        self.trust.lock().expect("journal trust lock poisoned")
     }
 }
 
@@ -129,4 +178,42 @@ pub(super) fn decode(record: &Recovered) -> Result<Decoded, IngestError> {
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| damaged(e.to_string()))?;
     Ok(Decoded { target, schema, batches, receipt })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn key(table: &str) -> GroupKey {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        GroupKey { table: table.to_owned(), policy: SchemaPolicy::Reject, mode: TableMode::default(), schema }
+    }
+
+    #[test]
+    fn a_change_of_the_table_withdraws_trust_during_and_after_it_and_older_commits_prove_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let journaling = Journaling::new(Journal::open(dir.path()).unwrap().0, Duration::from_millis(1));
+        let (t, other) = (key("t"), key("other"));
+        journaling.trust(t.clone(), journaling.epoch("t"));
+        journaling.trust(other.clone(), journaling.epoch("other"));
+        assert!(journaling.trusts(&t));
+        let before_change = journaling.epoch("t");
+        journaling.begin_change("t");
+        assert!(!journaling.trusts(&t), "not while the table may change");
+        journaling.trust(t.clone(), journaling.epoch("t"));
+        assert!(!journaling.trusts(&t), "nor proven while it may");
+        assert!(journaling.trusts(&other), "other tables keep their trust");
+        let during_change = journaling.epoch("t");
+        journaling.end_change("t");
+        assert!(!journaling.trusts(&t), "the table may have changed: proven again first");
+        journaling.trust(t.clone(), before_change);
+        journaling.trust(t.clone(), during_change);
+        assert!(!journaling.trusts(&t), "a commit that started before the change ended proves nothing");
+        journaling.trust(t.clone(), journaling.epoch("t"));
+        assert!(journaling.trusts(&t));
+    }
 }

@@ -198,17 +198,20 @@ impl Loader {
     /// evolving it inside the session's transaction), then accepts batches. Schema problems are reported
     /// here, before the caller reads any data.
     /// With a journal, the session first waits until the journaled requests answered before it are
-    /// written; one that replaces the table stops journaling requests to it.
+    /// written; while one that may replace the table runs, no request to it is journaled.
     pub async fn begin(&self, target: Target, schema: SchemaRef) -> Result<LoadSession, IngestError> {
         check_supported(&schema)?;
+        let mut change = None;
         if let Some(journaling) = &self.shared.journal {
             if target.mode.if_exists != IfExists::Append {
-                journaling.distrust_table(&target.table);
+                journaling.begin_change(&target.table);
+                change = Some(TableChange { shared: self.shared.clone(), table: target.table.clone() });
             }
             journaling.journal.settle().await;
         }
         let slot = self.load_slot().await?;
-        self.begin_in(slot, target, schema).await
+        let session = self.begin_in(slot, target, schema).await?;
+        Ok(LoadSession { _change: change, ..session })
     }
 
     /// Waits for one of the `max_concurrent_loads` slots.
@@ -239,7 +242,7 @@ impl Loader {
                 Err(join) => IngestError::Database(format!("load task failed: {join}")),
             });
         }
-        Ok(LoadSession { feed, handle, chunk_size })
+        Ok(LoadSession { feed, handle, chunk_size, _change: None })
     }
 }
 
@@ -438,6 +441,22 @@ pub struct LoadSession {
     feed: mpsc::Sender<Feed>,
     handle: JoinHandle<Result<Committed, IngestError>>,
     chunk_size: usize,
+    /// Held by a session that may replace its table, until it ends.
+    _change: Option<TableChange>,
+}
+
+/// A session that may change a table's columns, running: see [`Journaling::begin_change`].
+struct TableChange {
+    shared: Arc<Shared>,
+    table: String,
+}
+
+impl Drop for TableChange {
+    fn drop(&mut self) {
+        if let Some(journaling) = &self.shared.journal {
+            journaling.end_change(&self.table);
+        }
+    }
 }
 
 impl LoadSession {

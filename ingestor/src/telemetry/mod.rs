@@ -78,7 +78,7 @@ impl Telemetry {
             None => "ok",
             Some(error) => {
                 let code = error.code();
-                if matches!(error, IngestError::Overloaded) {
+                if matches!(error, IngestError::Overloaded | IngestError::DuckDbOutOfMemory(_)) {
                     metrics.overloaded.get_or_create(&labels).inc();
                 }
                 if matches!(error, IngestError::SchemaMismatch(_)) {
