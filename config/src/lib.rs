@@ -797,4 +797,18 @@ mod tests {
         let other = Config::from_yaml("storage: {kind: sqlite}\n").unwrap_err();
         assert!(other.to_string().contains("sqlite"), "{other}");
     }
+
+    #[test]
+    fn a_journal_needs_a_path_of_its_own_with_a_postgresql_catalog_and_a_linger_time() {
+        let on = Config::from_yaml("journal: {enabled: true}\n").unwrap();
+        assert_eq!((on.journal.path, on.journal.linger_ms), (None, 500), "beside a DuckDB file by default");
+        let lake = "storage: {kind: ducklake, catalog: 'postgres:host=pg', data_path: /lake}\n\
+                    duckdb: {extension_directory: /ext}\n";
+        let error = Config::from_yaml(&format!("{lake}journal: {{enabled: true}}\n")).unwrap_err().to_string();
+        assert!(error.starts_with("journal.path: must be set with a PostgreSQL catalog"), "{error}");
+        Config::from_yaml(&format!("{lake}journal: {{enabled: true, path: /data/journal}}\n")).unwrap();
+        Config::from_yaml(&format!("{lake}journal: {{enabled: false}}\n")).unwrap();
+        let error = Config::from_yaml("journal: {enabled: true, linger_ms: 0}\n").unwrap_err().to_string();
+        assert!(error.starts_with("journal.linger_ms: must be at least 1"), "{error}");
+    }
 }
