@@ -78,6 +78,25 @@ struct Member {
     queued: Instant,
 }
 
+impl GroupKey {
+    fn of(target: &Target, schema: SchemaRef) -> Self {
+        Self { table: target.table.clone(), policy: target.policy, mode: target.mode, schema }
+    }
+}
+
+impl Member {
+    fn new(
+        batches: Vec<RecordBatch>,
+        reservations: Vec<Reservation>,
+        rows: u64,
+        receipt: Option<Receipt>,
+        answer: Option<oneshot::Sender<Result<Committed, IngestError>>>,
+        journaled: Option<u64>,
+    ) -> Self {
+        Self { batches, _reservations: reservations, rows, receipt, answer, journaled, queued: Instant::now() }
+    }
+}
+
 impl Loader {
     /// Commits a complete small request, together with whatever else is waiting for the same table and
     /// schema, and answers once its rows are committed.
@@ -93,35 +112,17 @@ impl Loader {
         let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
         let count = batches.len() as u64;
         let receipt = receipt.map(|receipt| Receipt { rows: Some(rows), batches: Some(count), ..receipt });
-        let key = GroupKey { table: target.table.clone(), policy: target.policy, mode: target.mode, schema };
-        let queued = Instant::now();
+        let key = GroupKey::of(&target, schema);
         if let Some(journaling) = self.shared.journal.as_ref().filter(|journaling| journaling.trusts(&key)) {
             let (header, body) = journaled::encode(&target, &key.schema, &batches, receipt.as_ref());
             let seq = journaling.journal.append(header, body).await?;
-            let member = Member {
-                batches,
-                _reservations: reservations,
-                rows,
-                receipt,
-                answer: None,
-                journaled: Some(seq),
-                queued,
-            };
+            let member = Member::new(batches, reservations, rows, receipt, None, Some(seq));
             self.enqueue(key, target, member);
             let commit_time = started.elapsed();
             return Ok(Committed { rows, batches: count, commit_time, grouped: true, journaled: true });
         }
         let (answer, answered) = oneshot::channel();
-        let member = Member {
-            batches,
-            _reservations: reservations,
-            rows,
-            receipt,
-            answer: Some(answer),
-            journaled: None,
-            queued,
-        };
-        self.enqueue(key, target, member);
+        self.enqueue(key, target, Member::new(batches, reservations, rows, receipt, Some(answer), None));
         let committed = answered
             .await
             .map_err(|_| IngestError::Database("the group commit ended without an answer".to_owned()))??;
@@ -345,7 +346,9 @@ async fn feed_joined(
     bytes: u64,
     budget: &MemoryBudget,
 ) -> Result<(), IngestError> {
-    if let ([first, _, ..], Some(reservation)) = (batches, budget.try_reserve(bytes)) {
+    // A single batch is fed as it is, without taking room for a copy it does not need.
+    let reservation = if batches.len() > 1 { budget.try_reserve(bytes) } else { None };
+    if let (Some(first), Some(reservation)) = (batches.first(), reservation) {
         let joined = arrow::compute::concat_batches(&first.schema(), batches.iter().copied())
             .map_err(|error| IngestError::Database(format!("joining a group's batches: {error}")))?;
         return session.feed(joined, Some(reservation)).await;
@@ -376,17 +379,8 @@ impl Loader {
     pub(super) fn requeue_recovered(&self, seq: u64, record: journaled::Decoded) {
         let journaled::Decoded { target, schema, batches, receipt } = record;
         let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
-        let key = GroupKey { table: target.table.clone(), policy: target.policy, mode: target.mode, schema };
-        let member = Member {
-            batches,
-            _reservations: Vec::new(),
-            rows,
-            receipt,
-            answer: None,
-            journaled: Some(seq),
-            queued: Instant::now(),
-        };
-        self.enqueue(key, target, member);
+        let key = GroupKey::of(&target, schema);
+        self.enqueue(key, target, Member::new(batches, Vec::new(), rows, receipt, None, Some(seq)));
     }
 }
 
@@ -522,15 +516,8 @@ mod tests {
         let loader = loader(&dir);
         loader.database().with_connection(|conn| conn.execute_batch("CREATE TABLE t (id BIGINT)")).unwrap();
         let members = |requests: &[&[i64]]| -> Vec<Member> {
-            let member = |values: &&[i64]| Member {
-                batches: vec![ids(values)],
-                _reservations: Vec::new(),
-                rows: values.len() as u64,
-                receipt: None,
-                answer: None,
-                journaled: None,
-                queued: Instant::now(),
-            };
+            let member =
+                |values: &&[i64]| Member::new(vec![ids(values)], Vec::new(), values.len() as u64, None, None, None);
             requests.iter().map(member).collect()
         };
         let mut batches_read = Vec::new();
@@ -601,15 +588,7 @@ mod tests {
 
     #[test]
     fn the_next_group_stops_at_the_row_limit() {
-        let member = |rows| Member {
-            batches: Vec::new(),
-            _reservations: Vec::new(),
-            rows,
-            receipt: None,
-            answer: None,
-            journaled: None,
-            queued: Instant::now(),
-        };
+        let member = |rows| Member::new(Vec::new(), Vec::new(), rows, None, None, None);
         let mut queue = vec![member(MAX_GROUP_ROWS / 2), member(MAX_GROUP_ROWS / 2), member(1)];
         assert_eq!(next_group(&mut queue).len(), 2);
         assert_eq!(next_group(&mut queue).len(), 1);
