@@ -278,8 +278,12 @@ fn advance(stage: &mut Stage, input: &mut Bytes, max_message_bytes: u64, pause: 
                 }
                 let body_len = body_len as usize;
                 if input.len() >= body_len {
-                    // The whole body is in this chunk: share it, no copy.
-                    let body = Buffer::from(input.split_to(body_len));
+                    // The whole body is in this chunk: copied at once into aligned memory of its own.
+                    // Shared, the slice would seldom be aligned (arrow-ipc would then copy each column
+                    // into an allocation of its own) and would keep the connection's read buffer from
+                    // being reused, so every read would fault in fresh pages.
+                    let body = Buffer::from_slice_ref(&input[..body_len]);
+                    input.advance(body_len);
                     *stage = Stage::start();
                     return Ok(Step::Message(RawMessage { header, body }));
                 }
@@ -386,6 +390,25 @@ mod tests {
             assert_eq!(decode(IpcFormat::File, &file_bytes(&batches), step).unwrap(), 15);
             assert_eq!(decode(IpcFormat::Detect, &file_bytes(&batches), step).unwrap(), 15);
         }
+    }
+
+    #[test]
+    fn a_body_that_arrives_whole_is_copied_out_aligned_and_leaves_the_chunk_free() {
+        let stream = stream_bytes(&[batch(10)]);
+        // The chunk starts one byte into its allocation, so a slice of it could not be aligned.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&stream);
+        let chunk = Bytes::from(shifted).slice(1..);
+        let mut decoder = IpcDecoder::new(IpcFormat::Stream, 1 << 20);
+        decoder.push(chunk.clone());
+        let mut bodies = Vec::new();
+        while let Some(message) = decoder.next_message().unwrap() {
+            bodies.push(message.body);
+        }
+        let body = bodies.iter().find(|body| !body.is_empty()).expect("the batch's body");
+        assert_eq!(body.as_ptr() as usize % 64, 0, "the body is aligned");
+        let chunk_bytes = chunk.as_ptr_range();
+        assert!(!chunk_bytes.contains(&body.as_ptr()), "the body is a copy, not a slice of the chunk");
     }
 
     #[test]
