@@ -4,7 +4,11 @@
 //! glibc's per-thread arenas those blocks fragment memory that rarely shrinks: a 1 GiB upload left the
 //! server at ~600 MB resident. [`LargeBuffersMapped`] therefore maps the large blocks of Rust code (the
 //! Arrow buffers) on their own, returning them to the system the moment they are freed, and asks for
-//! transparent huge pages, which take one page fault per 2 MiB instead of 512.
+//! transparent huge pages, which take one page fault per 2 MiB instead of 512. A few freed mappings
+//! (64 MiB in all) are kept as spares for the next large blocks, so a stream of large messages reuses
+//! resident pages instead of faulting in and zeroing fresh ones for each message (in the benchmark's
+//! bulk load, up to a quarter of the server's CPU went to zeroing fresh huge pages); they are given back
+//! within a second.
 //!
 //! DuckDB's own allocations stay with glibc and its adaptive thresholds: DuckDB reuses its scratch
 //! buffers (compression analysis, row-group building) from the arenas. Forcing those into fresh
@@ -36,6 +40,7 @@ pub fn release_free_memory_every(_interval: std::time::Duration) -> std::io::Res
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod glibc {
     use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::{Mutex, PoisonError};
     use std::time::Duration;
 
     use super::LARGE_BYTES;
@@ -45,12 +50,58 @@ mod glibc {
     const HUGE_BYTES: usize = 4 << 20;
     const HUGE_PAGE_BYTES: usize = 2 << 20;
     const PAGE_BYTES: usize = 4096;
+    /// Freed mappings kept for reuse, at most this many bytes and blocks in all.
+    const SPARE_BYTES: usize = 64 << 20;
+    const SPARE_BLOCKS: usize = 8;
+
+    /// Freed mappings, most recent last, each `(address, length)`.
+    struct Spares {
+        blocks: [(usize, usize); SPARE_BLOCKS],
+        count: usize,
+        bytes: usize,
+    }
+
+    impl Spares {
+        const fn new() -> Self {
+            Self { blocks: [(0, 0); SPARE_BLOCKS], count: 0, bytes: 0 }
+        }
+
+        /// Keeps a freed mapping if there is room for it; false if the caller must unmap it.
+        fn keep(&mut self, addr: usize, len: usize) -> bool {
+            if self.count == SPARE_BLOCKS || self.bytes + len > SPARE_BYTES {
+                return false;
+            }
+            self.blocks[self.count] = (addr, len);
+            self.count += 1;
+            self.bytes += len;
+            true
+        }
+
+        /// The most recently kept mapping.
+        fn take(&mut self) -> Option<(usize, usize)> {
+            self.count = self.count.checked_sub(1)?;
+            let block = self.blocks[self.count];
+            self.bytes -= block.1;
+            Some(block)
+        }
+    }
+
+    static SPARES: Mutex<Spares> = Mutex::new(Spares::new());
+
+    fn spares() -> std::sync::MutexGuard<'static, Spares> {
+        SPARES.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 
     /// Hands the free pages inside glibc's arenas back to the system (`malloc_trim`). The pages stay mapped,
     /// so the next allocation there costs a page fault, not a system call.
+    /// Spare mappings are unmapped too.
     pub fn release_free_memory() {
         // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
         unsafe { libc::malloc_trim(0) };
+        while let Some((addr, len)) = spares().take() {
+            // SAFETY: a spare is a whole mapping of ours that nothing uses.
+            unsafe { unmap(addr as *mut u8, len) };
+        }
     }
 
     /// Calls [`release_free_memory`] every `interval` on a thread of its own, for the life of the process.
@@ -76,6 +127,26 @@ mod glibc {
         }
         let unit = if size >= HUGE_BYTES { HUGE_PAGE_BYTES } else { PAGE_BYTES };
         size.checked_next_multiple_of(unit)
+    }
+
+    /// A mapping of `len` bytes, a spare resized if there is one (its contents are then not zero); null if
+    /// the system has no memory for it.
+    fn reuse_or_map(len: usize) -> *mut u8 {
+        let Some((addr, spare_len)) = spares().take() else {
+            return map(len);
+        };
+        let spare = addr as *mut u8;
+        if spare_len == len {
+            return spare;
+        }
+        // SAFETY: a spare is a whole mapping of ours that nothing uses.
+        let resized = unsafe { remap(spare, spare_len, len) };
+        if resized.is_null() {
+            // SAFETY: mremap failed and left the spare as it was.
+            unsafe { unmap(spare, spare_len) };
+            return map(len);
+        }
+        resized
     }
 
     /// Maps `len` zeroed bytes; null if the system has no memory for them.
@@ -129,13 +200,14 @@ mod glibc {
     }
 
     // SAFETY: every block comes either from `System` (and goes back to it) or from `map` (and goes back to
-    // `munmap` with the length it was mapped with), decided by its layout alone, which the caller passes
-    // unchanged to `dealloc` and `realloc`. Mappings are page-aligned, which covers every alignment routed to
-    // them, and zeroed, as `alloc_zeroed` requires.
+    // `munmap` with the length it was mapped with, possibly after a time as a spare that `alloc` resizes to
+    // the new block's length), decided by its layout alone, which the caller passes unchanged to `dealloc`
+    // and `realloc`. Mappings are page-aligned, which covers every alignment routed to them; `alloc_zeroed`
+    // maps fresh (zeroed) memory, never a spare.
     unsafe impl GlobalAlloc for LargeBuffersMapped {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             match mapping_len(layout.size(), layout.align()) {
-                Some(len) => map(len),
+                Some(len) => reuse_or_map(len),
                 // SAFETY: the caller's contract for `alloc` is the same as for `System.alloc`.
                 None => unsafe { System.alloc(layout) },
             }
@@ -151,8 +223,12 @@ mod glibc {
 
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
             match mapping_len(layout.size(), layout.align()) {
-                // SAFETY: a block of this layout was mapped with this length.
-                Some(len) => unsafe { unmap(ptr, len) },
+                Some(len) => {
+                    if !spares().keep(ptr as usize, len) {
+                        // SAFETY: a block of this layout was mapped with this length.
+                        unsafe { unmap(ptr, len) }
+                    }
+                }
                 // SAFETY: a block of this layout came from `System`.
                 None => unsafe { System.dealloc(ptr, layout) },
             }
@@ -192,6 +268,53 @@ mod glibc {
     mod tests {
         use super::*;
 
+        /// Held by every test that allocates through [`LargeBuffersMapped`] or releases memory: they share
+        /// the spares.
+        static ALLOCATOR: Mutex<()> = Mutex::new(());
+
+        fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+            ALLOCATOR.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        #[test]
+        fn spares_are_kept_within_their_limits_and_taken_most_recent_first() {
+            let mut spares = Spares::new();
+            assert!(spares.keep(0x1000, SPARE_BYTES / 2));
+            assert!(!spares.keep(0x2000, SPARE_BYTES / 2 + PAGE_BYTES), "over the byte limit");
+            assert!(spares.keep(0x3000, PAGE_BYTES));
+            assert_eq!(spares.take(), Some((0x3000, PAGE_BYTES)));
+            assert_eq!(spares.take(), Some((0x1000, SPARE_BYTES / 2)));
+            assert_eq!(spares.take(), None);
+            assert!((0..SPARE_BLOCKS).all(|i| spares.keep(i * PAGE_BYTES, PAGE_BYTES)));
+            assert!(!spares.keep(0x9000, PAGE_BYTES), "over the block limit");
+        }
+
+        /// A freed large block's pages serve the next one (of another size) without faulting, and are
+        /// given back by [`release_free_memory`].
+        #[test]
+        fn a_freed_large_block_is_reused_resident_and_released() {
+            let _exclusive = exclusive();
+            release_free_memory();
+            let allocator = LargeBuffersMapped;
+            let (first, second) = (HUGE_BYTES + 1, HUGE_BYTES - PAGE_BYTES);
+            // SAFETY: each block is written within its size and freed once; afterwards only the residency
+            // of its pages is queried, never its contents.
+            unsafe {
+                let layout = Layout::from_size_align(first, 64).unwrap();
+                let ptr = allocator.alloc(layout);
+                ptr.write_bytes(1, first);
+                allocator.dealloc(ptr, layout);
+                let layout = Layout::from_size_align(second, 64).unwrap();
+                let reused = allocator.alloc(layout);
+                let len = mapping_len(second, 64).unwrap();
+                assert_eq!(resident_pages(reused as usize, len), len / PAGE_BYTES, "the spare's pages");
+                allocator.dealloc(reused, layout);
+                assert_eq!(resident_pages(reused as usize, len), len / PAGE_BYTES, "kept as a spare");
+                release_free_memory();
+                assert!(spares().take().is_none(), "no spare left after the release");
+            }
+        }
+
         #[test]
         fn large_blocks_are_mapped_in_whole_pages_and_huge_pages_from_four_mib() {
             assert_eq!(mapping_len(1000, 8), None);
@@ -205,6 +328,7 @@ mod glibc {
         /// between the system allocator, small-page and huge-page mappings.
         #[test]
         fn blocks_keep_their_contents_across_every_kind_of_reallocation() {
+            let _exclusive = exclusive();
             let allocator = LargeBuffersMapped;
             let sizes = [100, LARGE_BYTES + 10, LARGE_BYTES + 20, HUGE_BYTES * 3, HUGE_BYTES + 5, 200, 64];
             let mut layout = Layout::from_size_align(sizes[0], 64).unwrap();
@@ -234,6 +358,7 @@ mod glibc {
         /// once released. (Blocks of other tests may take some of them back in between: hence the margin.)
         #[test]
         fn freed_arena_memory_goes_back_to_the_system() {
+            let _exclusive = exclusive();
             const BLOCK: usize = 64 << 10;
             let layout = Layout::from_size_align(BLOCK, 16).unwrap();
             let resident = |blocks: &[usize]| -> usize {
@@ -280,6 +405,7 @@ mod glibc {
 
         #[test]
         fn zeroed_blocks_are_zero() {
+            let _exclusive = exclusive();
             let allocator = LargeBuffersMapped;
             for size in [64, LARGE_BYTES, HUGE_BYTES * 2] {
                 let layout = Layout::from_size_align(size, 64).unwrap();
