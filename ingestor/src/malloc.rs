@@ -98,7 +98,9 @@ mod glibc {
     pub fn release_free_memory() {
         // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
         unsafe { libc::malloc_trim(0) };
-        while let Some((addr, len)) = spares().take() {
+        loop {
+            // The lock is released before the unmapping (a `while let` would hold it through the body).
+            let Some((addr, len)) = spares().take() else { break };
             // SAFETY: a spare is a whole mapping of ours that nothing uses.
             unsafe { unmap(addr as *mut u8, len) };
         }
