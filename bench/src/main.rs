@@ -562,7 +562,8 @@ async fn small_requests(
     let files_at_end = server.parquet_files();
     let usage = server.stop()?;
     let files = (matches!(args.storage, StorageArg::Ducklake)).then_some((files_at_end, usage.parquet_files));
-    let bytes = bytes * rows / args.rows;
+    // The bytes the clock saw: the first request went before it.
+    let bytes = (u128::from(bytes) * u128::from(rows) / u128::from(args.rows)) as u64;
     let outcome = Outcome::remote(scenario, rows, bytes, times, usage);
     Ok(Outcome { latency: Some([percentile(0.5), percentile(0.99), percentile(0.999)]), files, ..outcome })
 }
