@@ -527,9 +527,9 @@ async fn small_requests(
     let client = reqwest::Client::new();
     let first = requests.pop().context("no small requests")?;
     let first_rows = send(&server, &client, &mut None, first).await?;
+    let flight = requests.first().is_some_and(|request| matches!(request, Request::Flight(_)));
     let mut connections = Vec::new();
     for _ in 0..point.producers {
-        let flight = requests.first().is_some_and(|request| matches!(request, Request::Flight(_)));
         connections.push(if flight { Some(flight::connect(server.url()).await?) } else { None });
     }
     let queue = std::sync::Arc::new(std::sync::Mutex::new(requests));

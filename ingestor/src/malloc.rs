@@ -92,9 +92,8 @@ mod glibc {
         SPARES.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Hands the free pages inside glibc's arenas back to the system (`malloc_trim`). The pages stay mapped,
-    /// so the next allocation there costs a page fault, not a system call.
-    /// Spare mappings are unmapped too.
+    /// Hands the free pages inside glibc's arenas back to the system (`malloc_trim`; the pages stay mapped,
+    /// so the next allocation there costs a page fault, not a system call) and unmaps the spare mappings.
     pub fn release_free_memory() {
         // SAFETY: malloc_trim only walks glibc's own free lists, under their locks.
         unsafe { libc::malloc_trim(0) };
