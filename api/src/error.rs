@@ -44,6 +44,9 @@ pub enum ErrorCode {
     /// freed; the server's `/readyz` says not ready meanwhile.
     InsufficientStorage,
     DatabaseError,
+    /// Rows answered from the journal before this request (to its table, or to any for a query) cannot
+    /// be written to their table yet; the server retries them every second. Retry shortly.
+    JournalBacklog,
     /// A handler panicked: a bug, logged by the server.
     Internal,
     /// No valid token (or client certificate) where access control is on.
@@ -54,7 +57,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [Self; 29] = [
+    pub const ALL: [Self; 30] = [
         Self::InvalidStreamName,
         Self::UnknownStream,
         Self::UnsupportedMediaType,
@@ -81,6 +84,7 @@ impl ErrorCode {
         Self::RequestInProgress,
         Self::InsufficientStorage,
         Self::DatabaseError,
+        Self::JournalBacklog,
         Self::Internal,
         Self::Unauthenticated,
         Self::PermissionDenied,
@@ -115,6 +119,7 @@ impl ErrorCode {
             Self::RequestInProgress => "request_in_progress",
             Self::InsufficientStorage => "insufficient_storage",
             Self::DatabaseError => "database_error",
+            Self::JournalBacklog => "journal_backlog",
             Self::Internal => "internal",
             Self::Unauthenticated => "unauthenticated",
             Self::PermissionDenied => "permission_denied",
@@ -160,6 +165,7 @@ impl ErrorCode {
             Self::RequestInProgress => (StatusCode::CONFLICT, Code::Aborted),
             Self::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, Code::ResourceExhausted),
             Self::DatabaseError => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+            Self::JournalBacklog => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
             Self::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
             Self::PermissionDenied => (StatusCode::FORBIDDEN, Code::PermissionDenied),

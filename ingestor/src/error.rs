@@ -67,6 +67,10 @@ pub enum IngestError {
     Database(String),
     #[error("journal: {0}")]
     Journal(String),
+    #[error(
+        "rows answered from the journal before this request cannot be written to their table yet (retried every second): {0}"
+    )]
+    JournalBacklog(String),
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
     #[error("permission denied: {0}")]
@@ -104,6 +108,7 @@ impl IngestError {
             Self::RequestInProgress(_) => ErrorCode::RequestInProgress,
             Self::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             Self::Database(_) | Self::Journal(_) => ErrorCode::DatabaseError,
+            Self::JournalBacklog(_) => ErrorCode::JournalBacklog,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
         }

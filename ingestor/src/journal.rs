@@ -14,7 +14,7 @@
 //! the end of the newest segment (the crash the journal exists for) is cut off when it is opened;
 //! damage anywhere else is refused, naming the file.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -55,19 +55,39 @@ struct Shared {
     dir: PathBuf,
     writes: mpsc::Sender<Append>,
     state: Mutex<State>,
-    /// Every record below this sequence number is applied.
-    applied_below: watch::Sender<u64>,
+    /// Bumped whenever a record is applied, dropped or found failing: what [`Journal::settle`] waits on.
+    changes: watch::Sender<u64>,
     /// Callers of [`Journal::settle`] waiting now: whoever applies records should not delay them.
     settling: AtomicUsize,
+    /// Held while applied segments are deleted, so one deletion runs at a time.
+    deleting: Mutex<()>,
 }
 
 struct State {
-    /// Durable records not yet applied.
-    unapplied: BTreeSet<u64>,
-    /// The next sequence number to be made durable.
+    /// Records admitted (queued for the writer, or durable) and not yet applied.
+    unapplied: BTreeMap<u64, Pending>,
+    /// The next sequence number to admit.
     next_seq: u64,
     /// First sequence number of each live segment, oldest first; the last one is being written.
     segments: VecDeque<u64>,
+}
+
+/// What the journal knows of a record it has not applied.
+#[derive(Default)]
+struct Pending {
+    /// The table it is for, lower-case; `None` for a record read back at start, which could be for any.
+    table: Option<Arc<str>>,
+    /// Why writing it to its table failed the last time, until it succeeds.
+    failing: Option<Arc<str>>,
+}
+
+/// The records a [`Journal::settle`] waits for.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every record admitted before the call.
+    All,
+    /// Those for one table (and those read back at start, whose table the journal does not know).
+    Table(&'a str),
 }
 
 /// Writes a record's body into the buffer it is given.
@@ -76,11 +96,28 @@ pub type BodyWriter = Box<dyn FnOnce(&mut Vec<u8>) -> io::Result<()> + Send>;
 /// Where the writer says a record is durable, with its sequence number.
 type Durable = oneshot::Sender<io::Result<u64>>;
 
-/// A record for the writer, and where to say it is durable.
+/// A record for the writer, with the sequence number it was admitted with, and where to say it is durable.
 struct Append {
+    seq: u64,
     header: Vec<u8>,
     body: BodyWriter,
     durable: Durable,
+}
+
+/// A record admitted to the journal: it will be written whatever happens to whoever admitted it.
+pub struct Admitted {
+    done: oneshot::Receiver<io::Result<u64>>,
+}
+
+impl Admitted {
+    /// Its sequence number, once the record is on disk.
+    pub async fn durable(self) -> Result<u64, IngestError> {
+        let closed = || IngestError::Journal("the journal writer stopped".to_owned());
+        self.done.await.map_err(|_| closed())?.map_err(|error| match error.kind() {
+            io::ErrorKind::StorageFull => IngestError::InsufficientStorage(format!("the journal: {error}")),
+            _ => IngestError::Journal(format!("writing a record: {error}")),
+        })
+    }
 }
 
 impl Journal {
@@ -99,32 +136,34 @@ impl Journal {
             let path = segment_path(dir, *first);
             let newest = index + 1 == firsts.len();
             let records = read_segment(&path, newest)?;
-            if let Some(record) = records.first().filter(|record| record.seq != *first) {
+            // A segment is named after the first number it may hold; numbers only grow.
+            if let Some(record) = records.first().filter(|record| record.seq < *first) {
                 return Err(IngestError::Journal(format!(
-                    "{} starts with record {} instead of {first}",
+                    "{} starts with record {} below its name {first}",
                     path.display(),
                     record.seq
                 )));
             }
             recovered.extend(records);
         }
-        let next_seq = recovered.last().map_or_else(|| firsts.last().copied().unwrap_or(0), |r| r.seq + 1);
+        let named = firsts.last().copied().unwrap_or(0);
+        let next_seq = recovered.last().map_or(named, |r| (r.seq + 1).max(named));
         // New records go to a segment of their own: the newest one may end where a torn record was cut.
         firsts.push(next_seq);
         firsts.dedup();
         let file = open_segment(dir, next_seq).map_err(|e| fail("cannot create a segment", e))?;
         let (writes, queue) = mpsc::channel(QUEUE_DEPTH);
-        let unapplied: BTreeSet<u64> = recovered.iter().map(|record| record.seq).collect();
-        let low = unapplied.first().copied().unwrap_or(next_seq);
+        let unapplied = recovered.iter().map(|record| (record.seq, Pending::default())).collect();
         let shared = Arc::new(Shared {
             id,
             dir: dir.to_owned(),
             writes,
             state: Mutex::new(State { unapplied, next_seq, segments: firsts.into() }),
-            applied_below: watch::Sender::new(low),
+            changes: watch::Sender::new(0),
             settling: AtomicUsize::new(0),
+            deleting: Mutex::new(()),
         });
-        let writer = Writer { shared: Arc::downgrade(&shared), file, written: 0, body: Vec::new() };
+        let writer = Writer { shared: Arc::downgrade(&shared), file, written: 0, body: Vec::new(), broken: None };
         std::thread::Builder::new()
             .name("arrowport-journal".to_owned())
             .spawn(move || writer.run(queue))
@@ -139,48 +178,83 @@ impl Journal {
         &self.shared.id
     }
 
-    /// Appends a record and returns its sequence number once it is on disk. The writer thread writes the
-    /// body into a buffer it reuses (a fresh buffer per record cost more in page faults than the copy).
-    pub async fn append(&self, header: Vec<u8>, body: BodyWriter) -> Result<u64, IngestError> {
-        let (durable, done) = oneshot::channel();
+    /// Admits a record for `table` if `admit` (asked while no [`settle`](Self::settle) can start) still
+    /// says so, and queues it for the writer thread, which writes the body into a buffer it reuses (a
+    /// fresh buffer per record cost more in page faults than the copy). A settle that starts after this
+    /// returns waits for the record; `None` if `admit` said no.
+    pub async fn admit(
+        &self,
+        table: &str,
+        header: Vec<u8>,
+        body: BodyWriter,
+        admit: impl FnOnce() -> bool,
+    ) -> Result<Option<Admitted>, IngestError> {
         let closed = || IngestError::Journal("the journal writer stopped".to_owned());
-        self.shared.writes.send(Append { header, body, durable }).await.map_err(|_| closed())?;
-        done.await.map_err(|_| closed())?.map_err(|error| match error.kind() {
-            io::ErrorKind::StorageFull => IngestError::InsufficientStorage(format!("the journal: {error}")),
-            _ => IngestError::Journal(format!("writing a record: {error}")),
-        })
+        let permit = self.shared.writes.reserve().await.map_err(|_| closed())?;
+        let (durable, done) = oneshot::channel();
+        let mut state = self.shared.lock();
+        if !admit() {
+            return Ok(None);
+        }
+        // Numbered and queued under one lock: the writer gets records in the order of their numbers.
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.unapplied.insert(seq, Pending { table: Some(table.to_lowercase().into()), failing: None });
+        permit.send(Append { seq, header, body, durable });
+        Ok(Some(Admitted { done }))
     }
 
     /// Marks records applied: their rows are committed in the database.
     pub fn applied(&self, seqs: &[u64]) {
-        let low = {
-            let mut state = self.shared.lock();
-            for seq in seqs {
-                state.unapplied.remove(seq);
-            }
-            state.low()
-        };
-        self.shared.applied_below.send_replace(low);
+        self.shared.forget(seqs);
         self.delete_applied_segments();
     }
 
-    /// Waits until every record made durable before the call is applied.
-    pub async fn settle(&self) {
-        let target = self.shared.lock().next_seq;
-        let mut applied = self.shared.applied_below.subscribe();
-        if *applied.borrow() >= target {
-            return;
-        }
-        struct Settling<'a>(&'a AtomicUsize);
-        impl Drop for Settling<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
+    /// Records that writing these records to their table failed with `error`: a settle waiting for them
+    /// answers that error instead of waiting, until they are applied.
+    pub fn failing(&self, seqs: &[u64], error: &str) {
+        let error: Arc<str> = error.into();
+        let mut state = self.shared.lock();
+        for seq in seqs {
+            if let Some(pending) = state.unapplied.get_mut(seq) {
+                pending.failing = Some(error.clone());
             }
         }
-        self.shared.settling.fetch_add(1, Ordering::Relaxed);
-        let _settling = Settling(&self.shared.settling);
-        // The sender lives as long as `self`.
-        let _ = applied.wait_for(|below| *below >= target).await;
+        drop(state);
+        self.shared.changes.send_modify(|count| *count += 1);
+    }
+
+    /// Waits until every record of `scope` admitted before the call is applied. Fails at once with
+    /// [`IngestError::JournalBacklog`] while one of them cannot be written to its table, rather than
+    /// wait for a retry that may take long.
+    pub async fn settle(&self, scope: Scope<'_>) -> Result<(), IngestError> {
+        let table = match scope {
+            Scope::All => None,
+            Scope::Table(table) => Some(table.to_lowercase()),
+        };
+        let mut changes = self.shared.changes.subscribe();
+        let target = self.shared.lock().next_seq;
+        let _settling = Settling::start(&self.shared.settling);
+        loop {
+            {
+                let state = self.shared.lock();
+                let mut waiting =
+                    state.unapplied.range(..target).map(|(_, pending)| pending).filter(|pending| {
+                        match (&table, &pending.table) {
+                            (Some(wanted), Some(of)) => **of == **wanted,
+                            _ => true,
+                        }
+                    });
+                let Some(first) = waiting.next() else { return Ok(()) };
+                if let Some(failing) =
+                    std::iter::once(first).chain(waiting).find_map(|pending| pending.failing.as_ref())
+                {
+                    return Err(IngestError::JournalBacklog(failing.to_string()));
+                }
+            }
+            // The sender lives as long as `self`.
+            let _ = changes.changed().await;
+        }
     }
 
     /// Whether someone waits in [`settle`](Self::settle): records should be applied without delay.
@@ -199,24 +273,38 @@ impl Journal {
         self.shared.lock().segments.front().copied().unwrap_or(0)
     }
 
-    /// Deletes sealed segments whose records are all applied.
+    /// Deletes sealed segments whose records are all applied. They leave [`oldest_kept`](Self::oldest_kept)
+    /// only once their deletion is durable: until then the database must remember that their records
+    /// were applied, or a segment that reappears after a power cut would be written again.
     fn delete_applied_segments(&self) {
+        let _deleting = self.shared.deleting.lock().expect("journal deletion lock poisoned");
         let doomed: Vec<u64> = {
-            let mut state = self.shared.lock();
+            let state = self.shared.lock();
             let low = state.low();
-            let mut doomed = Vec::new();
             // A segment ends where the next begins; the newest is never deleted.
-            while state.segments.len() > 1 && state.segments[1] <= low {
-                doomed.extend(state.segments.pop_front());
-            }
-            doomed
+            let count = state.segments.iter().skip(1).take_while(|next| **next <= low).count();
+            state.segments.iter().take(count).copied().collect()
         };
-        for first in doomed {
-            let path = segment_path(&self.shared.dir, first);
-            if let Err(error) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), %error, "Could not delete an applied journal segment.");
+        if doomed.is_empty() {
+            return;
+        }
+        let mut deleted = 0;
+        for first in &doomed {
+            let path = segment_path(&self.shared.dir, *first);
+            match std::fs::remove_file(&path) {
+                Ok(()) => deleted += 1,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => deleted += 1,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "Could not delete an applied journal segment.");
+                    break;
+                }
             }
         }
+        if let Err(error) = File::open(&self.shared.dir).and_then(|dir| dir.sync_all()) {
+            tracing::warn!(%error, "Could not sync the journal's directory after deleting segments.");
+            return;
+        }
+        self.shared.lock().segments.drain(..deleted);
     }
 }
 
@@ -224,11 +312,38 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("journal state lock poisoned")
     }
+
+    /// Forgets records: applied, or never written.
+    fn forget(&self, seqs: &[u64]) {
+        let mut state = self.lock();
+        for seq in seqs {
+            state.unapplied.remove(seq);
+        }
+        drop(state);
+        self.changes.send_modify(|count| *count += 1);
+    }
+}
+
+/// Counts a caller of [`Journal::settle`] while it waits.
+struct Settling<'a>(&'a AtomicUsize);
+
+impl<'a> Settling<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl State {
+    /// Every record below this number is applied (or was never written).
     fn low(&self) -> u64 {
-        self.unapplied.first().copied().unwrap_or(self.next_seq)
+        self.unapplied.keys().next().copied().unwrap_or(self.next_seq)
     }
 }
 
@@ -240,6 +355,9 @@ struct Writer {
     written: u64,
     /// The buffer each record's body is written into.
     body: Vec<u8>,
+    /// Why the segment cannot be written any more: a failed write could not be cut off, so a record
+    /// written after it could not be read back.
+    broken: Option<String>,
 }
 
 impl Writer {
@@ -251,68 +369,73 @@ impl Writer {
                 batch.push(more);
             }
             let Some(shared) = self.shared.upgrade() else { return };
-            let first_seq = shared.lock().next_seq;
-            match self.write(&mut batch, first_seq) {
-                Ok(written) => {
-                    let next_seq = first_seq + written.len() as u64;
-                    let mut state = shared.lock();
-                    state.unapplied.extend(first_seq..next_seq);
-                    state.next_seq = next_seq;
-                    drop(state);
-                    for (seq, durable) in (first_seq..).zip(written) {
-                        let _ = durable.send(Ok(seq));
-                    }
-                    if let Err(error) = self.roll(&shared) {
-                        tracing::error!(%error, "Could not start a new journal segment; writing on in the old one.");
-                    }
-                }
-                Err((error, written)) => {
-                    // Nothing of the batch counts: cut the segment back to where it was.
-                    let _ = self.file.set_len(self.written);
-                    let _ = self.file.seek(SeekFrom::Start(self.written));
-                    for durable in written {
-                        let _ = durable.send(Err(io::Error::new(error.kind(), error.to_string())));
-                    }
-                }
+            let next = batch.last().map_or(0, |append| append.seq + 1);
+            let outcomes = self.write(&mut batch);
+            // Forgotten before anyone hears of the failure, so no settle waits for a record never written.
+            let failed: Vec<u64> =
+                outcomes.iter().filter(|(_, _, outcome)| outcome.is_err()).map(|(seq, ..)| *seq).collect();
+            shared.forget(&failed);
+            for (seq, durable, outcome) in outcomes {
+                let _ = durable.send(outcome.map(|()| seq));
+            }
+            if let Err(error) = self.roll(&shared, next) {
+                tracing::error!(%error, "Could not start a new journal segment; writing on in the old one.");
             }
         }
     }
 
-    /// Writes the batch's records from `first_seq` on and syncs; a record whose body cannot be written
-    /// is answered at once and takes no number. Returns where to answer the records written, in order.
-    fn write(&mut self, batch: &mut Vec<Append>, first_seq: u64) -> Result<Vec<Durable>, (io::Error, Vec<Durable>)> {
-        let mut written = Vec::with_capacity(batch.len());
+    /// Writes the batch's records and syncs. Returns each record's number, where to answer it and whether
+    /// it is durable: a record whose body cannot be encoded is not, nor is any when the write or the sync
+    /// fails.
+    fn write(&mut self, batch: &mut Vec<Append>) -> Vec<(u64, Durable, io::Result<()>)> {
+        let mut outcomes = Vec::with_capacity(batch.len());
         let mut length = 0;
-        let mut outcome = Ok(());
+        let mut written = match &self.broken {
+            Some(broken) => Err(io::Error::other(broken.clone())),
+            None => Ok(()),
+        };
         for append in batch.drain(..) {
             self.body.clear();
-            if let Err(error) = (append.body)(&mut self.body) {
-                let _ = append.durable.send(Err(error));
-                continue;
+            if written.is_ok() {
+                if let Err(error) = (append.body)(&mut self.body) {
+                    outcomes.push((append.seq, append.durable, Err(error)));
+                    continue;
+                }
+                let head = record_head(append.seq, &append.header, &self.body);
+                written =
+                    [&head[..], &append.header, &self.body].into_iter().try_for_each(|part| self.file.write_all(part));
+                length += (head.len() + append.header.len() + self.body.len()) as u64;
             }
-            written.push(append.durable);
-            if outcome.is_err() {
-                continue;
+            outcomes.push((append.seq, append.durable, Ok(())));
+        }
+        match written.and_then(|()| self.file.sync_data()) {
+            Ok(()) => self.written += length,
+            Err(error) => {
+                // Nothing of the batch counts: cut the segment back to where it was.
+                if self.broken.is_none() {
+                    let cut =
+                        self.file.set_len(self.written).and_then(|()| self.file.seek(SeekFrom::Start(self.written)));
+                    if let Err(cut) = cut {
+                        tracing::error!(%cut, "Could not cut a failed write off the journal: it takes no more records.");
+                        self.broken = Some(format!("a failed write could not be cut off the journal: {cut}"));
+                    }
+                }
+                for (_, _, outcome) in &mut outcomes {
+                    if outcome.is_ok() {
+                        *outcome = Err(io::Error::new(error.kind(), error.to_string()));
+                    }
+                }
             }
-            let seq = first_seq + written.len() as u64 - 1;
-            let head = record_head(seq, &append.header, &self.body);
-            outcome =
-                [&head[..], &append.header, &self.body].into_iter().try_for_each(|part| self.file.write_all(part));
-            length += (head.len() + append.header.len() + self.body.len()) as u64;
         }
-        if let Err(error) = outcome.and_then(|()| self.file.sync_data()) {
-            return Err((error, written));
-        }
-        self.written += length;
-        Ok(written)
+        outcomes
     }
 
-    /// Seals the segment once it is full and starts the next.
-    fn roll(&mut self, shared: &Shared) -> io::Result<()> {
+    /// Seals the segment once it is full and starts the next, named after `next`, the first number its
+    /// records may have.
+    fn roll(&mut self, shared: &Shared, next: u64) -> io::Result<()> {
         if self.written < SEGMENT_BYTES {
             return Ok(());
         }
-        let next = shared.lock().next_seq;
         self.file = open_segment(&shared.dir, next)?;
         self.written = 0;
         shared.lock().segments.push_back(next);
@@ -374,11 +497,9 @@ fn parse_record(bytes: &[u8]) -> Option<(Recovered, usize)> {
     let seq = u64::from_le_bytes(head[4..12].try_into().ok()?);
     let header_len = u32::from_le_bytes(head[12..16].try_into().ok()?) as u64;
     let body_len = u64::from_le_bytes(head[16..24].try_into().ok()?);
-    if header_len + body_len > MAX_RECORD_BYTES {
-        return None;
-    }
+    let payload_len = header_len.checked_add(body_len).filter(|length| *length <= MAX_RECORD_BYTES)?;
     let crc = u32::from_le_bytes(head[24..28].try_into().ok()?);
-    let end = RECORD_HEADER + (header_len + body_len) as usize;
+    let end = RECORD_HEADER + payload_len as usize;
     let payload = bytes.get(RECORD_HEADER..end)?;
     let (header, body) = payload.split_at(header_len as usize);
     if record_head(seq, header, body)[24..28] != crc.to_le_bytes() {
@@ -444,6 +565,13 @@ mod tests {
         })
     }
 
+    impl Journal {
+        /// Appends a record for table `t` and returns its sequence number once it is on disk.
+        async fn append(&self, header: Vec<u8>, body: BodyWriter) -> Result<u64, IngestError> {
+            self.admit("t", header, body, || true).await?.expect("admitted unconditionally").durable().await
+        }
+    }
+
     fn records(recovered: &[Recovered]) -> Vec<(u64, &[u8], &[u8])> {
         recovered.iter().map(|r| (r.seq, r.header.as_slice(), r.body.as_slice())).collect()
     }
@@ -494,20 +622,87 @@ mod tests {
         assert!(error.contains("is damaged at byte 0"), "{error}");
     }
 
+    fn settling(journal: &Journal, table: Option<&'static str>) -> tokio::task::JoinHandle<Result<(), IngestError>> {
+        let journal = journal.clone();
+        tokio::spawn(async move { journal.settle(table.map_or(Scope::All, Scope::Table)).await })
+    }
+
+    async fn still_waiting(settled: &tokio::task::JoinHandle<Result<(), IngestError>>) -> bool {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        !settled.is_finished()
+    }
+
     #[tokio::test]
     async fn settle_waits_for_every_durable_record_to_be_applied() {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = Journal::open(dir.path()).unwrap();
-        journal.settle().await;
+        journal.settle(Scope::All).await.unwrap();
         let seq = journal.append(Vec::new(), body(&[1])).await.unwrap();
-        let settled = tokio::spawn({
-            let journal = journal.clone();
-            async move { journal.settle().await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(!settled.is_finished(), "a record is not applied yet");
+        let settled = settling(&journal, None);
+        assert!(still_waiting(&settled).await, "a record is not applied yet");
         journal.applied(&[seq]);
-        settled.await.unwrap();
+        settled.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settle_waits_for_a_record_admitted_before_it_that_is_not_on_disk_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        // The writer is held inside the record's body: admitted, numbered, not yet durable.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocked: BodyWriter = Box::new(move |buffer: &mut Vec<u8>| {
+            held.recv().ok();
+            buffer.push(1);
+            Ok(())
+        });
+        let admitted = journal.admit("t", Vec::new(), blocked, || true).await.unwrap().unwrap();
+        let settled = settling(&journal, Some("T"));
+        assert!(still_waiting(&settled).await, "the record was admitted first, so it is waited for");
+        release.send(()).unwrap();
+        let seq = admitted.durable().await.unwrap();
+        assert!(still_waiting(&settled).await, "durable is not applied");
+        journal.applied(&[seq]);
+        settled.await.unwrap().unwrap();
+        let refused = journal.admit("t", Vec::new(), body(&[2]), || false).await.unwrap();
+        assert!(refused.is_none(), "a record `admit` refuses is not queued");
+        assert_eq!(journal.unapplied(), 0);
+    }
+
+    #[tokio::test]
+    async fn settle_is_scoped_to_a_table_and_answers_the_error_of_a_record_that_keeps_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let stuck =
+            journal.admit("a", Vec::new(), body(&[1]), || true).await.unwrap().unwrap().durable().await.unwrap();
+        journal.settle(Scope::Table("b")).await.expect("nothing of table b is unapplied");
+        let waiting = settling(&journal, Some("a"));
+        assert!(still_waiting(&waiting).await);
+        journal.failing(&[stuck], "the table refuses the rows");
+        let error = waiting.await.unwrap().unwrap_err();
+        assert!(matches!(&error, IngestError::JournalBacklog(m) if m.contains("refuses")), "{error}");
+        assert!(journal.settle(Scope::All).await.is_err(), "every table's settle includes it");
+        journal.applied(&[stuck]);
+        journal.settle(Scope::All).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_whose_body_cannot_be_written_is_answered_its_error_and_waited_for_by_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let failing: BodyWriter = Box::new(|_: &mut Vec<u8>| Err(io::Error::other("cannot encode")));
+        let admitted = journal.admit("t", Vec::new(), failing, || true).await.unwrap().unwrap();
+        let error = admitted.durable().await.unwrap_err().to_string();
+        assert!(error.contains("cannot encode"), "{error}");
+        assert_eq!(journal.unapplied(), 0);
+        tokio::time::timeout(std::time::Duration::from_secs(1), journal.settle(Scope::All)).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_length_field_that_overflows_is_damage_not_a_crash() {
+        let mut head = record_head(0, b"h", b"");
+        head[12..16].copy_from_slice(&1u32.to_le_bytes());
+        head[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse_record(&[&head[..], b"h"].concat()).is_none());
     }
 
     #[test]

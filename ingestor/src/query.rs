@@ -19,7 +19,7 @@ use duckdb::{Connection, InterruptHandle};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::IngestError;
-use crate::journal::Journal;
+use crate::journal::{Journal, Scope};
 use crate::store::Database;
 
 /// DuckDB hands out 2,048-row chunks; batches of about this many rows are cheaper to send.
@@ -62,9 +62,11 @@ impl QueryService {
         Self { db, permits, timeout: limits.timeout, journal }
     }
 
-    async fn settle(&self) {
-        if let Some(journal) = &self.journal {
-            journal.settle().await;
+    /// Waits for the journaled requests answered before (to `scope`'s tables) to be written.
+    async fn settle(&self, scope: Scope<'_>) -> Result<(), IngestError> {
+        match &self.journal {
+            Some(journal) => journal.settle(scope).await,
+            None => Ok(()),
         }
     }
 
@@ -91,6 +93,7 @@ impl QueryService {
 
     /// Reads a whole table, `SELECT *`.
     pub async fn read_table(&self, table: &str) -> Result<QueryResult, IngestError> {
+        self.settle(Scope::Table(table)).await?;
         let relation = self.db.table_name(table);
         self.run_query(Sql::Internal(format!("SELECT * FROM {relation}"))).await
     }
@@ -111,7 +114,7 @@ impl QueryService {
     }
 
     async fn table_infos(&self, only: Option<String>) -> Result<Vec<TableInfo>, IngestError> {
-        self.settle().await;
+        self.settle(only.as_deref().map_or(Scope::All, Scope::Table)).await?;
         let db = self.db.clone();
         blocking(move || {
             let conn = db.connect()?;
@@ -138,7 +141,10 @@ impl QueryService {
     }
 
     async fn run_query(&self, sql: Sql) -> Result<QueryResult, IngestError> {
-        self.settle().await;
+        // A client's SQL may read any table; whole-table reads settled their own.
+        if let Sql::Client(_) = sql {
+            self.settle(Scope::All).await?;
+        }
         let permit = self.permits.clone().acquire_owned().await.map_err(|_| IngestError::ShuttingDown)?;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (batches_tx, batches_rx) = mpsc::channel(CHANNEL_DEPTH);

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{App, health};
 use crate::error::IngestError;
+use crate::load::Scope;
 use crate::store::Checkpoint;
 
 /// How often expired idempotency keys are pruned (and the remembered ones counted).
@@ -127,8 +128,10 @@ impl App {
     /// what others wait for is handed over (a lake's maintenance turn).
     pub async fn finish(&self) {
         let timeout = Duration::from_secs(self.limits.shutdown_timeout_seconds);
-        if tokio::time::timeout(timeout, self.loader.settle()).await.is_err() {
-            tracing::warn!("Journaled requests not yet written to their tables; they are at the next start.");
+        match tokio::time::timeout(timeout, self.loader.settle(Scope::All)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "Journaled requests are written at the next start."),
+            Err(_) => tracing::warn!("Journaled requests not yet written to their tables; they are at the next start."),
         }
         match self.checkpoint().await {
             Ok(_) => tracing::info!("Checkpointed the database."),

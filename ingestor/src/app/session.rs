@@ -215,7 +215,7 @@ impl App {
         let Some(key) = &request.key else { return Ok((route, None, None)) };
         check_key(key)?;
         let claim = KeyClaim::take(self, &route.stream, key)?;
-        let found = self.loader.find_receipt(&route.stream, key).await?;
+        let found = self.loader.find_receipt(&route.stream, &route.table, key).await?;
         Ok((route, Some(claim), found))
     }
 }

@@ -115,11 +115,25 @@ impl Loader {
         let key = GroupKey::of(&target, schema);
         if let Some(journaling) = self.shared.journal.as_ref().filter(|journaling| journaling.trusts(&key)) {
             let (header, body) = journaled::encode(&target, &key.schema, &batches, receipt.as_ref());
-            let seq = journaling.journal.append(header, body).await?;
-            let member = Member::new(batches, reservations, rows, receipt, None, Some(seq));
-            self.enqueue(key, target, member);
-            let commit_time = started.elapsed();
-            return Ok(Committed { rows, batches: count, commit_time, grouped: true, journaled: true });
+            // Trust is asked again as the record is admitted: a change of the table that started since
+            // (a replace) then either waits for this record or finds it refused.
+            let admitted = journaling.journal.admit(&target.table, header, body, || journaling.trusts(&key)).await?;
+            if let Some(admitted) = admitted {
+                // The record is written whatever happens to this request now, so its rows are queued by a
+                // task of their own: a request cancelled while it waits must not leave a record that
+                // nothing writes to its table.
+                let loader = self.clone();
+                let queued = tokio::spawn(async move {
+                    let seq = admitted.durable().await?;
+                    loader.enqueue(key, target, Member::new(batches, reservations, rows, receipt, None, Some(seq)));
+                    Ok::<_, IngestError>(())
+                });
+                queued
+                    .await
+                    .map_err(|error| IngestError::Journal(format!("queueing a journaled request: {error}")))??;
+                let commit_time = started.elapsed();
+                return Ok(Committed { rows, batches: count, commit_time, grouped: true, journaled: true });
+            }
         }
         let (answer, answered) = oneshot::channel();
         self.enqueue(key, target, Member::new(batches, reservations, rows, receipt, Some(answer), None));
@@ -235,6 +249,7 @@ impl Loader {
                         "Could not write journaled requests to their table; trying again. New requests to it are \
                          committed before they are answered until this succeeds.");
                     journaling.distrust_table(&target.table);
+                    journaling.journal.failing(&seqs, &error.to_string());
                     let mut queues = self.shared.groups.lock();
                     let queue = queues.get_mut(key).expect("a running group queue stays in the map");
                     queue.splice(0..0, waiting);
@@ -414,7 +429,7 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
 
     use super::*;
-    use crate::load::{IfExists, LoaderOptions, Upload};
+    use crate::load::{IfExists, LoaderOptions, Scope, Upload};
     use crate::store::{Database, DatabaseOptions, DuckDbFile};
 
     fn loader(dir: &tempfile::TempDir) -> Loader {
@@ -571,7 +586,7 @@ mod tests {
         assert!(!first.journaled, "a new table is committed before the answer");
         let second = upload_together(&loader, target(), &[&[2]]).await.remove(0).unwrap();
         assert!(second.journaled, "its group is trusted now");
-        loader.settle().await;
+        loader.settle(Scope::All).await.unwrap();
         // The table changes under the journal: the next journaled rows break its constraint.
         let replace = |sql: &'static str| loader.database().with_connection(|conn| conn.execute_batch(sql)).unwrap();
         replace("DROP TABLE t; CREATE TABLE t (id BIGINT CHECK (id < 0))");
@@ -581,9 +596,40 @@ mod tests {
         assert_eq!(loader.journal().unwrap().unapplied(), 1, "answered, and not written while the table refuses it");
         let fourth = upload_together(&loader, target(), &[&[4]]).await;
         assert!(fourth[0].is_err(), "a failing group is no longer trusted: the next request gets the error");
+        // Nobody waits for it: what settles the table answers the error, other tables go on.
+        let settled = tokio::time::timeout(Duration::from_secs(1), loader.settle(Scope::Table("t"))).await;
+        assert!(matches!(settled, Ok(Err(IngestError::JournalBacklog(_)))), "{settled:?}");
+        let large = Target { table: "other".to_owned(), ..target() };
+        let other = tokio::time::timeout(Duration::from_secs(1), loader.begin(large, ids(&[]).schema())).await;
+        assert!(other.expect("not held up by table t").is_ok());
         replace("DROP TABLE t; CREATE TABLE t (id BIGINT)");
-        loader.settle().await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while loader.settle(Scope::All).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("written on a later try");
         assert_eq!(table(&loader), [3], "written on a later try, once");
+    }
+
+    #[tokio::test]
+    async fn a_journaled_request_whose_caller_goes_away_is_still_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journaled::JournalOptions { dir: dir.path().join("journal"), linger: Duration::from_millis(1) };
+        let loader = loader_with(&dir, Some(journal));
+        upload_together(&loader, target(), &[&[1]]).await.remove(0).unwrap();
+        let batch = ids(&[2]);
+        let mut upload = loader.upload(target(), batch.schema()).unwrap();
+        send(&loader, &mut upload, batch).await.unwrap();
+        // The client goes away while its record is being made durable.
+        let mut commit = Box::pin(upload.commit(None));
+        assert!(futures::poll!(&mut commit).is_pending());
+        drop(commit);
+        assert_eq!(loader.journal().unwrap().unapplied(), 1, "the record was admitted before the client went");
+        tokio::time::timeout(Duration::from_secs(5), loader.settle(Scope::All)).await.unwrap().unwrap();
+        assert_eq!(table(&loader), [1, 2], "the record was durable, so its rows are written");
+        assert_eq!(loader.journal().unwrap().unapplied(), 0);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use crate::budget::{MemoryBudget, Reservation};
 use crate::error::IngestError;
 use crate::journal::Journal;
+pub use crate::journal::Scope;
 use crate::store::{self, Database, RawConnection, SCRATCH, sql};
 pub use arrowport_api::decoded_size;
 pub use journaled::JournalOptions;
@@ -148,17 +149,19 @@ impl Loader {
         self.shared.journal.as_ref().map(|journaling| &journaling.journal)
     }
 
-    /// Waits until every journaled request answered so far is written to its table.
-    pub async fn settle(&self) {
-        if let Some(journal) = self.journal() {
-            journal.settle().await;
+    /// Waits until every journaled request of `scope` answered so far is written to its table (see
+    /// [`Journal::settle`]).
+    pub async fn settle(&self, scope: Scope<'_>) -> Result<(), IngestError> {
+        match self.journal() {
+            Some(journal) => journal.settle(scope).await,
+            None => Ok(()),
         }
     }
 
-    /// The committed receipt of `key` on `stream`, if any (see [`Receipt`]).
-    pub async fn find_receipt(&self, stream: &str, key: &str) -> Result<Option<Found>, IngestError> {
+    /// The committed receipt of `key` on `stream`, which writes to `table`, if any (see [`Receipt`]).
+    pub async fn find_receipt(&self, stream: &str, table: &str, key: &str) -> Result<Option<Found>, IngestError> {
         // A journaled request's receipt is committed with its rows.
-        self.settle().await;
+        self.settle(Scope::Table(table)).await?;
         let (db, stream, key) = (self.shared.db.clone(), stream.to_owned(), key.to_owned());
         blocking(move || receipts::find(&db, &stream, &key)).await
     }
@@ -197,8 +200,8 @@ impl Loader {
     /// Starts a session: waits for a free slot, checks `schema` against the target table (creating or
     /// evolving it inside the session's transaction), then accepts batches. Schema problems are reported
     /// here, before the caller reads any data.
-    /// With a journal, the session first waits until the journaled requests answered before it are
-    /// written; while one that may replace the table runs, no request to it is journaled.
+    /// With a journal, the session first waits until the journaled requests to its table answered before
+    /// it are written; while one that may replace the table runs, no request to it is journaled.
     pub async fn begin(&self, target: Target, schema: SchemaRef) -> Result<LoadSession, IngestError> {
         check_supported(&schema)?;
         let mut change = None;
@@ -207,7 +210,7 @@ impl Loader {
                 journaling.begin_change(&target.table);
                 change = Some(TableChange { shared: self.shared.clone(), table: target.table.clone() });
             }
-            journaling.journal.settle().await;
+            journaling.journal.settle(Scope::Table(&target.table)).await?;
         }
         let slot = self.load_slot().await?;
         let session = self.begin_in(slot, target, schema).await?;
