@@ -54,6 +54,42 @@ async fn garbage_truncated_and_empty_bodies_are_400() {
     server.stop().await;
 }
 
+/// `bytes` as one zstd frame that declares a `window_log` window (no size pledged, so it is kept).
+fn zstd_with_window(bytes: &[u8], window_log: u32) -> Vec<u8> {
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+    encoder.window_log(window_log).unwrap();
+    encoder.long_distance_matching(true).unwrap();
+    std::io::Write::write_all(&mut encoder, bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_decompresses_without_end_or_needs_a_huge_window_is_refused_at_once() {
+    let server = server_with_victim(Config::default()).await;
+    let zstd = [("content-type", FILE_TYPE), ("content-encoding", "zstd")];
+    // 1 GiB of zeros after the file magic, ~40 KB compressed: refused as the padding runs past 64 bytes.
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    std::io::Write::write_all(&mut encoder, b"ARROW1").unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    (0..1024).for_each(|_| std::io::Write::write_all(&mut encoder, &zeros).unwrap());
+    let endless = encoder.finish().unwrap();
+    let response = server.ingest_with("victim", endless, &zstd).await;
+    let status = response.status().as_u16();
+    let message = response.text().await.unwrap();
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("padding after the IPC file's magic"), "{message}");
+    assert_eq!(server.count("victim"), Some(10));
+    // A frame that needs a 128 MiB window, which the decoder would allocate outside the memory budget.
+    let body = ipc_stream(&[batch(0, 5)], None);
+    let huge_window = zstd_with_window(&body, 27);
+    let stream_zstd = [("content-type", STREAM_TYPE), ("content-encoding", "zstd")];
+    refused(&server, huge_window, &stream_zstd, (400, "invalid_encoding")).await;
+    // The largest window allowed (16 MiB, what levels up to 19 use) is fine.
+    server.ingest_with("victim", zstd_with_window(&body, 24), &stream_zstd).await.error_for_status().unwrap();
+    assert_eq!(server.count("victim"), Some(15));
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_content_type_and_encoding_are_415() {
     let server = server_with_victim(Config::default()).await;

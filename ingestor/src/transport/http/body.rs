@@ -19,6 +19,11 @@ use crate::error::IngestError;
 /// Read size for decompressed output: large enough to keep per-chunk overhead negligible.
 const DECOMPRESSED_CHUNK: usize = 256 * 1024;
 
+/// Largest zstd window a body may need, as a power of two: 16 MiB, what every level up to 19 uses. A
+/// frame may declare up to 2 GiB, which the decoder would allocate outside the memory budget; larger
+/// windows (levels 20–22, `--long`) are refused as invalid encoding.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
 /// Whole-body compression named by `Content-Encoding`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContentEncoding {
@@ -80,7 +85,8 @@ pub fn decoded_bytes(
     let reader = StreamReader::new(wire);
     let decoded: BoxStream<'static, io::Result<Bytes>> = match encoding {
         ContentEncoding::Zstd => {
-            let mut decoder = ZstdDecoder::new(reader);
+            let window = async_compression::zstd::DParameter::window_log_max(ZSTD_WINDOW_LOG_MAX);
+            let mut decoder = ZstdDecoder::with_params(reader, &[window]);
             decoder.multiple_members(true);
             ReaderStream::with_capacity(decoder, DECOMPRESSED_CHUNK).boxed()
         }

@@ -15,6 +15,9 @@ use crate::error::IngestError;
 use crate::ipc::RawMessage;
 
 const FILE_MAGIC: &[u8; 6] = b"ARROW1";
+/// Most zero bytes a file may have between its magic and its first message: writers pad the magic to
+/// their alignment, at most 64 bytes.
+const MAX_FILE_PADDING: usize = 64 - FILE_MAGIC.len();
 const CONTINUATION: [u8; 4] = [0xFF; 4];
 
 /// Which IPC format a request declares.
@@ -57,14 +60,16 @@ pub struct IpcDecoder {
 enum Framing {
     /// Collecting the first bytes to tell a file from a stream.
     Preamble { declared: IpcFormat, seen: Vec<u8> },
-    /// After a file's magic: zero padding until the first message, which never starts with a zero byte.
-    FilePadding,
+    /// After a file's magic: zero padding until the first message, which never starts with a zero byte;
+    /// how much so far.
+    FilePadding { seen: usize },
     /// Reading messages; `file` once a file preamble was seen.
     Messages { file: bool, stage: Stage },
     /// After a stream's end-of-stream marker: nothing may follow.
     Ended,
-    /// After a file's end-of-stream marker: the footer, of which only the last 6 bytes matter.
-    Footer { tail: Vec<u8> },
+    /// After a file's end-of-stream marker: the footer, of which only the last 6 bytes matter, and its
+    /// length so far (a footer, a flatbuffer like any message header, is no longer than a message).
+    Footer { tail: Vec<u8>, seen: u64 },
 }
 
 /// Where the message being read stands.
@@ -158,7 +163,7 @@ impl IpcDecoder {
                     }
                     if seen.as_slice() == FILE_MAGIC {
                         self.input.advance(take);
-                        self.framing = Framing::FilePadding;
+                        self.framing = Framing::FilePadding { seen: 0 };
                     } else if *declared == IpcFormat::File {
                         return Err(invalid("not an Arrow IPC file: it does not start with ARROW1"));
                     } else {
@@ -169,15 +174,29 @@ impl IpcDecoder {
                         self.framing = Framing::Messages { file: false, stage: Stage::start() };
                     }
                 }
-                Framing::FilePadding => match self.input.iter().position(|&b| b != 0) {
-                    Some(start) => {
-                        self.input.advance(start);
+                Framing::FilePadding { seen } => {
+                    let zeros = self.input.iter().position(|&b| b != 0).unwrap_or(self.input.len());
+                    *seen += zeros;
+                    if *seen > MAX_FILE_PADDING {
+                        return Err(invalid(format!(
+                            "more than {MAX_FILE_PADDING} bytes of padding after the IPC file's magic"
+                        )));
+                    }
+                    self.input.advance(zeros);
+                    if !self.input.is_empty() {
                         self.framing = Framing::Messages { file: true, stage: Stage::start() };
                     }
-                    None => self.input.clear(),
-                },
+                }
                 Framing::Ended => return Err(invalid("data after the end-of-stream marker")),
-                Framing::Footer { tail } => {
+                Framing::Footer { tail, seen } => {
+                    *seen += self.input.len() as u64;
+                    // The flatbuffer, its 4-byte length and the closing magic.
+                    let limit = self.max_message_bytes + 4 + FILE_MAGIC.len() as u64;
+                    if *seen > limit {
+                        return Err(invalid(format!(
+                            "the IPC file's footer is longer than {limit} bytes (limits.max_message_bytes)"
+                        )));
+                    }
                     keep_tail(tail, &self.input);
                     self.input.clear();
                 }
@@ -187,7 +206,7 @@ impl IpcDecoder {
                         Step::More => {}
                         Step::Room => return Ok(None),
                         Step::Message(message) => return Ok(Some(message)),
-                        Step::End if file => self.framing = Framing::Footer { tail: Vec::new() },
+                        Step::End if file => self.framing = Framing::Footer { tail: Vec::new(), seen: 0 },
                         Step::End => self.framing = Framing::Ended,
                     }
                 }
@@ -201,14 +220,14 @@ impl IpcDecoder {
         match &self.framing {
             Framing::Preamble { seen, .. } if seen.is_empty() => Err(IngestError::EmptyBody),
             Framing::Preamble { .. } => Err(invalid("body too short to be Arrow IPC")),
-            Framing::FilePadding | Framing::Messages { file: true, .. } => {
+            Framing::FilePadding { .. } | Framing::Messages { file: true, .. } => {
                 Err(invalid("the IPC file ended before its end-of-stream marker"))
             }
             Framing::Messages { file: false, .. } if self.bytes_seen == 0 => Err(IngestError::EmptyBody),
             Framing::Messages { file: false, stage: Stage::Prefix(bytes) } if bytes.is_empty() => Ok(()),
             Framing::Messages { file: false, .. } => Err(invalid("the body ended in the middle of a message")),
             Framing::Ended => Ok(()),
-            Framing::Footer { tail } if tail.as_slice() == FILE_MAGIC => Ok(()),
+            Framing::Footer { tail, .. } if tail.as_slice() == FILE_MAGIC => Ok(()),
             Framing::Footer { .. } => Err(invalid("the IPC file's footer is truncated")),
         }
     }
@@ -432,6 +451,31 @@ mod tests {
         let mut trailing = stream_bytes(&[batch(1)]);
         trailing.extend_from_slice(b"junk");
         assert!(matches!(decode(IpcFormat::Stream, &trailing, 8), Err(IngestError::InvalidIpc(_))));
+    }
+
+    #[test]
+    fn a_file_padded_or_footed_beyond_any_writer_is_refused_as_it_arrives() {
+        // The magic, then zeros without end (a few bytes of a compressed body can decompress to this).
+        let mut decoder = IpcDecoder::new(IpcFormat::File, 1 << 20);
+        decoder.push(Bytes::from_static(b"ARROW1"));
+        assert!(matches!(decoder.next_message(), Ok(None)));
+        decoder.push(Bytes::from(vec![0; MAX_FILE_PADDING]));
+        assert!(matches!(decoder.next_message(), Ok(None)), "padding to a 64-byte alignment is fine");
+        decoder.push(Bytes::from_static(&[0]));
+        let error = decoder.next_message().err().expect("refused").to_string();
+        assert!(error.contains("padding"), "{error}");
+        // A footer can be no longer than a message: 300 one-row batches list 300 blocks in it.
+        let file = file_bytes(&vec![batch(1); 300]);
+        let footer = u32::from_le_bytes(file[file.len() - 10..file.len() - 6].try_into().unwrap()) as u64;
+        let mut decoder = IpcDecoder::new(IpcFormat::File, footer - 1);
+        let outcome = file.chunks(4096).try_for_each(|piece| {
+            decoder.push(Bytes::copy_from_slice(piece));
+            while decoder.next_message()?.is_some() {}
+            Ok::<_, IngestError>(())
+        });
+        let error = outcome.unwrap_err().to_string();
+        assert!(error.contains("footer is longer"), "{error}");
+        assert_eq!(decode(IpcFormat::File, &file, 4096).unwrap(), 300, "with room for the footer it decodes");
     }
 
     #[test]
