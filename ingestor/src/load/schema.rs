@@ -66,7 +66,7 @@ pub fn check_supported(schema: &Schema) -> Result<(), IngestError> {
     let unsupported: Vec<String> = schema
         .fields()
         .iter()
-        .filter_map(|field| unsupported_part(field.data_type()).map(|t| format!("{} ({t})", field.name())))
+        .filter_map(|field| field_part(field).map(|t| format!("{} ({t})", field.name())))
         .collect();
     if unsupported.is_empty() {
         Ok(())
@@ -82,30 +82,12 @@ pub fn check_supported(schema: &Schema) -> Result<(), IngestError> {
 fn unsupported_part(data_type: &DataType) -> Option<String> {
     use DataType::*;
     match data_type {
-        Boolean
-        | Int8
-        | Int16
-        | Int32
-        | Int64
-        | UInt8
-        | UInt16
-        | UInt32
-        | UInt64
-        | Float32
-        | Float64
-        | Utf8
-        | LargeUtf8
-        | Utf8View
-        | Binary
-        | LargeBinary
-        | BinaryView
-        | FixedSizeBinary(_)
-        | Date32
-        | Date64
-        | Time32(_)
-        | Time64(_)
-        | Timestamp(_, _)
-        | Duration(_) => None,
+        Boolean | Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32 | UInt64 | Float32 | Float64 | Utf8
+        | LargeUtf8 | Utf8View | Binary | LargeBinary | BinaryView | FixedSizeBinary(_) | Date32 | Date64
+        | Time32(_) | Time64(_) | Duration(_) => None,
+        // Names and timezones reach DuckDB as C strings (the Arrow C data interface).
+        Timestamp(_, Some(zone)) if zone.contains('\0') => Some("Timestamp with a NUL byte in its timezone".to_owned()),
+        Timestamp(_, _) => None,
         Interval(IntervalUnit::YearMonth | IntervalUnit::MonthDayNano) => None,
         // DuckDB 1.5 reads day-time intervals as one 64-bit millisecond count: wrong values, so refuse.
         Interval(IntervalUnit::DayTime) => {
@@ -123,6 +105,9 @@ fn unsupported_part(data_type: &DataType) -> Option<String> {
 }
 
 fn field_part(field: &Field) -> Option<String> {
+    if field.name().contains('\0') {
+        return Some("a NUL byte in a field's name".to_owned());
+    }
     unsupported_part(field.data_type())
 }
 
@@ -258,8 +243,15 @@ mod tests {
             Field::new("wide", DataType::Decimal256(60, 2), true),
             Field::new("half", DataType::List(Arc::new(Field::new("item", DataType::Float16, true))), true),
             Field::new("day_time", DataType::Interval(IntervalUnit::DayTime), true),
+            // Names and timezones go to DuckDB as C strings: a NUL byte in one must be refused, not panic.
+            Field::new("nul\0name", DataType::Int64, true),
+            Field::new("zone", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC\0".into())), true),
+            Field::new("nested", DataType::Struct(vec![Field::new("a\0", DataType::Int8, true)].into()), true),
         ]);
         let message = check_supported(&schema).unwrap_err().to_string();
+        assert!(message.contains("nul\0name (a NUL byte in a field's name)"), "{message}");
+        assert!(message.contains("zone (Timestamp with a NUL byte in its timezone)"), "{message}");
+        assert!(message.contains("nested (a NUL byte in a field's name)"), "{message}");
         assert!(message.contains("u (Union"), "{message}");
         assert!(message.contains("wide (Decimal256(60, 2))"), "{message}");
         assert!(message.contains("half (Float16; cast it to float32)"), "{message}");

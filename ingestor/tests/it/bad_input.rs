@@ -156,6 +156,13 @@ async fn unsupported_type_is_422_and_creates_nothing() {
     let (status, code) = error_code(server.ingest("nulls", ipc_stream(&[batch], None)).await).await;
     assert_eq!((status, code.as_str()), (422, "unsupported_type"));
     assert_eq!(server.count("nulls"), None);
+    // A NUL byte in a column's name cannot cross into DuckDB (a C string): refused the same way.
+    let schema = Arc::new(Schema::new(vec![Field::new("a\0b", DataType::Int64, true)]));
+    let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1]))]).unwrap();
+    let (status, code) = error_code(server.ingest("nul", ipc_stream(&[batch], None)).await).await;
+    assert_eq!((status, code.as_str()), (422, "unsupported_type"));
+    assert_eq!(server.count("nul"), None);
+    assert!(server.metrics().await.contains("arrowport_panics_total 0"));
     server.stop().await;
 }
 
