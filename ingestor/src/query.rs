@@ -298,15 +298,9 @@ fn check_references(tree: &str, catalog: &str, tables: &HashSet<String>) -> Resu
         return refused(message.to_owned());
     }
     let mut nodes = Vec::new();
-    collect_objects(&tree, &mut nodes);
-    let ctes: HashSet<String> = nodes
-        .iter()
-        .filter_map(|node| node.get("cte_map")?.get("map")?.as_array())
-        .flatten()
-        .filter_map(|entry| entry["key"].as_str().map(str::to_lowercase))
-        .collect();
+    collect_objects(&tree, &HashSet::new(), &mut nodes);
     let text = |node: &serde_json::Value, key: &str| node[key].as_str().unwrap_or_default().to_lowercase();
-    for node in nodes {
+    for (node, ctes) in nodes {
         match node["type"].as_str() {
             Some("BASE_TABLE") => {
                 let (db, schema, name) =
@@ -347,13 +341,32 @@ fn in_data_catalog(db: &str, schema: &str, catalog: &str) -> bool {
 }
 
 /// Every JSON object in `value`, depth first.
-fn collect_objects<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+/// Every object of the tree, with the names of the CTEs a table reference there resolves to: those
+/// of the query nodes around it (for a CTE's own query, only the CTEs before it in its `WITH`) and a
+/// recursive CTE's own name. A CTE of another subquery is out of scope: DuckDB resolves that name in the
+/// catalog, so it must pass the table check like any other.
+fn collect_objects<'a>(
+    value: &'a serde_json::Value,
+    scope: &HashSet<String>,
+    out: &mut Vec<(&'a serde_json::Value, HashSet<String>)>,
+) {
     match value {
         serde_json::Value::Object(map) => {
-            out.push(value);
-            map.values().for_each(|v| collect_objects(v, out));
+            let mut scope = scope.clone();
+            scope.extend(map.get("cte_name").and_then(|name| name.as_str()).map(str::to_lowercase));
+            let ctes = map.get("cte_map").and_then(|ctes| ctes["map"].as_array());
+            for entry in ctes.into_iter().flatten() {
+                collect_objects(&entry["value"], &scope, out);
+                scope.extend(entry["key"].as_str().map(str::to_lowercase));
+            }
+            for (key, child) in map {
+                if key != "cte_map" {
+                    collect_objects(child, &scope, out);
+                }
+            }
+            out.push((value, scope));
         }
-        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_objects(v, out)),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_objects(v, scope, out)),
         _ => {}
     }
 }

@@ -261,6 +261,10 @@ const FORBIDDEN: &[&str] = &[
     "WITH v AS (SELECT * FROM arrowport_scratch.main.ingest_0) SELECT * FROM v",
     "SHOW ALL TABLES",
     "SELECT * FROM query_table('events')",
+    // A CTE's name covers only its own query: elsewhere the name is the catalog's.
+    "SELECT * FROM duckdb_columns, (WITH duckdb_columns AS (SELECT 1) SELECT 1) s",
+    "WITH a AS (SELECT * FROM duckdb_views), duckdb_views AS (SELECT 1) SELECT * FROM a",
+    "WITH duckdb_views AS (SELECT * FROM duckdb_views) SELECT * FROM duckdb_views",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,6 +281,9 @@ async fn flight_sql_reads_no_files_and_no_other_catalog() {
     for (statement, rows) in [
         ("SELECT count(*) FROM events", 1),
         ("WITH e AS (SELECT id FROM main.events WHERE id < 10) SELECT * FROM e", 10),
+        ("WITH e AS (SELECT id FROM events), f AS (SELECT * FROM e WHERE id < 5) SELECT * FROM f", 5),
+        ("SELECT * FROM (WITH e AS (SELECT id FROM events) SELECT * FROM (SELECT * FROM e) x) y", 100),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 4) SELECT * FROM r", 4),
         ("SELECT * FROM range(3)", 3),
         ("DESCRIBE events", 3),
     ] {
