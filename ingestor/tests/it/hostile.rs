@@ -176,8 +176,17 @@ async fn stalled_do_put(
     server: &TestServer,
     stream: &str,
 ) -> (mpsc::Sender<FlightData>, tokio::task::JoinHandle<tonic::Status>) {
+    do_put_sending(server, put_messages(stream, &[batch(0, 10)])).await
+}
+
+/// A DoPut that sends `first`, then what comes through the returned sender; the task ends with the
+/// status the call failed with.
+async fn do_put_sending(
+    server: &TestServer,
+    first: Vec<FlightData>,
+) -> (mpsc::Sender<FlightData>, tokio::task::JoinHandle<tonic::Status>) {
     let (tx, rx) = mpsc::channel(4);
-    for message in put_messages(stream, &[batch(0, 10)]) {
+    for message in first {
         tx.send(message).await.unwrap();
     }
     let mut client = arrow_flight::FlightClient::new(channel(server).await);
@@ -207,8 +216,24 @@ async fn a_stalled_do_put_is_deadline_exceeded_after_the_idle_timeout() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(tx);
     assert_eq!(server.count("stalled"), None, "the stalled call's batch was rolled back");
+    // A call that never sends its first message, and one that ends without any.
+    let (silent, call) = do_put_sending(&server, Vec::new()).await;
+    let status = call.await.unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    assert_eq!(code_of(&status), "idle_timeout");
+    drop(silent);
+    let (empty, call) = do_put_sending(&server, Vec::new()).await;
+    drop(empty);
+    let status = call.await.unwrap();
+    assert_eq!((status.code(), code_of(&status).as_str()), (Code::InvalidArgument, "invalid_request"), "{status}");
     put(&server, put_messages("stalled", &[batch(0, 10)])).await.unwrap();
     server.stop().await;
+}
+
+/// The `x-arrowport-code` a failed call carries.
+fn code_of(status: &tonic::Status) -> String {
+    let code = status.metadata().get(arrowport_api::ERROR_CODE_METADATA).map(|value| value.to_str().unwrap());
+    code.unwrap_or_default().to_owned()
 }
 
 /// Stops the server once one request is in flight; the stop must not wait past the shutdown deadline.

@@ -46,6 +46,7 @@ const FLIGHT_SQL_TYPE_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.
 pub fn router(app: Arc<App>) -> Router {
     // Slack over the largest batch for the FlightData envelope (header, metadata).
     let max_message = usize::try_from(app.limits().max_message_bytes.0).unwrap_or(usize::MAX).saturating_add(1 << 20);
+    let idle_timeout = std::time::Duration::from_secs(app.limits().idle_timeout_seconds);
     let panics = app.clone();
     let front = Arc::new(FlightFront::new(app));
     let service = FlightServiceServer::from_arc(front.clone())
@@ -53,7 +54,7 @@ pub fn router(app: Arc<App>) -> Router {
         .max_encoding_message_size(usize::MAX);
     let name = FlightServiceServer::<FlightFront>::NAME;
     // DoPut takes its own decoder (see `receive`); the generated server answers every other call.
-    let do_put = post(move |request| receive::do_put(front.clone(), max_message, request));
+    let do_put = post(move |request| receive::do_put(front.clone(), max_message, idle_timeout, request));
     // Access control in front of every call, DoPut's own route included, before a message is read.
     Router::new()
         .route(&format!("/{name}/DoPut"), do_put)

@@ -7,18 +7,22 @@
 //! message. Here the receive buffer is reused from message to message, as HTTP's is.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::buffer::MutableBuffer;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{FlightData, PutResult};
 use bytes::{Buf, Bytes};
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_prost::ProstEncoder;
 
+use super::status::status;
 use super::{BoxStream, FlightFront};
+use crate::error::IngestError;
 
 /// Arrow's buffer alignment (arrow-rs writers pad every buffer of a body to it).
 const ALIGNMENT: usize = 64;
@@ -27,11 +31,22 @@ const ALIGNMENT: usize = 64;
 const DATA_BODY_FIELD: u64 = 1000;
 
 /// Serves one `DoPut` call: tonic's gRPC framing, the aligned decoder, then [`FlightFront::do_put`].
+/// A call whose first bytes take longer than the idle timeout ends `DEADLINE_EXCEEDED` (`idle_timeout`)
+/// there: Flight SQL waits for the first message to learn what the call is, and would wait for ever
+/// (later messages have their deadline in the ingest loop).
 pub async fn do_put(
     front: Arc<FlightFront>,
     max_message: usize,
+    idle_timeout: Duration,
     request: axum::extract::Request,
 ) -> axum::http::Response<tonic::body::Body> {
+    let (parts, body) = request.into_parts();
+    let mut data = body.into_data_stream();
+    let Ok(first) = tokio::time::timeout(idle_timeout, data.next()).await else {
+        return status(&IngestError::IdleTimeout { seconds: idle_timeout.as_secs() }).into_http();
+    };
+    let body = axum::body::Body::from_stream(futures::stream::iter(first).chain(data));
+    let request = axum::extract::Request::from_parts(parts, body);
     let mut grpc = tonic::server::Grpc::new(PutCodec).apply_max_message_size_config(Some(max_message), None);
     grpc.streaming(DoPut(front), request).await
 }

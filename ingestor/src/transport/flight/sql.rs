@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow::datatypes::Schema;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::server::{DoPutError, FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     Any, CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
     CommandStatementIngest, CommandStatementQuery, ProstMessageExt, SqlInfo, SqlSupportedTransaction,
@@ -271,6 +271,16 @@ impl FlightSqlService for SqlService {
         message: Any,
     ) -> Result<Response<<Self as FlightService>::DoPutStream>, Status> {
         put::put_stream(&self.app, request, message).await
+    }
+
+    /// A `DoPut` without a first message, or whose first message has no descriptor.
+    async fn do_put_error_callback(
+        &self,
+        _request: Request<PeekableFlightDataStream>,
+        error: DoPutError,
+    ) -> Result<Response<<Self as FlightService>::DoPutStream>, Status> {
+        let message = format!("a DoPut starts with a message carrying its flight descriptor ({error})");
+        Err(status(&IngestError::InvalidRequest(message)))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
