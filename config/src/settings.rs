@@ -142,12 +142,15 @@ pub struct Route {
 }
 
 /// Why a stream has no route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoRoute {
     /// Not a valid stream name (see [`is_valid_stream_name`]): it never names a table.
     InvalidName,
     /// Not configured, and `auto_create` is off.
     Unknown,
+    /// Not configured, and auto-routing would write the table of `configured`, a configured stream
+    /// (names are case-insensitive): that table takes only its own stream's writers and schema policy.
+    TableOfConfigured { table: String, configured: String },
 }
 
 /// `stream`'s route: its entry in `streams`, or (with `auto_create`) a table named after it.
@@ -171,6 +174,15 @@ pub fn route(
         // Auto-routing: the table is named after the stream, with characters SQL names lack replaced.
         None => auto_table_name(stream),
     };
+    if configured.is_none() {
+        let table_of = |(name, config): (&String, &StreamConfig)| {
+            let theirs = config.target_table.clone().unwrap_or_else(|| auto_table_name(name));
+            theirs.eq_ignore_ascii_case(&table).then(|| name.clone())
+        };
+        if let Some(configured) = streams.iter().find_map(table_of) {
+            return Err(NoRoute::TableOfConfigured { table, configured });
+        }
+    }
     Ok(Route {
         stream: stream.to_owned(),
         table,
@@ -300,6 +312,24 @@ mod tests {
         assert_eq!(route.chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(!route.configured);
         assert_eq!(super::route(&streams(), false, Compression::default(), "other"), Err(NoRoute::Unknown));
+    }
+
+    #[test]
+    fn an_unconfigured_stream_never_reaches_a_configured_streams_table() {
+        let mut streams = streams();
+        streams.insert("metrics.eu".to_owned(), StreamConfig::default());
+        for (stream, configured) in
+            [("sensor_readings", "sensors"), ("Sensor-Readings", "sensors"), ("metrics-eu", "metrics.eu")]
+        {
+            let refused = route(&streams, true, Compression::default(), stream);
+            let table = auto_table_name(stream);
+            assert_eq!(
+                refused,
+                Err(NoRoute::TableOfConfigured { table, configured: configured.to_owned() }),
+                "{stream}"
+            );
+        }
+        assert!(route(&streams, true, Compression::default(), "metrics.eu").unwrap().configured);
     }
 
     #[test]

@@ -40,6 +40,10 @@ impl Routes {
         settings::route(&self.streams, self.auto_create, self.compression, stream).map_err(|no_route| match no_route {
             NoRoute::InvalidName => IngestError::InvalidStreamName(stream.to_owned()),
             NoRoute::Unknown => IngestError::UnknownStream(stream.to_owned()),
+            NoRoute::TableOfConfigured { table, configured } => IngestError::PermissionDenied(format!(
+                "stream {stream:?} is not configured, and its table {table} belongs to the configured stream \
+                 {configured:?}: send to that stream"
+            )),
         })
     }
 }

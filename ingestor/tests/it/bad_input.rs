@@ -180,8 +180,19 @@ async fn hostile_and_unknown_stream_names() {
     let response = closed.ingest("unknown", body.clone()).await;
     assert_eq!(error_code(response).await, (404, "unknown_stream".to_owned()));
     assert_eq!(closed.count("unknown"), None);
-    closed.ingest_ok("known", body).await;
+    closed.ingest_ok("known", body.clone()).await;
     closed.stop().await;
+
+    // An unconfigured name that auto-routes to a configured stream's table is not a way around it.
+    let config = Config::from_yaml("streams: {secure: {target_table: sensors_eu}}\n").unwrap();
+    let guarded = TestServer::with_config(config).await;
+    for alias in ["sensors.eu", "SENSORS-EU"] {
+        let (status, code) = error_code(guarded.ingest(alias, body.clone()).await).await;
+        assert_eq!((status, code.as_str()), (403, "permission_denied"), "{alias}");
+    }
+    assert_eq!(guarded.count("sensors_eu"), None);
+    guarded.ingest_ok("secure", body).await;
+    guarded.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
