@@ -364,7 +364,13 @@ async fn in_process_native(parts: &[&[RecordBatch]], storage: &StorageKind) -> a
     let checkpoint_threshold = arrowport_config::DuckDbSettings::default().checkpoint_threshold.0;
     let options = DatabaseOptions { extensions: vec![], memory_limit: None, checkpoint_threshold, threads: None };
     let database = Arc::new(Database::open(fresh.open_in_process()?, &options)?);
-    let loader = Loader::new(database, LoaderOptions { max_concurrent_loads: parts.len(), budget, journal: None })?;
+    let options = LoaderOptions {
+        max_concurrent_loads: parts.len(),
+        slot_wait: Duration::from_secs(3600),
+        budget,
+        journal: None,
+    };
+    let loader = Loader::new(database, options)?;
     let target = Target {
         table: "lineitem".into(),
         chunk_size: 122_880,

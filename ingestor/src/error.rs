@@ -43,6 +43,8 @@ pub enum IngestError {
     Overloaded,
     #[error("DuckDB's memory limit (duckdb.memory_limit) is exhausted by the loads running now; retry later: {0}")]
     DuckDbOutOfMemory(String),
+    #[error("all {slots} load slots (limits.max_concurrent_loads) stayed busy for {seconds} s; retry later")]
+    LoadSlotsBusy { slots: usize, seconds: u64 },
     #[error("the ingester is shutting down")]
     ShuttingDown,
     #[error("table {0:?} does not exist and the request does not allow creating it")]
@@ -96,7 +98,7 @@ impl IngestError {
             Self::BodyRead(_) => ErrorCode::BodyReadError,
             Self::SchemaMismatch(_) => ErrorCode::SchemaMismatch,
             Self::UnsupportedType(_) => ErrorCode::UnsupportedType,
-            Self::Overloaded | Self::DuckDbOutOfMemory(_) => ErrorCode::Overloaded,
+            Self::Overloaded | Self::DuckDbOutOfMemory(_) | Self::LoadSlotsBusy { .. } => ErrorCode::Overloaded,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::TableNotFound(_) => ErrorCode::TableNotFound,
             Self::NoData(_) => ErrorCode::NoData,

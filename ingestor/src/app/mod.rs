@@ -92,7 +92,10 @@ impl App {
                 "Small requests are answered once durable in the journal.");
         }
         let max_concurrent_loads = config.limits.max_concurrent_loads;
-        let loader = Loader::new(database.clone(), LoaderOptions { max_concurrent_loads, budget, journal })?;
+        // A session waits for a slot as long as a client may stay silent.
+        let slot_wait = Duration::from_secs(config.limits.idle_timeout_seconds);
+        let options = LoaderOptions { max_concurrent_loads, slot_wait, budget, journal };
+        let loader = Loader::new(database.clone(), options)?;
         let query_limits = QueryLimits {
             max_concurrent: config.limits.max_concurrent_queries,
             timeout: Duration::from_secs(config.limits.query_timeout_seconds),

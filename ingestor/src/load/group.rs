@@ -447,6 +447,7 @@ mod tests {
         let database = Database::open(Box::new(storage), &options).unwrap();
         let options = LoaderOptions {
             max_concurrent_loads: 4,
+            slot_wait: Duration::from_secs(60),
             budget: MemoryBudget::new(1 << 30, Duration::from_secs(1)),
             journal,
         };

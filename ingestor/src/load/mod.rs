@@ -58,6 +58,9 @@ pub struct Target {
 pub struct LoaderOptions {
     /// Sessions loading at once; further ones wait for a slot.
     pub max_concurrent_loads: usize,
+    /// How long a session waits for a slot before it is refused as overloaded: slow uploads that hold
+    /// every slot must not make the others wait without end.
+    pub slot_wait: Duration,
     /// The memory budget sessions reserve decoded batches against.
     pub budget: MemoryBudget,
     /// Answer small requests from a journal (see [`journaled`]).
@@ -87,6 +90,8 @@ struct Shared {
     db: Arc<Database>,
     idle: Mutex<Vec<Worker>>,
     permits: Arc<Semaphore>,
+    slots: usize,
+    slot_wait: Duration,
     tables: TableLocks,
     groups: group::GroupQueues,
     budget: MemoryBudget,
@@ -117,6 +122,8 @@ impl Loader {
                 db,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(options.max_concurrent_loads)),
+                slots: options.max_concurrent_loads,
+                slot_wait: options.slot_wait,
                 tables: TableLocks::default(),
                 groups: group::GroupQueues::default(),
                 budget: options.budget,
@@ -212,7 +219,10 @@ impl Loader {
             }
             journaling.journal.settle(Scope::Table(&target.table)).await?;
         }
-        let slot = self.load_slot().await?;
+        let (slots, wait) = (self.shared.slots, self.shared.slot_wait);
+        let slot = tokio::time::timeout(wait, self.load_slot())
+            .await
+            .map_err(|_| IngestError::LoadSlotsBusy { slots, seconds: wait.as_secs() })??;
         let session = self.begin_in(slot, target, schema).await?;
         Ok(LoadSession { _change: change, ..session })
     }

@@ -211,6 +211,51 @@ async fn exhausted_memory_budget_is_503_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_slow_uploads_hold_every_load_slot_the_next_is_503_not_a_wait_without_end() {
+    let mut config = Config::from_yaml("streams: {slow: {chunk_size: 10}, next: {chunk_size: 10}}\n").unwrap();
+    config.limits.max_concurrent_loads = 1;
+    config.limits.idle_timeout_seconds = 2;
+    let server = TestServer::with_config(config).await;
+    // A slow producer: batches of a chunk or more stream into its session, which holds the only slot,
+    // and a piece every 300 ms keeps it inside the idle timeout.
+    let batches: Vec<_> = (0..16).map(|i| batch(i * 100, 100)).collect();
+    let body = ipc_stream(&batches, None);
+    let (tx, slow) = spawn_upload(&server, "slow");
+    let pieces: Vec<Bytes> = body.chunks(body.len() / 16 + 1).map(Bytes::copy_from_slice).collect();
+    let trickle = tokio::spawn(async move {
+        for piece in pieces {
+            tx.send(Ok(piece)).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    });
+    wait_until("the slow upload holds the slot", std::time::Duration::from_secs(10), || async {
+        server.app.loader().budget().used() > 0
+    })
+    .await;
+    // Room is taken as a batch starts to arrive; its session starts once the batch is whole, with the
+    // next piece or the one after.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let started = std::time::Instant::now();
+    let response = server.ingest("next", ipc_stream(&[batch(0, 100)], None)).await;
+    let retry_after = response.headers().get("retry-after").cloned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(retry_after.as_ref().map(|v| v.to_str().unwrap()), Some("1"), "{body}");
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_concurrent_loads"), "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "refused after the idle timeout, {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.count("next").unwrap_or(0), 0);
+    trickle.await.unwrap();
+    assert_eq!(slow.await.unwrap().status(), 200);
+    assert_eq!(server.count("slow"), Some(1600));
+    server.ingest_ok("next", ipc_stream(&[batch(0, 100)], None)).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_whole_budget_is_413_not_503() {
     let mut config = Config::default();
     config.limits.memory_budget_bytes = Some(ByteSize(16 * 1024));
