@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{App, health};
+use super::{App, WireCounter, health};
 use crate::error::IngestError;
 use crate::load::Scope;
 use crate::store::Checkpoint;
 
 /// How often expired idempotency keys are pruned (and the remembered ones counted).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often a wait for the client looks whether any of its bytes arrived: the idle timeout's precision.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
 
 /// Runs `work` every `interval`, the first time one interval from now.
 fn every<F, Fut>(interval: Duration, app: Arc<App>, work: F) -> JoinHandle<()>
@@ -61,15 +64,31 @@ impl App {
         Duration::from_secs(self.limits.idle_timeout_seconds)
     }
 
-    /// Waits for the client's next piece of an upload: `None` at its end; an error when it stays silent
-    /// past the idle timeout, or when the shutdown deadline passes first.
-    pub async fn next_from_client<T>(&self, next: impl Future<Output = Option<T>>) -> Result<Option<T>, IngestError> {
+    /// Waits for the client's next piece of an upload: `None` at its end; an error when no byte of it
+    /// arrives on `wire` for the idle timeout (a piece may take longer, as long as its bytes keep
+    /// coming), or when the shutdown deadline passes first.
+    pub async fn next_from_client<T>(
+        &self,
+        next: impl Future<Output = Option<T>>,
+        wire: &WireCounter,
+    ) -> Result<Option<T>, IngestError> {
         let timeout = self.idle_timeout();
-        tokio::select! {
-            next = tokio::time::timeout(timeout, next) => {
-                next.map_err(|_| IngestError::IdleTimeout { seconds: timeout.as_secs() })
+        let step = timeout.min(IDLE_CHECK);
+        let mut next = std::pin::pin!(next);
+        let (mut seen, mut since) = (wire.progress(), Instant::now());
+        loop {
+            tokio::select! {
+                next = &mut next => return Ok(next),
+                () = tokio::time::sleep(step) => {
+                    let now = wire.progress();
+                    if now != seen {
+                        (seen, since) = (now, Instant::now());
+                    } else if since.elapsed() >= timeout {
+                        return Err(IngestError::IdleTimeout { seconds: timeout.as_secs() });
+                    }
+                }
+                () = self.lifecycle.aborting.cancelled() => return Err(IngestError::ShuttingDown),
             }
-            () = self.lifecycle.aborting.cancelled() => Err(IngestError::ShuttingDown),
         }
     }
 

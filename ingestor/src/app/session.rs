@@ -70,18 +70,33 @@ pub struct Incoming {
 }
 
 /// Bytes received over the wire for one request (compressed, framing included), counted by the
-/// transport as they arrive.
+/// transport as they arrive; and, for a transport that counts whole messages only, every byte of the
+/// call's body as it arrives: the idle timeout watches those, so a large message that arrives slowly is
+/// not cut off as silence.
 #[derive(Debug, Clone, Default)]
-pub struct WireCounter(Arc<AtomicU64>);
+pub struct WireCounter {
+    counted: Arc<AtomicU64>,
+    arrived: Option<Arc<AtomicU64>>,
+}
 
 impl WireCounter {
+    /// A counter whose progress is `arrived`, bumped by the transport as the body's bytes come in.
+    pub fn with_arrivals(arrived: Arc<AtomicU64>) -> Self {
+        Self { counted: Arc::default(), arrived: Some(arrived) }
+    }
+
     /// Counts `bytes` more; returns the total.
     pub fn add(&self, bytes: u64) -> u64 {
-        self.0.fetch_add(bytes, Ordering::Relaxed) + bytes
+        self.counted.fetch_add(bytes, Ordering::Relaxed) + bytes
     }
 
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    /// What has arrived so far: grows whenever the client sends anything.
+    pub fn progress(&self) -> u64 {
+        self.arrived.as_ref().unwrap_or(&self.counted).load(Ordering::Relaxed)
     }
 }
 
@@ -273,7 +288,7 @@ impl Ingest {
     {
         let mut messages = std::pin::pin!(messages);
         let drained = async {
-            while let Some(incoming) = self.app.next_from_client(messages.next()).await? {
+            while let Some(incoming) = self.app.next_from_client(messages.next(), wire).await? {
                 incoming?;
             }
             Ok(())
@@ -319,7 +334,7 @@ impl Ingest {
                 (Some(flush), Some(first)) => Some(first + Duration::from_secs(flush.interval_seconds)),
                 _ => None,
             };
-            let next = self.app.next_from_client(messages.next());
+            let next = self.app.next_from_client(messages.next(), wire);
             let next = match deadline {
                 Some(deadline) => tokio::select! {
                     next = next => next?,

@@ -341,6 +341,27 @@ async fn client_gone_mid_body_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_arrives_slowly_is_not_silence() {
+    let mut config = Config::default();
+    config.limits.idle_timeout_seconds = 1;
+    let server = TestServer::with_config(config).await;
+    // One batch message of ~400 KB over ~3 s, a piece every 300 ms: longer than the idle timeout for the
+    // message, never that long without a byte.
+    let body = ipc_stream(&[batch(0, 20_000)], None);
+    let pieces: Vec<Bytes> = body.chunks(body.len() / 10 + 1).map(Bytes::copy_from_slice).collect();
+    let (tx, upload) = spawn_upload(&server, "slow");
+    for piece in pieces {
+        tx.send(Ok(piece)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    drop(tx);
+    let response = upload.await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(server.count("slow"), Some(20_000));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_body_streams_in_pieces() {
     let server = TestServer::start().await;
     let body = ipc_stream(&[batch(0, 3000), batch(3000, 3000)], None);

@@ -19,6 +19,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::message::raw_message;
+use super::receive::Arrivals;
 use super::status::status;
 use super::{BoxStream, authorize_write, is_path, path_stream};
 use crate::app::{App, Commits, Incoming, IngestRequest, WireCounter};
@@ -55,8 +56,8 @@ pub async fn put_stream(
     let failed = acks.clone();
     let max_message = app.limits().max_message_bytes.0;
     let budget = app.budget().clone();
+    let wire = Arrivals::wire_counter(&request);
     let work = tokio::spawn(async move {
-        let wire = WireCounter::default();
         let data = messages(request.into_inner(), wire.clone(), max_message, budget);
         if let Err(error) = ingest.run(data, &wire, Some(&acks)).await {
             let _ = acks.send(Err(error)).await;

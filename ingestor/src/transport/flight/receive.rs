@@ -7,6 +7,7 @@
 //! message. Here the receive buffer is reused from message to message, as HTTP's is.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow::buffer::MutableBuffer;
@@ -22,6 +23,7 @@ use tonic_prost::ProstEncoder;
 
 use super::status::status;
 use super::{BoxStream, FlightFront};
+use crate::app::WireCounter;
 use crate::error::IngestError;
 
 /// Arrow's buffer alignment (arrow-rs writers pad every buffer of a body to it).
@@ -40,15 +42,36 @@ pub async fn do_put(
     idle_timeout: Duration,
     request: axum::extract::Request,
 ) -> axum::http::Response<tonic::body::Body> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let mut data = body.into_data_stream();
     let Ok(first) = tokio::time::timeout(idle_timeout, data.next()).await else {
         return status(&IngestError::IdleTimeout { seconds: idle_timeout.as_secs() }).into_http();
     };
-    let body = axum::body::Body::from_stream(futures::stream::iter(first).chain(data));
-    let request = axum::extract::Request::from_parts(parts, body);
+    // The idle timeout watches every byte that arrives, not only whole messages (see `Arrivals`).
+    let arrivals = Arrivals::default();
+    parts.extensions.insert(arrivals.clone());
+    let counted = futures::stream::iter(first).chain(data).inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            arrivals.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(counted));
     let mut grpc = tonic::server::Grpc::new(PutCodec).apply_max_message_size_config(Some(max_message), None);
     grpc.streaming(DoPut(front), request).await
+}
+
+/// The bytes of a `DoPut`'s body so far, as they arrive (a request extension).
+#[derive(Clone, Default)]
+pub(super) struct Arrivals(pub Arc<AtomicU64>);
+
+impl Arrivals {
+    /// The call's byte counter for the ingest loop: whole messages counted, every byte watched.
+    pub(super) fn wire_counter<T>(request: &tonic::Request<T>) -> WireCounter {
+        request
+            .extensions()
+            .get::<Self>()
+            .map_or_else(WireCounter::default, |arrivals| WireCounter::with_arrivals(arrivals.0.clone()))
+    }
 }
 
 struct DoPut(Arc<FlightFront>);

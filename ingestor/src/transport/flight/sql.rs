@@ -18,9 +18,10 @@ use arrowport_config::{Compression, CompressionAlgorithm};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use super::receive::Arrivals;
 use super::status::status;
 use super::{authorize_write, put, reply};
-use crate::app::{App, Commits, IngestRequest, WireCounter};
+use crate::app::{App, Commits, IngestRequest};
 use crate::error::IngestError;
 use crate::load::{IfExists, TableMode};
 use crate::telemetry::Protocol;
@@ -258,7 +259,7 @@ impl FlightSqlService for SqlService {
         let asked =
             IngestRequest { mode, key, ..IngestRequest::new(Protocol::FlightSql, command.table, Commits::AtEnd) };
         let ingest = self.app.start_ingest(asked).await.map_err(|e| status(&e))?;
-        let wire = WireCounter::default();
+        let wire = Arrivals::wire_counter(&request);
         let max_message = self.app.limits().max_message_bytes.0;
         let messages = put::messages(request.into_inner(), wire.clone(), max_message, self.app.budget().clone());
         let report = ingest.run(messages, &wire, None).await.map_err(|e| status(&e))?;
