@@ -315,6 +315,9 @@ impl Shared {
 
     /// Forgets records: applied, or never written.
     fn forget(&self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
         let mut state = self.lock();
         for seq in seqs {
             state.unapplied.remove(seq);

@@ -394,8 +394,12 @@ impl Loader {
     pub(super) fn requeue_recovered(&self, seq: u64, record: journaled::Decoded) {
         let journaled::Decoded { target, schema, batches, receipt } = record;
         let rows = batches.iter().map(|batch| batch.num_rows() as u64).sum();
+        // Its rows hold room in the budget like a journaled request's, where there is room: they are
+        // written whether or not.
+        let bytes = batches.iter().map(decoded_size).sum();
+        let reservations = self.shared.budget.try_reserve(bytes).into_iter().collect();
         let key = GroupKey::of(&target, schema);
-        self.enqueue(key, target, Member::new(batches, Vec::new(), rows, receipt, None, Some(seq)));
+        self.enqueue(key, target, Member::new(batches, reservations, rows, receipt, None, Some(seq)));
     }
 }
 
@@ -612,6 +616,30 @@ mod tests {
         .await
         .expect("written on a later try");
         assert_eq!(table(&loader), [3], "written on a later try, once");
+    }
+
+    #[tokio::test]
+    async fn records_found_at_start_hold_room_in_the_budget_until_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let options =
+            || journaled::JournalOptions { dir: dir.path().join("journal"), linger: Duration::from_millis(1) };
+        let loader = loader_with(&dir, Some(options()));
+        upload_together(&loader, target(), &[&[1]]).await.remove(0).unwrap();
+        // The group's runner ends (and lets go of the database) once it finds its queue empty.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(loader);
+        // A record that no transaction wrote, as a crash leaves it.
+        let (journal, _) = crate::journal::Journal::open(&options().dir).unwrap();
+        let batch = ids(&[2, 3]);
+        let (header, body) = journaled::encode(&target(), &batch.schema(), &[batch], None);
+        journal.admit("t", header, body, || true).await.unwrap().unwrap().durable().await.unwrap();
+        drop(journal);
+        let loader = loader_with(&dir, Some(options()));
+        assert!(loader.budget().used() > 0, "the recovered rows hold their room while they wait");
+        loader.settle(Scope::All).await.unwrap();
+        assert_eq!(table(&loader), [1, 2, 3]);
+        tokio::task::yield_now().await;
+        assert_eq!(loader.budget().used(), 0, "and give it back once written");
     }
 
     #[tokio::test]
