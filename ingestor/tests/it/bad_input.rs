@@ -343,12 +343,12 @@ async fn client_gone_mid_body_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_arrives_slowly_is_not_silence() {
     let mut config = Config::default();
-    config.limits.idle_timeout_seconds = 1;
+    config.limits.idle_timeout_seconds = 2;
     let server = TestServer::with_config(config).await;
-    // One batch message of ~400 KB over ~3 s, a piece every 300 ms: longer than the idle timeout for the
+    // One batch message of ~400 KB over ~3.6 s, a piece every 300 ms: longer than the idle timeout for the
     // message, never that long without a byte.
     let body = ipc_stream(&[batch(0, 20_000)], None);
-    let pieces: Vec<Bytes> = body.chunks(body.len() / 10 + 1).map(Bytes::copy_from_slice).collect();
+    let pieces: Vec<Bytes> = body.chunks(body.len() / 12 + 1).map(Bytes::copy_from_slice).collect();
     let (tx, upload) = spawn_upload(&server, "slow");
     for piece in pieces {
         tx.send(Ok(piece)).await.unwrap();
