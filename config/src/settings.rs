@@ -176,8 +176,11 @@ pub fn route(
     };
     if configured.is_none() {
         let table_of = |(name, config): (&String, &StreamConfig)| {
-            let theirs = config.target_table.clone().unwrap_or_else(|| auto_table_name(name));
-            theirs.eq_ignore_ascii_case(&table).then(|| name.clone())
+            let taken = match &config.target_table {
+                Some(theirs) => theirs.eq_ignore_ascii_case(&table),
+                None => auto_table_name(name).eq_ignore_ascii_case(&table),
+            };
+            taken.then(|| name.clone())
         };
         if let Some(configured) = streams.iter().find_map(table_of) {
             return Err(NoRoute::TableOfConfigured { table, configured });

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use arrowport_api::{IngestReport, StreamStats};
+use arrowport_api::{ErrorCode, IngestReport, StreamStats};
 
 use crate::error::IngestError;
 use crate::store::Checkpoint;
@@ -78,7 +78,7 @@ impl Telemetry {
             None => "ok",
             Some(error) => {
                 let code = error.code();
-                if matches!(error, IngestError::Overloaded | IngestError::DuckDbOutOfMemory(_)) {
+                if code == ErrorCode::Overloaded {
                     metrics.overloaded.get_or_create(&labels).inc();
                 }
                 if matches!(error, IngestError::SchemaMismatch(_)) {
